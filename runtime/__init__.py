@@ -1,0 +1,1 @@
+"""Torch-free ONNX Runtime engine for exported vledge models."""

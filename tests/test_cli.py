@@ -1,0 +1,68 @@
+"""The command line: version, typed errors as one line, eval and caption on a trained checkpoint."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from click.testing import CliRunner
+
+from vledge import __version__
+from vledge.cli import main
+
+
+def test_version_and_help():
+    runner = CliRunner()
+    result = runner.invoke(main, ["--version"])
+    assert result.exit_code == 0 and __version__ in result.output
+    result = runner.invoke(main, ["--help"])
+    for command in ("data", "train", "eval", "caption"):
+        assert command in result.output
+
+
+def test_eval_reports_per_task_accuracy_as_json(tiny_run, synth_data):
+    result = CliRunner().invoke(main, ["eval", "--ckpt", str(tiny_run.best_checkpoint), "--data", str(synth_data),
+                                       "--split", "test", "--limit", "40", "--json", "--examples", "3"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    assert report["counts"]["overall"] == 40
+    assert sum(v for k, v in report["counts"].items() if k != "overall") == 40
+    assert all(0.0 <= v <= 1.0 for v in report["accuracy"].values())
+    assert len(report["examples"]) == 3
+    for example in report["examples"]:
+        assert example["correct"] == (example["prediction"].strip().lower() == example["reference"].strip().lower())
+
+
+def test_caption_names_bad_images_and_keeps_going(tiny_run, synth_data, tmp_path):
+    good = sorted((synth_data / "images").iterdir())[0]
+    bad = tmp_path / "broken.jpg"
+    bad.write_bytes(good.read_bytes()[:100])
+    result = CliRunner().invoke(main, ["caption", "--ckpt", str(tiny_run.best_checkpoint), str(bad), str(good)])
+    assert result.exit_code == 1
+    assert f"{good}:" in result.output  # the good image was still captioned
+    assert "broken.jpg" in result.output and "1 of 2 images could not be read" in result.output
+
+
+def test_typed_errors_become_one_clear_line(tmp_path):
+    not_a_ckpt = tmp_path / "x.pt"
+    not_a_ckpt.write_text("hello")
+    done = subprocess.run([sys.executable, "-m", "vledge", "caption", "--ckpt", str(not_a_ckpt), "img.jpg"],
+                          capture_output=True, text=True)
+    assert done.returncode == 1
+    assert "Traceback" not in done.stderr
+    assert "CheckpointError" in done.stderr and str(not_a_ckpt) in done.stderr
+    result = CliRunner().invoke(main, ["train", "--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "r"),
+                                       "--preset", "tiny"])
+    assert result.exit_code == 1 and "DataError" in result.output
+    result = CliRunner().invoke(main, ["train", "--data", str(tmp_path), "--out", str(tmp_path / "r"),
+                                       "--preset", "huge"])
+    assert result.exit_code == 1 and "unknown preset" in result.output
+
+
+def test_importing_vledge_and_its_runtime_never_imports_torch():
+    code = ("import sys; sys.modules['torch'] = None; sys.modules['torchvision'] = None; "
+            "import vledge, vledge.runtime, vledge.cli, vledge.decoding, vledge.metrics, vledge.prompt, "
+            "vledge.tokenizer, vledge.data.synth, vledge.data.loaders; print('ok')")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr

@@ -1,0 +1,99 @@
+"""Training: it learns, resumes exactly, runs under DDP, and stops cleanly on a diverging loss."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import tiny_configs
+from vledge.checkpoint import load_checkpoint
+from vledge.data.records import TASKS
+from vledge.errors import TrainingError
+from vledge.training.trainer import Trainer, train
+
+pytestmark = pytest.mark.slow
+
+
+def rows(run_dir, kind):
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["kind"] == kind]
+
+
+def test_tiny_model_learns_and_writes_its_artifacts(tiny_run):
+    run_dir = tiny_run.run_dir
+    for name in ("ckpt.pt", "last.pt", "metrics.jsonl", "curves.png", "run.json"):
+        assert (run_dir / name).is_file(), name
+    assert (run_dir / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    train_rows = rows(run_dir, "train")
+    assert train_rows[-1]["step"] == 150
+    assert {r["stage"] for r in train_rows} == {"align", "instruct"}
+    first, last = train_rows[0]["loss"], train_rows[-1]["loss"]
+    assert last < 0.6 * first, (first, last)
+    evals = rows(run_dir, "eval")
+    assert [e["step"] for e in evals] == [75, 150]
+    assert evals[-1]["val_loss"] < evals[0]["val_loss"]
+    assert 0.0 <= evals[-1]["accuracy"]["overall"] <= 1.0
+    tasks = set(evals[-1]["accuracy"]) - {"overall"}
+    assert "overall" in evals[-1]["accuracy"] and len(tasks) >= 4 and tasks <= set(TASKS)
+    best = load_checkpoint(run_dir / "ckpt.pt")
+    assert best.train_state is not None and "optimizer" not in best.train_state
+    assert "optimizer" in load_checkpoint(run_dir / "last.pt").train_state
+
+
+def test_interrupted_and_resumed_run_reproduces_the_loss_curve(synth_data, tmp_path):
+    model_config, train_config = tiny_configs(max_steps=24, eval_every=100, eval_samples=0, log_every=1)
+    straight = train(synth_data, tmp_path / "straight", model_config, train_config)
+
+    def interrupt(event):
+        if event.kind == "step" and event.step == 13:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(synth_data, tmp_path / "broken", model_config, train_config, on_event=interrupt)
+    assert load_checkpoint(tmp_path / "broken" / "last.pt").train_state["run"]["step"] == 13
+    resumed = Trainer(synth_data, tmp_path / "broken", model_config, train_config, resume=True).run()
+    assert resumed.steps == straight.steps == 24
+
+    expected = {r["step"]: r["loss"] for r in rows(tmp_path / "straight", "train")}
+    got = {r["step"]: r["loss"] for r in rows(tmp_path / "broken", "train")}
+    assert sorted(got) == sorted(expected) == list(range(1, 25))
+    for step in expected:
+        assert got[step] == pytest.approx(expected[step], rel=1e-5, abs=1e-6), step
+    final_a = load_checkpoint(tmp_path / "straight" / "last.pt").state_dict
+    final_b = load_checkpoint(tmp_path / "broken" / "last.pt").state_dict
+    for key in final_a:
+        torch.testing.assert_close(final_a[key], final_b[key], rtol=1e-4, atol=1e-5)
+
+
+def test_two_process_ddp_training_on_cpu(synth_data, tmp_path):
+    run_dir = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "-m", "vledge", "train", "--data", str(synth_data), "--preset", "tiny", "--out", str(run_dir),
+               "--max-steps", "8", "--eval-every", "8", "--threads", "1", "--device", "cpu"]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    info = json.loads((run_dir / "run.json").read_text())
+    assert info["world_size"] == 2
+    train_rows = rows(run_dir, "train")
+    assert [r["step"] for r in train_rows] == sorted({r["step"] for r in train_rows})  # one writer only
+    checkpoint = load_checkpoint(run_dir / "ckpt.pt")
+    assert checkpoint.train_state["run"]["step"] == 8
+    assert all(torch.isfinite(v).all() for v in checkpoint.state_dict.values() if v.is_floating_point())
+
+
+def test_diverging_training_stops_with_a_clear_error_and_no_broken_checkpoint(synth_data, tmp_path):
+    model_config, train_config = tiny_configs(max_steps=10, eval_every=1, eval_samples=0, lr=1e30, warmup_steps=0)
+    with pytest.raises(TrainingError, match="non-finite"):
+        train(synth_data, tmp_path / "nan", model_config, train_config)
+    for name in ("ckpt.pt", "last.pt"):
+        path = tmp_path / "nan" / name
+        if path.exists():
+            state = load_checkpoint(path).state_dict
+            assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())

@@ -1,0 +1,35 @@
+"""Typed errors: every failure a user can cause names the thing at fault."""
+
+from __future__ import annotations
+
+
+class VledgeError(Exception):
+    """Base of every error vledge raises on purpose."""
+
+
+class ConfigError(VledgeError, ValueError):
+    """A configuration value, preset name or option is invalid."""
+
+
+class DataError(VledgeError):
+    """A dataset, annotation file or record cannot be used."""
+
+
+class ImageError(DataError):
+    """An image is missing, unreadable, truncated, too large or of a wrong type."""
+
+
+class TokenizerError(VledgeError):
+    """A tokenizer cannot be trained, loaded or lacks required special tokens."""
+
+
+class CheckpointError(VledgeError):
+    """A checkpoint is missing, truncated, not a vledge checkpoint, or unsafe."""
+
+
+class WeightsError(VledgeError):
+    """Pretrained weights were asked for but are not available locally."""
+
+
+class TrainingError(VledgeError):
+    """Training cannot continue (non-finite loss, nothing to train, ...)."""

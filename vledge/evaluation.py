@@ -1,0 +1,138 @@
+"""Accuracy of a PyTorch model on held-out conversations: exact match per task, BLEU-4/CIDEr on captions.
+
+Every question is asked on its own (image + question, as ``ask`` does at run time);
+questions of one task are batched together so short answers do not wait for long ones.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from vledge.config import ModelConfig
+from vledge.data.images import normalize, preprocess
+from vledge.data.records import Record
+from vledge.decoding import GenerationOptions
+from vledge.metrics import AccuracyByTask, bleu4, cider_d, exact_match
+from vledge.models.generate import generate
+from vledge.prompt import question_ids
+from vledge.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+CAPTION_TASKS = ("caption",)
+LONG_ANSWER_TASKS = ("describe",)
+
+
+@dataclass
+class Prediction:
+    record_id: str
+    image: str
+    task: str
+    question: str
+    reference: str
+    prediction: str
+    correct: bool
+
+
+@dataclass
+class EvalReport:
+    accuracy: dict[str, float]  # per task, plus "overall"
+    counts: dict[str, int]
+    bleu4: float | None
+    cider: float | None
+    predictions: list[Prediction] = field(default_factory=list)
+
+    def to_dict(self, examples: int = 0) -> dict:
+        out = {"accuracy": self.accuracy, "counts": self.counts, "bleu4": self.bleu4, "cider": self.cider}
+        if examples:
+            out["examples"] = [vars(p) for p in self.predictions[:examples]]
+        return out
+
+    def describe(self) -> str:
+        lines = [f"{task:<10} {self.accuracy[task] * 100:6.2f}%  ({self.counts[task]} questions)"
+                 for task in sorted(t for t in self.accuracy if t != "overall")]
+        lines.append(f"{'overall':<10} {self.accuracy.get('overall', 0.0) * 100:6.2f}%  ({self.counts.get('overall', 0)})")
+        if self.bleu4 is not None:
+            lines.append(f"captions   BLEU-4 {self.bleu4:.3f}  CIDEr {self.cider:.3f}")
+        return "\n".join(lines)
+
+
+def questions_of(records: Sequence[Record], limit: int | None = None) -> list[tuple[Record, int]]:
+    """(record, turn index) pairs, spread over records first so a limit samples many images."""
+    pairs = [(record, index) for record in records for index in range(len(record.turns))]
+    pairs.sort(key=lambda pair: (pair[1], pair[0].id))
+    return pairs[:limit] if limit else pairs
+
+
+@torch.inference_mode()
+def evaluate(
+    model,
+    tokenizer: Tokenizer,
+    config: ModelConfig,
+    records: Sequence[Record],
+    limit: int | None = None,
+    batch_size: int = 32,
+    images: dict[str, torch.Tensor] | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> EvalReport:
+    """Greedy answers to held-out questions, scored by exact match; ``images`` reuses cached uint8 pixels."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    by_task: dict[str, list[tuple[Record, int]]] = defaultdict(list)
+    for record, index in questions_of(records, limit):
+        by_task[record.turns[index].task].append((record, index))
+
+    def pixels(record: Record) -> torch.Tensor:
+        if images is not None and record.id in images:
+            return normalize(images[record.id], config.preprocess)
+        return preprocess(record.image, config.preprocess)
+
+    scores = AccuracyByTask()
+    predictions: list[Prediction] = []
+    for task, pairs in sorted(by_task.items()):
+        max_new = 96 if task in LONG_ANSWER_TASKS else 48
+        options = GenerationOptions(max_new_tokens=max_new)
+        for start in range(0, len(pairs), batch_size):
+            chunk = pairs[start:start + batch_size]
+            prompts = [question_ids(tokenizer, config.prompt, r.turns[i].question) for r, i in chunk]
+            batch = torch.stack([pixels(r) for r, _ in chunk]).to(device)
+            outputs = generate(model, batch, prompts, options, tokenizer.eos_id, tokenizer.pad_id)
+            for (record, index), tokens in zip(chunk, outputs):
+                turn = record.turns[index]
+                text = tokenizer.decode(tokens).strip()
+                correct = exact_match(text, turn.answer)
+                scores.add(turn.task, correct)
+                predictions.append(Prediction(record.id, str(record.image), turn.task, turn.question, turn.answer, text, correct))
+            if progress is not None:
+                progress(len(chunk))
+    caption_bleu, caption_cider = _caption_scores(predictions)
+    model.train(was_training)
+    accuracy = {task: scores.accuracy(task) for task in scores.tasks}
+    counts = {task: scores.total[task] for task in scores.tasks}
+    accuracy["overall"], counts["overall"] = scores.accuracy(), len(scores)
+    return EvalReport(
+        accuracy=accuracy, counts=counts, bleu4=caption_bleu, cider=caption_cider,
+        predictions=predictions,
+    )
+
+
+def _caption_scores(predictions: list[Prediction]) -> tuple[float | None, float | None]:
+    """Corpus BLEU-4 and CIDEr-D over caption answers, one prediction per image against all its references."""
+    references: dict[str, list[str]] = defaultdict(list)
+    predicted: dict[str, str] = {}
+    for p in predictions:
+        if p.task in CAPTION_TASKS:
+            references[p.image].append(p.reference)
+            predicted.setdefault(p.image, p.prediction)
+    if not predicted:
+        return None, None
+    keys = sorted(predicted)
+    hyps = [predicted[k] for k in keys]
+    refs = [references[k] for k in keys]
+    return bleu4(hyps, refs), cider_d(hyps, refs)

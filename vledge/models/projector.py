@@ -1,0 +1,14 @@
+"""Projectors map visual features into the language model's embedding space (LLaVA)."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from vledge.config import ProjectorConfig
+
+
+def build_projector(config: ProjectorConfig, in_features: int, hidden: int) -> nn.Module:
+    if config.kind == "linear":
+        return nn.Linear(in_features, hidden)
+    # mlp2x_gelu, as in LLaVA-1.5
+    return nn.Sequential(nn.Linear(in_features, hidden), nn.GELU(), nn.Linear(hidden, hidden))

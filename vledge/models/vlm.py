@@ -1,0 +1,142 @@
+"""The fusion model: vision encoder -> projector -> visual tokens spliced into a causal LM."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vledge.config import ModelConfig
+from vledge.models.lstm import LSTMLM
+from vledge.models.projector import build_projector
+from vledge.models.transformer import TransformerLM
+from vledge.models.vision import VisionEncoder
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class VLMOutput:
+    logits: torch.Tensor  # [B, merged_seq, vocab]
+    loss: torch.Tensor | None
+    labels: torch.Tensor | None  # merged labels, aligned with logits
+
+
+@dataclass
+class MergedInputs:
+    inputs_embeds: torch.Tensor
+    attention_mask: torch.Tensor
+    position_ids: torch.Tensor
+    labels: torch.Tensor | None
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions count real tokens only, so left- and right-padded rows see the same positions."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+class VisionLanguageModel(nn.Module):
+    def __init__(self, config: ModelConfig, image_token_id: int) -> None:
+        super().__init__()
+        if config.language.vocab_size <= 0:
+            raise ValueError("language.vocab_size must be set from the tokenizer before building the model")
+        self.config = config
+        self.image_token_id = image_token_id
+        self.vision = VisionEncoder(config.vision)
+        self.projector = build_projector(config.projector, self.vision.out_channels, config.language.hidden)
+        self.embed_tokens = nn.Embedding(config.language.vocab_size, config.language.hidden)
+        self.language: nn.Module = (
+            TransformerLM(config.language) if config.language.kind == "transformer" else LSTMLM(config.language)
+        )
+        self.num_image_tokens = self.vision.num_tokens(config.preprocess.image_size)
+        # GPT-style small init for the language side only; the projector keeps PyTorch's default
+        # (fan-in) init so visual tokens start as loud as they must be to be used at all.
+        self.embed_tokens.apply(self._init_weights)
+        self.language.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, std=0.02)
+
+    @property
+    def is_transformer(self) -> bool:
+        return isinstance(self.language, TransformerLM)
+
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """[B, 3, H, W] -> image embeddings [B, image_tokens, hidden] (what vision_encoder.onnx outputs)."""
+        return self.projector(self.vision(pixel_values))
+
+    def merge(
+        self,
+        input_ids: torch.Tensor,
+        image_embeds: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+    ) -> MergedInputs:
+        """Replace each row's single image token by that row's visual tokens.
+
+        Every row grows by the same amount, so left or right padding stays where it was.
+        """
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        is_image = input_ids == self.image_token_id
+        per_row = is_image.sum(dim=1)
+        if not bool((per_row == 1).all()):
+            raise ValueError(f"every sequence needs exactly one image token, got counts {per_row.tolist()}")
+        text_embeds = self.embed_tokens(input_ids)
+        n_img = image_embeds.shape[1]
+        embeds, masks, merged_labels = [], [], []
+        for row, position in enumerate(is_image.float().argmax(dim=1).tolist()):
+            embeds.append(torch.cat([text_embeds[row, :position], image_embeds[row], text_embeds[row, position + 1:]]))
+            image_mask = attention_mask.new_ones(n_img)
+            masks.append(torch.cat([attention_mask[row, :position], image_mask, attention_mask[row, position + 1:]]))
+            if labels is not None:
+                ignore = labels.new_full((n_img,), IGNORE_INDEX)
+                merged_labels.append(torch.cat([labels[row, :position], ignore, labels[row, position + 1:]]))
+        merged_mask = torch.stack(masks)
+        return MergedInputs(
+            inputs_embeds=torch.stack(embeds),
+            attention_mask=merged_mask,
+            position_ids=position_ids_from_mask(merged_mask),
+            labels=torch.stack(merged_labels) if labels is not None else None,
+        )
+
+    def decode(self, merged: MergedInputs) -> torch.Tensor:
+        if self.is_transformer:
+            logits, _ = self.language(merged.inputs_embeds, merged.attention_mask, merged.position_ids)
+        else:
+            logits, _ = self.language(merged.inputs_embeds)
+        return logits
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+    ) -> VLMOutput:
+        merged = self.merge(input_ids, self.encode_images(pixel_values), attention_mask, labels)
+        logits = self.decode(merged)
+        loss = None
+        if merged.labels is not None:
+            loss = F.cross_entropy(
+                logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
+                merged.labels[:, 1:].reshape(-1),
+                ignore_index=IGNORE_INDEX,
+            )
+        return VLMOutput(logits=logits, loss=loss, labels=merged.labels)
+
+    def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
+        """Parameters by trainable part name, as stages name them."""
+        return {
+            "vision": list(self.vision.parameters()),
+            "projector": list(self.projector.parameters()),
+            "language": list(self.embed_tokens.parameters()) + list(self.language.parameters()),
+        }
