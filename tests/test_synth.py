@@ -138,6 +138,10 @@ def test_invalid_options_raise_config_error(field, value):
 # --------------------------------------------------------------------------- labels
 
 
+def _article(phrase: str) -> str:
+    return ("an " if phrase[0] in "aeiou" else "a ") + phrase
+
+
 def _where_phrase(position: str) -> str:
     return WHERE.get(position, "at the " + position)
 
@@ -162,7 +166,7 @@ def _expected_answer(question: str, scene: dict) -> str:
         return obj[m[1]]
     if m := re.fullmatch(r"What is (at the .+|in the center|on the left|on the right)\?", question):
         here = [o for o in objects if _where_phrase(POSITIONS_3X3[o["row"]][o["col"]]) == m[1]]
-        return f"a {here[0]['color']} {here[0]['shape']}" if here else "nothing"
+        return _article(f"{here[0]['color']} {here[0]['shape']}") if here else "nothing"
     if m := re.fullmatch(r"Where is the (\w+) (\w+)(?: located)?\?", question):
         (obj,) = [o for o in objects if (o["color"], o["shape"]) == (m[1], m[2])]
         return POSITIONS_3X3[obj["row"]][obj["col"]]
@@ -180,7 +184,7 @@ def _expected_answer(question: str, scene: dict) -> str:
         assert scene["word"] is not None
         return scene["word"]
     ordered = sorted(objects, key=lambda o: (o["row"], o["col"]))
-    names = [f"a {o['color']} {o['shape']}" for o in ordered]
+    names = [_article(f"{o['color']} {o['shape']}") for o in ordered]
     if question in ("Describe the image briefly.", "What is in this image?", "Write a short caption."):
         return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
     if question in ("Describe the image in detail.", "Give a detailed description of the image."):
@@ -188,7 +192,8 @@ def _expected_answer(question: str, scene: dict) -> str:
         parts = ["There is 1 object." if n == 1 else f"There are {n} objects."]
         for o in ordered:
             pos = POSITIONS_3X3[o["row"]][o["col"]]
-            parts.append(f"A {o['size']} {o['color']} {o['shape']} {WHERE.get(pos, 'at the ' + pos)}.")
+            where = WHERE.get(pos, "at the " + pos)
+            parts.append(f"{where[0].upper()}{where[1:]}, a {o['size']} {o['color']} {o['shape']}.")
         if scene["word"] is not None:
             pos = POSITIONS_3X3[scene["word_cell"][0]][scene["word_cell"][1]]
             parts.append(f"The word {scene['word']} is written {WHERE.get(pos, 'at the ' + pos)}.")
@@ -320,8 +325,8 @@ def test_caption_and_describe():
     )
     assert synth.caption(scene) == "a red circle, a blue square and a green triangle"
     assert synth.describe(scene) == (
-        "There are 3 objects. A large red circle at the top left. A small blue square in the center. "
-        "A large green triangle at the bottom right. The word cat is written at the top."
+        "There are 3 objects. At the top left, a large red circle. In the center, a small blue square. "
+        "At the bottom right, a large green triangle. The word cat is written at the top."
     )
     assert synth.caption(Scene(scene.objects[:1], (50, 50, 50))) == "a red circle"
 

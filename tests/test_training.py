@@ -97,3 +97,22 @@ def test_diverging_training_stops_with_a_clear_error_and_no_broken_checkpoint(sy
         if path.exists():
             state = load_checkpoint(path).state_dict
             assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
+
+
+def test_a_broken_image_is_skipped_and_counted_not_fatal(synth_data, tmp_path):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(synth_data, data)
+    records = json.loads((data / "train.json").read_text())
+    victim = data / records[0]["image"]
+    victim.write_bytes(victim.read_bytes()[:60])  # truncated JPEG
+    (data / records[1]["image"]).unlink()  # missing file
+    model_config, train_config = tiny_configs(max_steps=2, eval_every=2, eval_samples=0)
+    trainer = Trainer(data, tmp_path / "run", model_config, train_config)
+    assert trainer.train_report.skipped["image unreadable"] == 1
+    assert trainer.train_report.skipped["image missing"] == 1
+    assert records[0]["id"] not in trainer.train_images
+    result = trainer.run()
+    assert result.steps == 2 and (tmp_path / "run" / "ckpt.pt").is_file()
+    assert "skipped 2" in json.loads((tmp_path / "run" / "run.json").read_text())["data_report"]

@@ -78,6 +78,9 @@ def save_checkpoint(path: str | Path, checkpoint: Checkpoint) -> Path:
     os.close(handle)
     try:
         torch.save(payload, temp_name)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(temp_name, 0o666 & ~umask)  # mkstemp makes it private; a checkpoint is an ordinary file
         os.replace(temp_name, path)
     except BaseException:
         Path(temp_name).unlink(missing_ok=True)

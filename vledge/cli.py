@@ -52,7 +52,7 @@ def data() -> None:
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), required=True, help="Output folder.")
 @click.option("--size", type=click.IntRange(min=1), default=20000, show_default=True, help="Number of images.")
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--image-size", type=click.IntRange(min=32), default=64, show_default=True, help="Square side in pixels.")
+@click.option("--image-size", type=click.IntRange(min=48), default=64, show_default=True, help="Square side in pixels.")
 @click.option("--workers", type=click.IntRange(min=1), default=None, help="Processes (default: all cores).")
 @click.option("--force", is_flag=True, help="Replace an existing output folder.")
 @_fail_cleanly
@@ -112,9 +112,11 @@ def data_inspect(path: Path, split: str) -> None:
               help="Start from this checkpoint's weights and tokenizer (e.g. the align stage's ckpt.pt).")
 @click.option("--vision-weights", type=click.Path(path_type=Path), default=None,
               help="Pretrained vision backbone weights (a local state-dict file).")
+@click.option("--freeze", multiple=True, type=click.Choice(["vision", "projector", "language"]),
+              help="Keep this part fixed in every stage (repeatable), e.g. a pretrained vision encoder.")
 @_fail_cleanly
 def train(data_dir, preset, run_dir, stage, max_steps, minutes, batch_size, grad_accum, lr, eval_every, seed, threads,
-          precision, device, resume, init_ckpt, vision_weights) -> None:
+          precision, device, resume, init_ckpt, vision_weights, freeze) -> None:
     """Train a fusion model: align the projector on captions, then instruction-tune."""
     import dataclasses
 
@@ -128,6 +130,9 @@ def train(data_dir, preset, run_dir, stage, max_steps, minutes, batch_size, grad
                                       eval_every=eval_every, seed=seed, threads=threads, precision=precision).items()
                  if v is not None}
     train_config = dataclasses.replace(train_config, **overrides)
+    if resume and (overrides or minutes or stage or freeze or init_ckpt or vision_weights):
+        click.echo("note: --resume continues with the run's saved configuration; the other options are ignored",
+                   err=True)
     bar = tqdm(total=train_config.max_steps, desc="train", unit="step", dynamic_ncols=True)
 
     def on_event(event) -> None:
@@ -144,7 +149,8 @@ def train(data_dir, preset, run_dir, stage, max_steps, minutes, batch_size, grad
 
     try:
         result = run_training(data_dir, run_dir, model_config, train_config, stage=stage, minutes=minutes,
-                              resume=resume, init=init_ckpt, vision_weights=vision_weights, device=device,
+                              resume=resume, init=init_ckpt, vision_weights=vision_weights, freeze=tuple(freeze),
+                              device=device,
                               on_event=on_event)
     except KeyboardInterrupt:
         bar.close()

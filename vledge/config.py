@@ -138,7 +138,7 @@ class TrainConfig:
     weight_decay: float = 0.05
     betas: tuple[float, float] = (0.9, 0.98)
     warmup_steps: int = 50
-    max_steps: int = 1000
+    max_steps: int = 4000  # with --minutes, whichever runs out first ends the run
     grad_clip: float = 1.0
     eval_every: int = 200
     eval_samples: int = 256  # validation questions answered by generation at each evaluation

@@ -17,6 +17,7 @@ from vledge.config import ModelConfig
 from vledge.data.images import normalize, preprocess
 from vledge.data.records import Record
 from vledge.decoding import GenerationOptions
+from vledge.errors import ImageError
 from vledge.metrics import AccuracyByTask, bleu4, cider_d, exact_match
 from vledge.models.generate import generate
 from vledge.prompt import question_ids
@@ -45,10 +46,12 @@ class EvalReport:
     counts: dict[str, int]
     bleu4: float | None
     cider: float | None
+    skipped_unreadable: int = 0  # questions whose image could not be read
     predictions: list[Prediction] = field(default_factory=list)
 
     def to_dict(self, examples: int = 0) -> dict:
-        out = {"accuracy": self.accuracy, "counts": self.counts, "bleu4": self.bleu4, "cider": self.cider}
+        out = {"accuracy": self.accuracy, "counts": self.counts, "bleu4": self.bleu4, "cider": self.cider,
+               "skipped_unreadable": self.skipped_unreadable}
         if examples:
             out["examples"] = [vars(p) for p in self.predictions[:examples]]
         return out
@@ -57,6 +60,8 @@ class EvalReport:
         lines = [f"{task:<10} {self.accuracy[task] * 100:6.2f}%  ({self.counts[task]} questions)"
                  for task in sorted(t for t in self.accuracy if t != "overall")]
         lines.append(f"{'overall':<10} {self.accuracy.get('overall', 0.0) * 100:6.2f}%  ({self.counts.get('overall', 0)})")
+        if self.skipped_unreadable:
+            lines.append(f"skipped    {self.skipped_unreadable} questions whose image could not be read")
         if self.bleu4 is not None:
             lines.append(f"captions   BLEU-4 {self.bleu4:.3f}  CIDEr {self.cider:.3f}")
         return "\n".join(lines)
@@ -88,18 +93,33 @@ def evaluate(
     for record, index in questions_of(records, limit):
         by_task[record.turns[index].task].append((record, index))
 
-    def pixels(record: Record) -> torch.Tensor:
-        if images is not None and record.id in images:
-            return normalize(images[record.id], config.preprocess)
-        return preprocess(record.image, config.preprocess)
+    cache: dict[str, torch.Tensor | None] = {}
+
+    def pixels(record: Record) -> torch.Tensor | None:
+        key = str(record.image)
+        if images is not None and key in images:
+            return normalize(images[key], config.preprocess)
+        if key not in cache:
+            try:
+                cache[key] = preprocess(record.image, config.preprocess)
+            except ImageError as exc:
+                log.warning("evaluation skips %s", exc)
+                cache[key] = None
+        return cache[key]
 
     scores = AccuracyByTask()
     predictions: list[Prediction] = []
+    skipped = 0
     for task, pairs in sorted(by_task.items()):
         max_new = 96 if task in LONG_ANSWER_TASKS else 48
         options = GenerationOptions(max_new_tokens=max_new)
         for start in range(0, len(pairs), batch_size):
-            chunk = pairs[start:start + batch_size]
+            chunk = [(r, i) for r, i in pairs[start:start + batch_size] if pixels(r) is not None]
+            skipped += min(batch_size, len(pairs) - start) - len(chunk)
+            if progress is not None:
+                progress(min(batch_size, len(pairs) - start))
+            if not chunk:
+                continue
             prompts = [question_ids(tokenizer, config.prompt, r.turns[i].question) for r, i in chunk]
             batch = torch.stack([pixels(r) for r, _ in chunk]).to(device)
             outputs = generate(model, batch, prompts, options, tokenizer.eos_id, tokenizer.pad_id)
@@ -109,8 +129,6 @@ def evaluate(
                 correct = exact_match(text, turn.answer)
                 scores.add(turn.task, correct)
                 predictions.append(Prediction(record.id, str(record.image), turn.task, turn.question, turn.answer, text, correct))
-            if progress is not None:
-                progress(len(chunk))
     caption_bleu, caption_cider = _caption_scores(predictions)
     model.train(was_training)
     accuracy = {task: scores.accuracy(task) for task in scores.tasks}
@@ -118,7 +136,7 @@ def evaluate(
     accuracy["overall"], counts["overall"] = scores.accuracy(), len(scores)
     return EvalReport(
         accuracy=accuracy, counts=counts, bleu4=caption_bleu, cider=caption_cider,
-        predictions=predictions,
+        predictions=predictions, skipped_unreadable=skipped,
     )
 
 

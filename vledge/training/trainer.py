@@ -11,6 +11,8 @@ import json
 import logging
 import math
 import os
+import signal
+import threading
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -104,6 +106,7 @@ class Trainer:
         resume: bool = False,
         init: Path | None = None,
         vision_weights: Path | None = None,
+        freeze: tuple[str, ...] = (),
         device: str = "auto",
         on_event: Callable[[TrainEvent], None] | None = None,
     ) -> None:
@@ -114,6 +117,8 @@ class Trainer:
         self.device = self._pick_device(device)
         self.state = RunState()
         resume_from = None
+        if init is not None and vision_weights is not None:
+            raise ConfigError("--init already holds vision weights; --vision-weights cannot be combined with it")
         if resume:
             resume_from = load_checkpoint(self.run_dir / "last.pt")
             if resume_from.train_state is None or resume_from.train_config is None:
@@ -122,13 +127,15 @@ class Trainer:
             self.state = RunState(**resume_from.train_state["run"])
             self.budget = resume_from.train_state.get("budget")
             stage = resume_from.train_state.get("only_stage")
+            freeze = tuple(resume_from.train_state.get("freeze", ()))
+        self.freeze = freeze
         self.only_stage = stage
         self.train_config = train_config
-        self.stages = stage_plan(train_config, stage)
-        self.bounds = _stage_bounds(self.stages)
         torch.set_num_threads(train_config.threads or max(1, (os.cpu_count() or 1) // self.world))
 
         self.train_records, train_report = load_records(self.data, split="train")
+        self.stages = self._usable_stages(stage_plan(train_config, stage), freeze)
+        self.bounds = _stage_bounds(self.stages)
         self.val_records = self._val_records(train_report)
         self.tokenizer = self._tokenizer(resume_from, init, model_config)
         model_config = replace(model_config, language=replace(model_config.language, vocab_size=self.tokenizer.vocab_size))
@@ -153,12 +160,28 @@ class Trainer:
         self.val_images = cache_images(self.val_records, model_config.preprocess, val_report)
         self.val_loss_set = ConversationDataset(
             self.val_records[:VAL_LOSS_EXAMPLES], self.val_images, self.tokenizer, model_config.prompt,
-            self.model.num_image_tokens, train_config.max_seq_len, val_report,
+            self.model.num_image_tokens, train_config.max_seq_len, val_report, train_config.turns_per_example,
         )
         self.resume_from = resume_from
         self.autocast = self._autocast_context()
 
     # ------------------------------------------------------------------ setup helpers
+
+    def _usable_stages(self, stages: tuple[StageConfig, ...], freeze: tuple[str, ...]) -> tuple[StageConfig, ...]:
+        """Drop frozen parts from every stage, and stages whose tasks the data does not have."""
+        usable = []
+        for stage in stages:
+            trainable = tuple(part for part in stage.trainable if part not in freeze)
+            if not trainable:
+                log.warning("stage %s trains nothing once %s are frozen: skipped", stage.name, ", ".join(freeze))
+                continue
+            if not filter_tasks(self.train_records, stage.tasks):
+                log.warning("stage %s: no %s turns in %s: skipped", stage.name, "/".join(stage.tasks or ()), self.data)
+                continue
+            usable.append(replace(stage, trainable=trainable))
+        if not usable:
+            raise DataError(f"no training stage has data in {self.data} (stages {[s.name for s in stages]})")
+        return tuple(usable)
 
     @staticmethod
     def _init_distributed(device: str) -> tuple[int, int]:
@@ -175,6 +198,8 @@ class Trainer:
             return torch.device("cpu")
         if device.startswith("cuda") and not torch.cuda.is_available():
             raise ConfigError(f"device {device!r} asked for, but CUDA is not available on this machine")
+        if device == "cuda":  # one GPU per process under torchrun
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         return torch.device(device)
 
     def _autocast_context(self):
@@ -188,13 +213,21 @@ class Trainer:
     def _val_records(self, train_report: LoadReport) -> list[Record]:
         try:
             records, _ = load_records(self.data, split="val")
-            return records
         except DataError:
-            # No val split: hold out every 20th training record, deterministically.
-            held = self.train_records[::20]
-            self.train_records = [r for i, r in enumerate(self.train_records) if i % 20]
-            log.info("no val split in %s: held out %d training records", self.data, len(held))
-            return held
+            records = []
+        train_images = {str(r.image) for r in self.train_records}
+        if records and not {str(r.image) for r in records} <= train_images:
+            return records
+        if records:
+            log.info("the val split of %s is the training data itself: holding out records instead", self.data)
+        # No separate val split: hold out every 20th training image (all its records), deterministically.
+        held_images = set(sorted(train_images)[::20])
+        held = [r for r in self.train_records if str(r.image) in held_images]
+        if held:
+            self.train_records = [r for r in self.train_records if str(r.image) not in held_images]
+            train_report.kept -= len(held)
+        log.info("no val split in %s: held out %d training records", self.data, len(held))
+        return held
 
     def _tokenizer(self, resume_from: Checkpoint | None, init: Path | None, config: ModelConfig) -> Tokenizer:
         if resume_from is not None:
@@ -279,44 +312,50 @@ class Trainer:
         self.on_event(TrainEvent("start", state.step, config.max_steps, {"stage": stage.name, "examples": len(dataset)}))
         window_start, window_samples = time.monotonic(), 0
         last_eval: dict[str, Any] = {}
-        try:
-            while self.progress(state.step, time.monotonic() - started) < 1.0:
-                progress = self.progress(state.step, time.monotonic() - started)
-                wanted = self._stage_index(progress)
-                if wanted != stage_index:
-                    stage_index, state.stage_index, state.stage_start_step = wanted, wanted, state.step
-                    stage, dataset, optimizer, wrapped, order = self._prepare_stage(stage_index)
-                    self.on_event(TrainEvent("stage", state.step, config.max_steps, {"stage": stage.name}))
-                start, end = self.bounds[stage_index]
-                local_progress = (progress - start) / (end - start)
-                lr = learning_rate(stage.lr or config.lr, state.step - state.stage_start_step,
-                                   config.warmup_steps, local_progress, config.min_lr_ratio)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr * group["lr_scale"]
-                loss = self._train_step(wrapped, dataset, optimizer, order, state)
-                state.step += 1
-                window_samples += config.batch_size * config.grad_accum * self.world
-                if state.step % config.log_every == 0 or state.step == 1:
-                    now = time.monotonic()
-                    row = {"kind": "train", "step": state.step, "stage": stage.name, "loss": loss, "lr": lr,
-                           "epoch": round(order.epoch_of((state.step - state.stage_start_step) * config.grad_accum), 4),
-                           "samples_per_s": window_samples / max(now - window_start, 1e-9),
-                           "elapsed_s": now - started}
-                    window_start, window_samples = now, 0
-                    self._log_row(metrics_path, rows, row)
-                    self.on_event(TrainEvent("step", state.step, config.max_steps, row))
-                finished = self.progress(state.step, time.monotonic() - started) >= 1.0
-                if state.step % config.eval_every == 0 or finished:
-                    state.elapsed = time.monotonic() - started
-                    last_eval = self._evaluate_and_save(metrics_path, rows, optimizer, stage)
-                    self.on_event(TrainEvent("eval", state.step, config.max_steps, last_eval))
-        except KeyboardInterrupt:
-            state.elapsed = time.monotonic() - started
-            if self.rank == 0:
-                self._save_last(optimizer)
-                plot_curves(rows, self.run_dir / "curves.png")
-                log.warning("interrupted at step %d; resume with --resume", state.step)
-            raise
+        between_steps = True
+        with _deferred_interrupt() as interrupt:
+            try:
+                while self.progress(state.step, time.monotonic() - started) < 1.0:
+                    if interrupt.requested:
+                        raise KeyboardInterrupt
+                    progress = self.progress(state.step, time.monotonic() - started)
+                    wanted = self._stage_index(progress)
+                    if wanted != stage_index:
+                        stage_index, state.stage_index, state.stage_start_step = wanted, wanted, state.step
+                        stage, dataset, optimizer, wrapped, order = self._prepare_stage(stage_index)
+                        self.on_event(TrainEvent("stage", state.step, config.max_steps, {"stage": stage.name}))
+                    start, end = self.bounds[stage_index]
+                    local_progress = (progress - start) / (end - start)
+                    lr = learning_rate(stage.lr or config.lr, state.step - state.stage_start_step,
+                                       config.warmup_steps, local_progress, config.min_lr_ratio)
+                    for group in optimizer.param_groups:
+                        group["lr"] = lr * group["lr_scale"]
+                    between_steps = False
+                    loss = self._train_step(wrapped, dataset, optimizer, order, state)
+                    state.step += 1
+                    between_steps = True
+                    window_samples += config.batch_size * config.grad_accum * self.world
+                    if state.step % config.log_every == 0 or state.step == 1:
+                        now = time.monotonic()
+                        row = {"kind": "train", "step": state.step, "stage": stage.name, "loss": loss, "lr": lr,
+                               "epoch": round(order.epoch_of((state.step - state.stage_start_step) * config.grad_accum), 4),
+                               "samples_per_s": window_samples / max(now - window_start, 1e-9),
+                               "elapsed_s": now - started}
+                        window_start, window_samples = now, 0
+                        self._log_row(metrics_path, rows, row)
+                        self.on_event(TrainEvent("step", state.step, config.max_steps, row))
+                    finished = self.progress(state.step, time.monotonic() - started) >= 1.0
+                    if state.step % config.eval_every == 0 or finished:
+                        state.elapsed = time.monotonic() - started
+                        last_eval = self._evaluate_and_save(metrics_path, rows, optimizer, stage)
+                        self.on_event(TrainEvent("eval", state.step, config.max_steps, last_eval))
+            except KeyboardInterrupt:
+                state.elapsed = time.monotonic() - started
+                if self.rank == 0 and between_steps:  # weights and optimizer agree: a clean point to resume from
+                    self._save_last(optimizer)
+                    plot_curves(rows, self.run_dir / "curves.png")
+                    log.warning("interrupted at step %d; resume with --resume", state.step)
+                raise
         state.elapsed = time.monotonic() - started
         if self.rank == 0:
             plot_curves(rows, self.run_dir / "curves.png")
@@ -406,7 +445,8 @@ class Trainer:
     # ------------------------------------------------------------------ files
 
     def _save(self, path: Path, optimizer, metrics: dict | None = None) -> None:
-        train_state = {"run": vars(self.state).copy(), "budget": self.budget, "only_stage": self.only_stage}
+        train_state = {"run": vars(self.state).copy(), "budget": self.budget, "only_stage": self.only_stage,
+                       "freeze": list(self.freeze)}
         if optimizer is not None:
             train_state["optimizer"] = optimizer.state_dict()
         save_checkpoint(path, Checkpoint(
@@ -452,6 +492,30 @@ class Trainer:
         if self.rank == 0:
             with path.open("a") as handle:
                 handle.write(json.dumps(row) + "\n")
+
+
+class _deferred_interrupt:
+    """The first Ctrl-C asks training to stop after the current step (so last.pt is consistent);
+    a second one interrupts at once."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.previous = None
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        log.warning("stopping after this step (Ctrl-C again to stop now)")
+
+    def __enter__(self) -> "_deferred_interrupt":
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
 
 
 def train(data: Path, run_dir: Path, model_config: ModelConfig, train_config: TrainConfig, **kwargs) -> TrainResult:
