@@ -173,3 +173,20 @@ def test_vision_weights_load_from_a_local_file_and_never_download(tmp_path, monk
     named = VisionEncoder(VisionConfig(backbone="resnet18", pretrained="IMAGENET1K_V1"))
     with pytest.raises(WeightsError, match="not in the torch cache"):
         load_vision_weights(named)
+
+
+def test_patch_shortcut_is_a_linear_path_from_each_patch_to_its_token():
+    """The shortcut is linear in the pixels: a colour change inside one patch changes that token only."""
+    torch.manual_seed(0)
+    encoder = VisionEncoder(VisionConfig(backbone="convnet", widths=(8, 16), patch_shortcut=True)).eval()
+    assert encoder.num_tokens(16) == 16  # 16 px / stride 4 = 4x4 tokens
+    image = torch.zeros(1, 3, 16, 16)
+    recoloured = image.clone()
+    recoloured[0, 0, 0:4, 0:4] = 1.0  # the top-left patch turns red
+    with torch.no_grad():
+        delta = encoder.backbone.patch(recoloured) - encoder.backbone.patch(image)
+    changed = delta.abs().amax(dim=1)[0] > 1e-6
+    assert changed[0, 0] and changed.sum() == 1
+    plain = VisionEncoder(VisionConfig(backbone="convnet", widths=(8, 16)))
+    assert plain.backbone.patch is None
+    assert sum(p.numel() for p in encoder.parameters()) > sum(p.numel() for p in plain.parameters())

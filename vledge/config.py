@@ -23,6 +23,8 @@ class VisionConfig:
     backbone: str = "convnet"
     # Channel widths of the plain 3x3 conv stages (convnet only); each stage halves H and W.
     widths: tuple[int, ...] = (32, 64, 128)
+    # convnet only: add a linear embedding of each raw pixel patch to its visual token
+    patch_shortcut: bool = False
     # Adaptive-average-pool the feature grid to (rows, cols) visual tokens; None keeps the grid.
     token_grid: tuple[int, int] | None = None
     # torchvision weights name (e.g. "IMAGENET1K_V1"), used only when already in the torch cache.
@@ -183,7 +185,7 @@ PRESETS: dict[str, typing.Callable[[], tuple[ModelConfig, TrainConfig]]] = {
     "small": lambda: (
         ModelConfig(
             # 48 px through four stride-2 stages: a 3x3 grid of visual tokens
-            vision=VisionConfig(backbone="convnet", widths=(32, 64, 128, 256)),
+            vision=VisionConfig(backbone="convnet", widths=(32, 64, 128, 256), patch_shortcut=True),
             projector=ProjectorConfig("mlp2x_gelu"),
             language=_transformer(hidden=128, layers=4, heads=4),
             preprocess=PreprocessSpec(image_size=48),

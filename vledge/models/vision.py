@@ -19,9 +19,14 @@ def conv_bn_relu(cin: int, cout: int, stride: int) -> nn.Sequential:
 
 
 class ConvNet(nn.Module):
-    """Plain 3x3 conv stages, each halving the grid: cheap on CPUs and quantizes well to int8."""
+    """Plain 3x3 conv stages, each halving the grid: cheap on CPUs and quantizes well to int8.
 
-    def __init__(self, widths: tuple[int, ...]) -> None:
+    ``patch_shortcut`` adds a linear embedding of each raw pixel patch to its token (as a ViT's
+    patch embedding would): trained from scratch on several tasks at once, the conv stack alone
+    tends to keep only what the easiest task needs (where objects are) and lose colour.
+    """
+
+    def __init__(self, widths: tuple[int, ...], patch_shortcut: bool = False) -> None:
         super().__init__()
         layers: list[nn.Module] = []
         cin = 3
@@ -29,10 +34,15 @@ class ConvNet(nn.Module):
             layers += [conv_bn_relu(cin, width, 2), conv_bn_relu(width, width, 1)]
             cin = width
         self.layers = nn.Sequential(*layers)
+        stride = 2 ** len(widths)
+        self.patch = nn.Conv2d(3, cin, kernel_size=stride, stride=stride) if patch_shortcut else None
         self.out_channels = cin
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.layers(x)
+        features = self.layers(x)
+        if self.patch is not None:
+            features = features + self.patch(x)
+        return features
 
 
 def _torchvision_backbone(name: str) -> tuple[nn.Module, int]:
@@ -57,7 +67,7 @@ class VisionEncoder(nn.Module):
         super().__init__()
         self.config = config
         if config.backbone == "convnet":
-            self.backbone: nn.Module = ConvNet(config.widths)
+            self.backbone: nn.Module = ConvNet(config.widths, config.patch_shortcut)
             self.out_channels = self.backbone.out_channels
         else:
             self.backbone, self.out_channels = _torchvision_backbone(config.backbone)
