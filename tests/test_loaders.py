@@ -432,3 +432,19 @@ def test_cli_data_inspect(llava_dir):
     result = CliRunner().invoke(main, ["data", "inspect", str(llava_dir / "nothing")])
     assert result.exit_code == 1
     assert "DataError" in result.output and "nothing" in result.output
+
+
+def test_official_coco_layout_with_dated_splits(tmp_path):
+    from vledge.data.loaders import load_records
+
+    (tmp_path / "annotations").mkdir()
+    (tmp_path / "train2017").mkdir()
+    cv2.imwrite(str(tmp_path / "train2017" / "000001.jpg"), np.zeros((16, 16, 3), np.uint8))
+    coco = {"images": [{"id": 1, "file_name": "000001.jpg"}],
+            "annotations": [{"id": 7, "image_id": 1, "caption": "A black square."}]}
+    (tmp_path / "annotations" / "captions_train2017.json").write_text(json.dumps(coco))
+    records, report = load_records(tmp_path, split="train")
+    assert report.kept == 1 and records[0].turns[0].answer == "A black square."
+    assert (records[0].image.parent.name, records[0].image.name) == ("train2017", "000001.jpg")
+    with pytest.raises(DataError, match="none for split 'val'"):
+        load_records(tmp_path, split="val")

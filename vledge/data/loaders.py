@@ -416,6 +416,13 @@ def load_records(
     coco_json = path / "annotations" / f"captions_{split}.json"
     if coco_json.is_file():
         return load_coco_captions(coco_json, verify_images=verify_images)
+    # the official layout names splits with a year: annotations/captions_train2017.json beside train2017/
+    dated = sorted((path / "annotations").glob(f"captions_{split}[0-9][0-9][0-9][0-9].json"))
+    if len(dated) == 1:
+        return load_coco_captions(dated[0], verify_images=verify_images)
+    if (path / "annotations").is_dir() and any((path / "annotations").glob("captions_*.json")):
+        found = ", ".join(p.name for p in sorted((path / "annotations").glob("captions_*.json")))
+        raise DataError(f"{path}: COCO annotations found ({found}) but none for split {split!r}; choose it with --split")
     split_json_files = sorted(p.name for p in path.glob("*.json") if p.stem.lower() in SPLIT_NAMES)
     if split_json_files:  # e.g. train.json and val.json beside images/: not an ImageFolder
         found = ", ".join(split_json_files)
