@@ -66,3 +66,20 @@ def test_importing_vledge_and_its_runtime_never_imports_torch():
             "vledge.tokenizer, vledge.data.synth, vledge.data.loaders; print('ok')")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
+
+
+def test_eval_skips_questions_whose_image_is_unreadable(tiny_run, synth_data, tmp_path):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(synth_data, data)
+    records = json.loads((data / "test.json").read_text())
+    (data / records[0]["image"]).write_bytes(b"not an image")
+    questions_of_first = len(records[0]["conversations"]) // 2
+    result = CliRunner().invoke(main, ["eval", "--ckpt", str(tiny_run.best_checkpoint), "--data", str(data),
+                                       "--split", "test", "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    assert report["skipped_unreadable"] == questions_of_first
+    total = sum(len(r["conversations"]) // 2 for r in records)
+    assert report["counts"]["overall"] == total - questions_of_first

@@ -114,16 +114,17 @@ def evaluate(
         max_new = 96 if task in LONG_ANSWER_TASKS else 48
         options = GenerationOptions(max_new_tokens=max_new)
         for start in range(0, len(pairs), batch_size):
-            chunk = [(r, i) for r, i in pairs[start:start + batch_size] if pixels(r) is not None]
-            skipped += min(batch_size, len(pairs) - start) - len(chunk)
+            window = pairs[start:start + batch_size]
+            chunk = [(r, i, px) for r, i in window if (px := pixels(r)) is not None]
+            skipped += len(window) - len(chunk)
             if progress is not None:
-                progress(min(batch_size, len(pairs) - start))
+                progress(len(window))
             if not chunk:
                 continue
-            prompts = [question_ids(tokenizer, config.prompt, r.turns[i].question) for r, i in chunk]
-            batch = torch.stack([pixels(r) for r, _ in chunk]).to(device)
+            prompts = [question_ids(tokenizer, config.prompt, r.turns[i].question) for r, i, _ in chunk]
+            batch = torch.stack([px for _, _, px in chunk]).to(device)
             outputs = generate(model, batch, prompts, options, tokenizer.eos_id, tokenizer.pad_id)
-            for (record, index), tokens in zip(chunk, outputs):
+            for (record, index, _), tokens in zip(chunk, outputs):
                 turn = record.turns[index]
                 text = tokenizer.decode(tokens).strip()
                 correct = exact_match(text, turn.answer)
