@@ -433,24 +433,30 @@ def _at(obj: SceneObject, scene: Scene) -> str:
     return _where(position_name(obj.row, obj.col, scene.grid))
 
 
-def _color_question(scene: Scene, rng: np.random.Generator) -> Turn | None:
-    counts = Counter(o.shape for o in scene.objects)
-    unique = [o for o in scene.objects if counts[o.shape] == 1]
+def _attribute_question(scene: Scene, rng: np.random.Generator, asked: str) -> Turn:
+    """Ask an object's colour (named by its shape) or shape (named by its colour), or either by its place.
+
+    Naming by the other attribute needs that attribute to be unique in the scene; the place always is.
+    """
+    known = "shape" if asked == "color" else "color"
+    counts = Counter(getattr(o, known) for o in scene.objects)
+    unique = [o for o in scene.objects if counts[getattr(o, known)] == 1]
+    by_place, by_known = (_COLOR_AT_QUESTIONS, _COLOR_QUESTIONS) if asked == "color" else (_SHAPE_AT_QUESTIONS,
+                                                                                          _SHAPE_QUESTIONS)
     if not unique or rng.random() < 0.5:
         obj = _pick(rng, scene.objects)
-        return Turn(_pick(rng, _COLOR_AT_QUESTIONS).format(w=_at(obj, scene)), obj.color, "color")
+        return Turn(_pick(rng, by_place).format(w=_at(obj, scene)), getattr(obj, asked), asked)
     obj = _pick(rng, unique)
-    return Turn(_pick(rng, _COLOR_QUESTIONS).format(s=obj.shape), obj.color, "color")
+    question = _pick(rng, by_known).format(s=obj.shape, c=obj.color)
+    return Turn(question, getattr(obj, asked), asked)
 
 
-def _shape_question(scene: Scene, rng: np.random.Generator) -> Turn | None:
-    counts = Counter(o.color for o in scene.objects)
-    unique = [o for o in scene.objects if counts[o.color] == 1]
-    if not unique or rng.random() < 0.5:
-        obj = _pick(rng, scene.objects)
-        return Turn(_pick(rng, _SHAPE_AT_QUESTIONS).format(w=_at(obj, scene)), obj.shape, "shape")
-    obj = _pick(rng, unique)
-    return Turn(_pick(rng, _SHAPE_QUESTIONS).format(c=obj.color), obj.shape, "shape")
+def _color_question(scene: Scene, rng: np.random.Generator) -> Turn:
+    return _attribute_question(scene, rng, "color")
+
+
+def _shape_question(scene: Scene, rng: np.random.Generator) -> Turn:
+    return _attribute_question(scene, rng, "shape")
 
 
 def _position_question(scene: Scene, rng: np.random.Generator) -> Turn:
