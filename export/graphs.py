@@ -1,0 +1,188 @@
+"""The three ONNX graphs of a model directory, traced from the PyTorch model.
+
+We use the TorchScript-based exporter (``dynamo=False``) on purpose: the
+torch.export-based one specialises size-0 and size-1 dimensions, so a graph traced
+with a past would not accept the empty past of a prefill. Tracing with a non-empty
+past and batch > 1 and declaring every axis dynamic gives one merged decoder that
+serves prefill (past length 0) and every decode step, without an ``If`` node.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from vledge.models.transformer import attention_bias
+from vledge.models.vlm import VisionLanguageModel
+
+log = logging.getLogger(__name__)
+
+DEFAULT_OPSET = 17
+# ONNX stores a model above 2 GB in external data files; stay well clear of the protobuf limit.
+EXTERNAL_DATA_THRESHOLD = 1_800_000_000
+
+
+def tensor_names(model: VisionLanguageModel) -> dict[str, dict[str, list[str]]]:
+    """Input and output names of every graph, as the manifest lists them."""
+    names = {
+        "vision_encoder": {"inputs": ["pixel_values"], "outputs": ["image_embeds"]},
+        "embed_tokens": {"inputs": ["input_ids"], "outputs": ["inputs_embeds"]},
+    }
+    if model.is_transformer:
+        layers = range(model.config.language.layers)
+        past = [f"past_key_values.{i}.{kind}" for i in layers for kind in ("key", "value")]
+        present = [f"present.{i}.{kind}" for i in layers for kind in ("key", "value")]
+        names["decoder_model_merged"] = {
+            "inputs": ["inputs_embeds", "attention_mask", "position_ids", *past],
+            "outputs": ["logits", *present],
+        }
+    else:
+        names["decoder_model_merged"] = {
+            "inputs": ["inputs_embeds", "past_hidden", "past_cell"],
+            "outputs": ["logits", "present_hidden", "present_cell"],
+        }
+    return names
+
+
+class VisionEncoderGraph(nn.Module):
+    def __init__(self, model: VisionLanguageModel) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.model.encode_images(pixel_values)
+
+
+class EmbedTokensGraph(nn.Module):
+    def __init__(self, model: VisionLanguageModel) -> None:
+        super().__init__()
+        self.embed = model.embed_tokens
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.embed(input_ids)
+
+
+class TransformerDecoderGraph(nn.Module):
+    """Flat past/present tensors in and out; logits for the last position only (prefill needs no more)."""
+
+    def __init__(self, model: VisionLanguageModel) -> None:
+        super().__init__()
+        self.lm = model.language
+
+    def forward(self, inputs_embeds, attention_mask, position_ids, *past_flat):
+        lm = self.lm
+        x = inputs_embeds + lm.wpe(position_ids)
+        mask = attention_bias(attention_mask, inputs_embeds.shape[1], x.dtype)
+        presents = []
+        for index, block in enumerate(lm.blocks):
+            x, (key, value) = block(x, mask, (past_flat[2 * index], past_flat[2 * index + 1]))
+            presents += [key, value]
+        logits = lm.lm_head(lm.ln_f(x[:, -1:]))
+        return (logits, *presents)
+
+
+class LSTMDecoderGraph(nn.Module):
+    def __init__(self, model: VisionLanguageModel) -> None:
+        super().__init__()
+        self.lm = model.language
+
+    def forward(self, inputs_embeds, past_hidden, past_cell):
+        output, (hidden, cell) = self.lm.lstm(inputs_embeds, (past_hidden, past_cell))
+        return self.lm.lm_head(output[:, -1:]), hidden, cell
+
+
+@dataclass
+class ExportedGraph:
+    name: str
+    path: Path
+
+
+def _export(module: nn.Module, args: tuple, path: Path, inputs: list[str], outputs: list[str],
+            dynamic_axes: dict[str, dict[int, str]], opset: int) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with warnings.catch_warnings():
+        # The TorchScript exporter is deprecated in favour of dynamo; we choose it deliberately (module docstring).
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            module, args, str(path), input_names=inputs, output_names=outputs, dynamic_axes=dynamic_axes,
+            opset_version=opset, do_constant_folding=True, dynamo=False,
+        )
+    return path
+
+
+def export_graphs(model: VisionLanguageModel, out_dir: Path, opset: int = DEFAULT_OPSET) -> dict[str, Path]:
+    """Write the fp32 graphs to ``out_dir`` (``vision_encoder.onnx``, ``embed_tokens.onnx``, ``decoder_model_merged.onnx``)."""
+    model = model.eval().float().cpu()
+    names = tensor_names(model)
+    size = model.config.preprocess.image_size
+    hidden = model.config.language.hidden
+    paths: dict[str, Path] = {}
+    with torch.no_grad():
+        paths["vision_encoder"] = _export(
+            VisionEncoderGraph(model), (torch.randn(2, 3, size, size),), out_dir / "vision_encoder.onnx",
+            **names["vision_encoder"], dynamic_axes={"pixel_values": {0: "batch"}, "image_embeds": {0: "batch"}},
+            opset=opset,
+        )
+        paths["embed_tokens"] = _export(
+            EmbedTokensGraph(model), (torch.ones(2, 3, dtype=torch.long),), out_dir / "embed_tokens.onnx",
+            **names["embed_tokens"],
+            dynamic_axes={"input_ids": {0: "batch", 1: "sequence"}, "inputs_embeds": {0: "batch", 1: "sequence"}},
+            opset=opset,
+        )
+        batch, seq, past = 2, 3, 4
+        embeds = torch.randn(batch, seq, hidden)
+        decoder_names = names["decoder_model_merged"]
+        if model.is_transformer:
+            lang = model.config.language
+            past_tensors = [torch.randn(batch, lang.heads, past, lang.head_dim) for _ in range(2 * lang.layers)]
+            mask = torch.ones(batch, past + seq, dtype=torch.long)
+            positions = torch.arange(past, past + seq).expand(batch, seq).contiguous()
+            axes = {"inputs_embeds": {0: "batch", 1: "sequence"},
+                    "attention_mask": {0: "batch", 1: "total_sequence"},
+                    "position_ids": {0: "batch", 1: "sequence"},
+                    "logits": {0: "batch"}}
+            for name in decoder_names["inputs"][3:]:
+                axes[name] = {0: "batch", 2: "past_sequence"}
+            for name in decoder_names["outputs"][1:]:
+                axes[name] = {0: "batch", 2: "total_sequence"}
+            args = (embeds, mask, positions, *past_tensors)
+            module: nn.Module = TransformerDecoderGraph(model)
+        else:
+            lang = model.config.language
+            state = torch.randn(lang.layers, batch, hidden)
+            args = (embeds, state, state.clone())
+            axes = {"inputs_embeds": {0: "batch", 1: "sequence"}, "past_hidden": {1: "batch"},
+                    "past_cell": {1: "batch"}, "logits": {0: "batch"}, "present_hidden": {1: "batch"},
+                    "present_cell": {1: "batch"}}
+            module = LSTMDecoderGraph(model)
+        paths["decoder_model_merged"] = _export(
+            module, args, out_dir / "decoder_model_merged.onnx", **decoder_names, dynamic_axes=axes, opset=opset
+        )
+    fix_logits_shape(paths["decoder_model_merged"])
+    return paths
+
+
+def fix_logits_shape(path: Path) -> None:
+    """The decoder returns logits for one position; say so in the graph instead of a traced dim name."""
+    import onnx
+
+    graph_model = onnx.load(str(path), load_external_data=False)
+    for output in graph_model.graph.output:
+        if output.name == "logits":
+            dim = output.type.tensor_type.shape.dim[1]
+            dim.Clear()
+            dim.dim_value = 1
+    onnx.save(graph_model, str(path))
+
+
+def check_graph(path: Path) -> None:
+    """onnx's full check (with strict shape inference), so a malformed graph never ships."""
+    import onnx
+
+    onnx.checker.check_model(str(path), full_check=True)
+    onnx.shape_inference.infer_shapes_path(str(path), str(path), check_type=True, strict_mode=True)

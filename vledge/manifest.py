@@ -1,0 +1,279 @@
+"""The model directory's manifest (``vledge.json``): written by the exporter, trusted by nobody.
+
+Torch-free, because the runtime reads it. Reading verifies the format version and
+every file's sha256 and size, and refuses any path that would leave the model
+directory (absolute paths, ``..``, symlinks pointing out), including the
+external-data references inside the ONNX files themselves.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from vledge.config import ModelConfig, PreprocessSpec, PromptTemplate, from_dict
+from vledge.errors import ConfigError, VledgeError
+
+log = logging.getLogger(__name__)
+
+FORMAT = "vledge-model"
+FORMAT_VERSION = 1
+MANIFEST_NAME = "vledge.json"
+TOKENIZER_NAME = "tokenizer.json"
+COMPONENTS = ("vision_encoder", "embed_tokens", "decoder_model_merged")
+PRECISIONS = ("fp32", "fp16", "int8", "q4")
+
+
+class ModelDirError(VledgeError):
+    """A model directory that is missing, malformed, tampered with or unsafe to read."""
+
+
+def sha256_of(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def variant_filename(component: str, precision: str) -> str:
+    """``onnx/<component>.onnx`` for fp32, ``onnx/<component>_<precision>.onnx`` otherwise (Optimum's naming)."""
+    suffix = "" if precision == "fp32" else f"_{precision}"
+    return f"onnx/{component}{suffix}.onnx"
+
+
+def resolve_inside(root: Path, relative: str) -> Path:
+    """The file ``relative`` names inside ``root``; anything that could escape the directory is refused."""
+    pure = PurePosixPath(relative)
+    if not relative or pure.is_absolute() or "\\" in relative or ":" in relative or ".." in pure.parts:
+        raise ModelDirError(f"unsafe path {relative!r} in model directory {root}: only relative paths inside it")
+    candidate = root.joinpath(*pure.parts)
+    real_root = root.resolve()
+    real = candidate.resolve()
+    if real != real_root and real_root not in real.parents:
+        raise ModelDirError(f"{relative!r} in model directory {root} resolves outside it ({real})")
+    return candidate
+
+
+@dataclass
+class FileEntry:
+    sha256: str
+    size: int
+
+
+@dataclass
+class Manifest:
+    model_config: ModelConfig
+    special_tokens: dict[str, int]
+    prefix_ids: list[int]
+    num_image_tokens: int
+    tensors: dict[str, dict[str, list[str]]]
+    # component -> precision -> relative file path
+    variants: dict[str, dict[str, str]]
+    files: dict[str, FileEntry]
+    # provider kind ("cpu", "cuda") -> component -> precision chosen by ``--quantize auto`` (or the defaults)
+    selected: dict[str, dict[str, str]] = field(default_factory=dict)
+    generation: dict[str, Any] = field(default_factory=dict)
+    parity: dict[str, Any] = field(default_factory=dict)
+    provenance: dict[str, Any] = field(default_factory=dict)
+    format: str = FORMAT
+    format_version: int = FORMAT_VERSION
+
+    @property
+    def preprocess(self) -> PreprocessSpec:
+        return self.model_config.preprocess
+
+    @property
+    def prompt(self) -> PromptTemplate:
+        return self.model_config.prompt
+
+    @property
+    def language_kind(self) -> str:
+        return self.model_config.language.kind
+
+    def precisions(self, component: str) -> list[str]:
+        return [p for p in PRECISIONS if p in self.variants.get(component, {})]
+
+    def architecture(self) -> dict[str, Any]:
+        language = self.model_config.language
+        numbers = {
+            "language_model": language.kind,
+            "hidden": language.hidden,
+            "layers": language.layers,
+            "vocab_size": language.vocab_size,
+            "image_tokens": self.num_image_tokens,
+            "image_size": self.preprocess.image_size,
+            "vision_backbone": self.model_config.vision.backbone,
+            "projector": self.model_config.projector.kind,
+        }
+        if language.kind == "transformer":
+            numbers.update(heads=language.heads, head_dim=language.head_dim, max_positions=language.max_positions)
+        return numbers
+
+    def to_dict(self) -> dict[str, Any]:
+        from vledge.config import to_dict
+
+        return {
+            "format": self.format,
+            "format_version": self.format_version,
+            "architecture": self.architecture(),
+            "model_config": to_dict(self.model_config),
+            "special_tokens": self.special_tokens,
+            "prompt": to_dict(self.prompt),
+            "prefix_ids": self.prefix_ids,
+            "preprocess": to_dict(self.preprocess),
+            "tensors": self.tensors,
+            "generation": self.generation,
+            "variants": self.variants,
+            "selected": self.selected,
+            "files": {name: {"sha256": e.sha256, "size": e.size} for name, e in sorted(self.files.items())},
+            "parity": self.parity,
+            "provenance": self.provenance,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = MANIFEST_NAME) -> "Manifest":
+        if not isinstance(data, dict) or data.get("format") != FORMAT:
+            raise ModelDirError(f"{source} is not a vledge model manifest (format tag {FORMAT!r} missing)")
+        if data.get("format_version") != FORMAT_VERSION:
+            raise ModelDirError(
+                f"{source} has format version {data.get('format_version')!r}; this vledge reads {FORMAT_VERSION}"
+            )
+        try:
+            files = {name: FileEntry(sha256=str(e["sha256"]), size=int(e["size"])) for name, e in data["files"].items()}
+            return cls(
+                model_config=from_dict(ModelConfig, data["model_config"]),
+                special_tokens={k: int(v) for k, v in data["special_tokens"].items()},
+                prefix_ids=[int(i) for i in data["prefix_ids"]],
+                num_image_tokens=int(data["architecture"]["image_tokens"]),
+                tensors=data["tensors"],
+                variants=data["variants"],
+                files=files,
+                selected=data.get("selected", {}),
+                generation=data.get("generation", {}),
+                parity=data.get("parity", {}),
+                provenance=data.get("provenance", {}),
+            )
+        except (KeyError, TypeError, ValueError, AttributeError, ConfigError) as exc:
+            raise ModelDirError(f"{source} is malformed: {type(exc).__name__}: {exc}") from None
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def external_data_locations(onnx_path: Path) -> list[str]:
+    """Every external-data ``location`` an ONNX file names, read without the onnx package.
+
+    The runtime has no onnx dependency, so this walks the protobuf wire format: ModelProto.graph (7)
+    -> GraphProto.initializer (5) / node (1) attributes, TensorProto.external_data (13) entries with
+    key "location". Subgraphs are not used by vledge graphs and are not followed.
+    """
+    data = onnx_path.read_bytes()
+    locations: list[str] = []
+
+    def varint(buf: bytes, pos: int) -> tuple[int, int]:
+        shift = result = 0
+        while True:
+            if pos >= len(buf):
+                raise ModelDirError(f"{onnx_path.name} is not a valid ONNX file (truncated varint)")
+            byte = buf[pos]
+            pos += 1
+            result |= (byte & 0x7F) << shift
+            if not byte & 0x80:
+                return result, pos
+            shift += 7
+
+    def fields(buf: bytes):
+        pos = 0
+        while pos < len(buf):
+            key, pos = varint(buf, pos)
+            number, wire = key >> 3, key & 7
+            if wire == 0:
+                _, pos = varint(buf, pos)
+                yield number, None
+            elif wire == 1:
+                pos += 8
+            elif wire == 5:
+                pos += 4
+            elif wire == 2:
+                length, pos = varint(buf, pos)
+                if pos + length > len(buf):
+                    raise ModelDirError(f"{onnx_path.name} is not a valid ONNX file (field overruns the file)")
+                yield number, buf[pos:pos + length]
+                pos += length
+            else:
+                raise ModelDirError(f"{onnx_path.name} is not a valid ONNX file (wire type {wire})")
+
+    def tensor_locations(tensor: bytes) -> None:
+        for number, value in fields(tensor):
+            if number == 13 and value is not None:  # StringStringEntryProto external_data
+                entry = {n: v for n, v in fields(value) if v is not None}
+                if entry.get(1) == b"location" and 2 in entry:
+                    locations.append(entry[2].decode("utf-8", "replace"))
+
+    for number, graph in fields(data):
+        if number != 7 or graph is None:
+            continue
+        for g_number, item in fields(graph):
+            if g_number == 5 and item is not None:
+                tensor_locations(item)
+    return locations
+
+
+def read_manifest(model_dir: str | Path, verify: bool = True) -> Manifest:
+    """Open a model directory; with ``verify`` every listed file is hashed and checked."""
+    root = Path(model_dir)
+    if not root.exists():
+        raise ModelDirError(f"model directory not found: {root}")
+    if not root.is_dir():
+        raise ModelDirError(f"not a model directory (a file): {root}")
+    manifest_path = root / MANIFEST_NAME
+    if not manifest_path.is_file():
+        raise ModelDirError(f"{root} has no {MANIFEST_NAME}; is it a directory written by `vledge export`?")
+    try:
+        data = json.loads(manifest_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelDirError(f"cannot read {manifest_path}: {exc}") from None
+    manifest = Manifest.from_dict(data, source=str(manifest_path))
+    for component, by_precision in manifest.variants.items():
+        for precision, relative in by_precision.items():
+            if relative not in manifest.files:
+                raise ModelDirError(f"{manifest_path}: {component}/{precision} names {relative!r}, which has no hash")
+    if TOKENIZER_NAME not in manifest.files:
+        raise ModelDirError(f"{manifest_path} does not list {TOKENIZER_NAME}")
+    for relative, entry in manifest.files.items():
+        path = resolve_inside(root, relative)
+        if not path.is_file():
+            raise ModelDirError(f"model directory {root} is missing {relative}")
+        if verify:
+            verify_file(root, relative, entry, set(manifest.files))
+    return manifest
+
+
+def verify_file(root: Path, relative: str, entry: FileEntry, listed: set[str] | None = None) -> Path:
+    """Check one listed file's size and sha256, and that its external data stays inside ``root`` and is listed."""
+    path = resolve_inside(root, relative)
+    try:
+        size = path.stat().st_size
+    except OSError as exc:
+        raise ModelDirError(f"cannot read {relative} in {root}: {exc.strerror or exc}") from None
+    if size != entry.size:
+        raise ModelDirError(
+            f"{relative} in {root} has {size} bytes, the manifest says {entry.size}: modified or truncated"
+        )
+    if sha256_of(path) != entry.sha256:
+        raise ModelDirError(f"{relative} in {root} does not match its sha256 in {MANIFEST_NAME}: the file was modified")
+    if relative.endswith(".onnx"):
+        parent = PurePosixPath(relative).parent
+        for location in external_data_locations(path):
+            if PurePosixPath(location).is_absolute() or ".." in PurePosixPath(location).parts:
+                raise ModelDirError(f"{relative} references external data outside the model directory: {location!r}")
+            resolved = str(parent / location)
+            resolve_inside(root, resolved)
+            if listed is not None and resolved not in listed:
+                raise ModelDirError(f"{relative} references external data {resolved!r} that the manifest does not hash")
+    return path
