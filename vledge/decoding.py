@@ -138,6 +138,7 @@ def build_filters(options: GenerationOptions) -> list[LogitFilter]:
 # --------------------------------------------------------------------------- token decoders
 
 TokenCallback = Callable[[int, int], None]  # (row, token id), called as each token is chosen
+StopCheck = Callable[[int, list[int]], bool]  # (row, tokens so far) -> stop this row now (stop strings)
 
 
 def _stop_ids(options: GenerationOptions, eos_id: int) -> set[int]:
@@ -150,8 +151,9 @@ def sample_or_greedy(
     options: GenerationOptions,
     eos_id: int,
     on_token: TokenCallback | None = None,
+    stop_check: StopCheck | None = None,
 ) -> list[list[int]]:
-    """Greedy (temperature 0) or sampled decoding; a row stops at its first stop token."""
+    """Greedy (temperature 0) or sampled decoding; a row stops at its first stop token (or ``stop_check``)."""
     rows = first_logits.shape[0]
     stop = _stop_ids(options, eos_id)
     filters = build_filters(options)
@@ -176,6 +178,8 @@ def sample_or_greedy(
                 generated[row].append(token)
                 if on_token is not None:
                     on_token(int(row), token)
+                if stop_check is not None and stop_check(int(row), generated[row]):
+                    finished[row] = True
         if finished.all() or step == options.max_new_tokens - 1:
             break
         logits = model.step(tokens)
@@ -252,11 +256,15 @@ def decode_tokens(
     options: GenerationOptions,
     eos_id: int,
     on_token: TokenCallback | None = None,
+    stop_check: StopCheck | None = None,
 ) -> list[list[int]]:
-    """Pick the decoder the options ask for; returns the new tokens of each row, stop token excluded."""
+    """Pick the decoder the options ask for; returns the new tokens of each row, stop token excluded.
+
+    Beam search ignores ``on_token`` and ``stop_check``: its hypotheses are only final at the end.
+    """
     if options.num_beams > 1:
         return beam_search(first_logits, model, options, eos_id)
-    return sample_or_greedy(first_logits, model, options, eos_id, on_token)
+    return sample_or_greedy(first_logits, model, options, eos_id, on_token, stop_check)
 
 
 def left_pad(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:

@@ -33,3 +33,15 @@ class WeightsError(VledgeError):
 
 class TrainingError(VledgeError):
     """Training cannot continue (non-finite loss, nothing to train, ...)."""
+
+
+class ModelDirError(VledgeError):
+    """A model directory that is missing, malformed, tampered with or unsafe to read."""
+
+
+class ProviderError(VledgeError):
+    """An execution provider was asked for but is not really available, or ran the graph elsewhere."""
+
+
+class ExportError(VledgeError):
+    """An export cannot be written, or its graphs fail the parity gate against the PyTorch model."""

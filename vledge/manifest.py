@@ -16,7 +16,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from vledge.config import ModelConfig, PreprocessSpec, PromptTemplate, from_dict
-from vledge.errors import ConfigError, VledgeError
+from vledge.errors import ConfigError, ModelDirError
 
 log = logging.getLogger(__name__)
 
@@ -26,10 +26,6 @@ MANIFEST_NAME = "vledge.json"
 TOKENIZER_NAME = "tokenizer.json"
 COMPONENTS = ("vision_encoder", "embed_tokens", "decoder_model_merged")
 PRECISIONS = ("fp32", "fp16", "int8", "q4")
-
-
-class ModelDirError(VledgeError):
-    """A model directory that is missing, malformed, tampered with or unsafe to read."""
 
 
 def sha256_of(path: str | Path) -> str:

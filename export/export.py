@@ -1,0 +1,396 @@
+"""``vledge export``: checkpoint -> verified model directory with quantized variants.
+
+Everything is written into a hidden sibling folder and renamed into place only
+after the fp32 graphs pass the parity gate, so an interrupted or failed export
+leaves no directory behind, and an existing one is replaced only with ``force``.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import os
+import platform
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from vledge.checkpoint import file_sha256, load_checkpoint
+from vledge.errors import ConfigError, ExportError, VledgeError
+from vledge.export.graphs import DEFAULT_OPSET, check_graph, export_graphs, tensor_names
+from vledge.export.parity import (
+    ParitySamples,
+    Reference,
+    VariantParity,
+    build_samples,
+    fp32_failures,
+    measure_runtime,
+    torch_reference,
+)
+from vledge.export.report import write_parity_markdown
+from vledge.manifest import (
+    COMPONENTS,
+    MANIFEST_NAME,
+    TOKENIZER_NAME,
+    FileEntry,
+    Manifest,
+    sha256_of,
+    variant_filename,
+)
+from vledge.prompt import prefix_ids
+
+log = logging.getLogger(__name__)
+
+QUANTIZE_CHOICES = ("int8", "q4", "fp16")
+CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    quantize: tuple[str, ...] = ("auto",)  # any of int8, q4, fp16; "auto" makes all and picks per component
+    data: Path | None = None  # held-out images for calibration and parity; None: fresh built-in synthetic scenes
+    calibration_method: str = "minmax"
+    calibration_samples: int = 64
+    parity_samples: int = 128
+    max_accuracy_drop: float = 1.0  # points; for auto
+    opset: int = DEFAULT_OPSET
+    threads: int = 1  # for the latency measurements that decide auto
+    force: bool = False
+
+    def __post_init__(self) -> None:
+        unknown = set(self.quantize) - {*QUANTIZE_CHOICES, "auto", "none"}
+        if unknown:
+            raise ConfigError(f"unknown --quantize value(s) {sorted(unknown)}; choose from auto, none, "
+                              f"{', '.join(QUANTIZE_CHOICES)}")
+        if self.calibration_method not in CALIBRATION_METHODS:
+            raise ConfigError(f"unknown calibration method {self.calibration_method!r}; "
+                              f"choose from {', '.join(CALIBRATION_METHODS)}")
+        if self.opset < 17:
+            raise ConfigError(f"opset {self.opset} is too old; vledge exports opset 17 or newer")
+        if self.parity_samples < 1 or self.calibration_samples < 1:
+            raise ConfigError("parity and calibration need at least one sample")
+
+    @property
+    def precisions(self) -> tuple[str, ...]:
+        if "none" in self.quantize:
+            return ()
+        if "auto" in self.quantize:
+            return QUANTIZE_CHOICES
+        return tuple(p for p in QUANTIZE_CHOICES if p in self.quantize)
+
+
+@dataclass
+class ExportResult:
+    model_dir: Path
+    manifest: Manifest
+    parity: dict[str, VariantParity]  # label -> measurements
+    selected: dict[str, dict[str, str]]
+    seconds: float
+    skipped: dict[str, str] = field(default_factory=dict)  # variant label -> why it was not made or measured
+
+
+Progress = Callable[[str], None]
+
+
+def export(ckpt: str | Path, out_dir: str | Path | None = None, options: ExportOptions | None = None,
+           progress: Progress | None = None) -> ExportResult:
+    """Export a checkpoint; see the module docstring for the guarantees."""
+    options = options or ExportOptions()
+    started = time.perf_counter()
+    ckpt = Path(ckpt)
+    say = progress or (lambda message: log.info("%s", message))
+    say("loading checkpoint")
+    checkpoint = load_checkpoint(ckpt)
+    out_dir = Path(out_dir) if out_dir is not None else ckpt.parent / "model"
+    if out_dir.exists() and not options.force:
+        raise ExportError(f"{out_dir} already exists; pass --force to replace it")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.export-", dir=out_dir.parent))
+    try:
+        result = _export_into(staging, checkpoint, ckpt, options, say)
+        _move_into_place(staging, out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    result.model_dir = out_dir
+    result.seconds = time.perf_counter() - started
+    say(f"wrote {out_dir} in {result.seconds:.1f} s")
+    return result
+
+
+def _move_into_place(staging: Path, out_dir: Path) -> None:
+    if out_dir.exists():
+        old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+        os.replace(out_dir, old)
+        try:
+            os.replace(staging, out_dir)
+        except BaseException:
+            os.replace(old, out_dir)
+            raise
+        shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
+    else:
+        os.replace(staging, out_dir)
+    mode = 0o777 & ~_umask()
+    os.chmod(out_dir, mode)  # mkdtemp makes it private; a model directory is an ordinary folder
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _export_into(root: Path, checkpoint, ckpt_path: Path, options: ExportOptions, say: Progress) -> ExportResult:
+    import torch
+
+    from vledge.export import quantize
+
+    model = checkpoint.build_model()
+    tokenizer = checkpoint.tokenizer()
+    config = checkpoint.model_config
+    work = root / ".work"
+    onnx_dir = root / "onnx"
+    onnx_dir.mkdir(parents=True)
+    threads_before = torch.get_num_threads()
+
+    say("exporting ONNX graphs (fp32)")
+    raw = export_graphs(model, work / "raw", opset=options.opset)
+    variants: dict[str, dict[str, str]] = {component: {} for component in COMPONENTS}
+    for component, path in raw.items():
+        check_graph(path)
+        target = root / variant_filename(component, "fp32")
+        quantize.optimize_graph(path, target)
+        variants[component]["fp32"] = variant_filename(component, "fp32")
+    tokenizer.save(root / TOKENIZER_NAME)
+
+    say("loading held-out data for calibration and parity")
+    calibration, samples = _held_out_data(options, model, tokenizer, work)
+
+    say(f"running the PyTorch reference on {len(samples)} held-out questions")
+    torch.set_num_threads(max(1, options.threads))
+    try:
+        reference = torch_reference(model, tokenizer, samples)
+    finally:
+        torch.set_num_threads(threads_before)
+
+    manifest = _manifest(checkpoint, ckpt_path, tokenizer, model, variants, root)
+    _write_manifest(root, manifest)
+
+    say("parity gate: fp32 graphs against PyTorch")
+    parity: dict[str, VariantParity] = {}
+    fp32 = _measure(root, {c: "fp32" for c in COMPONENTS}, samples, reference, options)
+    parity["fp32"] = fp32
+    problems = fp32_failures(fp32)
+    if problems:
+        raise ExportError("the fp32 export does not match the PyTorch model, so nothing was written: "
+                          + "; ".join(problems))
+
+    skipped: dict[str, str] = {}
+    qoptions = quantize.QuantizeOptions(calibration_method=options.calibration_method)
+    for precision in options.precisions:
+        for component in COMPONENTS:
+            if precision not in quantize.AVAILABLE.get(component, ()):
+                continue
+            label = f"{component}:{precision}"
+            say(f"making {label}")
+            target = root / variant_filename(component, precision)
+            try:
+                quantize.quantize_component(component, precision, root / variant_filename(component, "fp32"), target,
+                                            calibration=calibration if component == "vision_encoder" else None,
+                                            options=qoptions, language_kind=config.language.kind)
+            except VledgeError as exc:
+                skipped[label] = str(exc)
+                log.warning("%s not made: %s", label, exc)
+                target.unlink(missing_ok=True)
+                continue
+            variants[component][precision] = variant_filename(component, precision)
+            manifest = _manifest(checkpoint, ckpt_path, tokenizer, model, variants, root)
+            _write_manifest(root, manifest)
+            say(f"measuring {label}")
+            chosen = {c: "fp32" for c in COMPONENTS}
+            chosen[component] = precision
+            try:
+                parity[label] = _measure(root, chosen, samples, reference, options)
+            except _CannotRunHere as exc:
+                skipped[label] = f"made but not measured: {exc}"
+                log.info("%s made but not measured: %s", label, exc)
+
+    selected = _select(parity, variants, options)
+    if any(p != "fp32" for p in selected["cpu"].values()):
+        say("measuring the selected combination")
+        parity["selected:cpu"] = _measure(root, selected["cpu"], samples, reference, options)
+
+    shutil.rmtree(work, ignore_errors=True)
+    manifest = _manifest(checkpoint, ckpt_path, tokenizer, model, variants, root)
+    manifest.selected = selected
+    manifest.parity = {
+        "reference": {"engine": "pytorch", "accuracy": reference.accuracy, "questions": len(samples)},
+        "variants": {label: p.to_dict() for label, p in parity.items()},
+        "not_measured": skipped,
+        "tolerance": {"atol": 1e-4, "rtol": 1e-4},
+        "max_accuracy_drop": options.max_accuracy_drop,
+        "data": str(options.data) if options.data else "built-in synthetic scenes (fresh seed)",
+    }
+    write_parity_markdown(root / "parity.md", manifest, parity, reference, skipped)
+    manifest.files = _hash_files(root)
+    _write_manifest(root, manifest)
+    return ExportResult(model_dir=root, manifest=manifest, parity=parity, selected=selected, seconds=0.0,
+                        skipped=skipped)
+
+
+class _CannotRunHere(Exception):
+    """A variant that needs a provider this machine lacks (fp16 graphs on a CPU-only ONNX Runtime)."""
+
+
+def _measure(root: Path, precisions: dict[str, str], samples: ParitySamples, reference: Reference,
+             options: ExportOptions) -> VariantParity:
+    from vledge.export.parity import measure_latency
+    from vledge.runtime import load
+
+    wants_gpu = "fp16" in precisions.values()
+    try:
+        runtime = load(root, precision=precisions, providers="auto" if wants_gpu else "cpu",
+                       threads=options.threads, verify=False)
+    except Exception as exc:
+        if wants_gpu:
+            raise _CannotRunHere(f"fp16 graphs need a GPU provider here ({type(exc).__name__}: {exc})") from None
+        raise
+    if wants_gpu and runtime.graphs.device != "cuda":
+        # fp16 on the CPU provider runs through casts and is not what fp16 is for; measure it where it belongs.
+        raise _CannotRunHere("fp16 is for GPU providers and no CUDA device is active on this machine")
+    result = measure_runtime(runtime, samples, reference)
+    result.latency_ms = measure_latency(runtime, samples)
+    return result
+
+
+def _select(parity: dict[str, VariantParity], variants: dict[str, dict[str, str]],
+            options: ExportOptions) -> dict[str, dict[str, str]]:
+    """Per component, the fastest CPU variant within the accuracy budget; fp16 for CUDA where made."""
+    stage_key = {"vision_encoder": "vision_ms", "embed_tokens": "embed_ms", "decoder_model_merged": "decode_step_ms"}
+    cpu: dict[str, str] = {}
+    for component in COMPONENTS:
+        best, best_ms = "fp32", parity["fp32"].latency_ms.get(stage_key[component], float("inf"))
+        for precision in variants[component]:
+            measured = parity.get(f"{component}:{precision}")
+            if precision == "fp32" or measured is None:
+                continue
+            if measured.accuracy_delta < -options.max_accuracy_drop:
+                continue
+            ms = measured.latency_ms.get(stage_key[component], float("inf"))
+            if ms < best_ms:
+                best, best_ms = precision, ms
+        cpu[component] = best
+    cuda = {component: ("fp16" if "fp16" in variants[component] else "fp32") for component in COMPONENTS}
+    return {"cpu": cpu, "cuda": cuda}
+
+
+def _held_out_data(options: ExportOptions, model, tokenizer, work: Path) -> tuple[np.ndarray, ParitySamples]:
+    from vledge.data.images import preprocess
+
+    data = options.data
+    if data is None:
+        from vledge.data.synth import SynthOptions, generate_dataset
+
+        data = work / "synthetic"
+        size = max(48, model.config.preprocess.image_size)
+        count = max(64, options.parity_samples // 2 + options.calibration_samples)
+        generate_dataset(data, SynthOptions(size=count, seed=90_210, image_size=size, splits=(0.5, 0.0, 0.5)),
+                         workers=1)
+        log.info("no --calibration-data: using %d fresh synthetic scenes (seed 90210)", count)
+    held_out = _split(data, ("test", "val"))
+    calibration_records = _split(data, ("train", "val", "test"))
+    pixels = []
+    for record in calibration_records:
+        if len(pixels) >= options.calibration_samples:
+            break
+        try:
+            pixels.append(preprocess(record.image, model.config.preprocess).numpy())
+        except VledgeError as exc:
+            log.warning("calibration skips %s", exc)
+    if not pixels:
+        raise ExportError(f"no readable calibration images in {data}")
+    samples = build_samples(held_out, model, tokenizer, options.parity_samples)
+    return np.stack(pixels).astype(np.float32), samples
+
+
+def _split(data: Path, names: Sequence[str]):
+    from vledge.data.loaders import load_records
+    from vledge.errors import DataError
+
+    problems = []
+    for name in names:
+        try:
+            records, _ = load_records(data, split=name)
+        except DataError as exc:
+            problems.append(str(exc))
+            continue
+        if records:
+            return records
+    raise ExportError(f"no usable {'/'.join(names)} split in {data}: {'; '.join(problems) or 'empty'}")
+
+
+def _manifest(checkpoint, ckpt_path: Path, tokenizer, model, variants, root: Path) -> Manifest:
+    import onnx
+    import onnxruntime
+    import torch
+
+    import vledge
+
+    config = checkpoint.model_config
+    return Manifest(
+        model_config=config,
+        special_tokens=tokenizer.special_tokens(),
+        prefix_ids=prefix_ids(tokenizer, config.prompt),
+        num_image_tokens=model.num_image_tokens,
+        tensors=tensor_names(model),
+        variants={c: dict(v) for c, v in variants.items()},
+        files=_hash_files(root),
+        generation={"max_new_tokens": 32, "caption_prompt": "Describe the image briefly.", "temperature": 0.0,
+                    "eos_token_id": tokenizer.eos_id, "pad_token_id": tokenizer.pad_id},
+        provenance={
+            "checkpoint": ckpt_path.name,
+            "checkpoint_sha256": file_sha256(ckpt_path),
+            "checkpoint_metrics": _plain(checkpoint.metrics),
+            "vledge": vledge.__version__,
+            "torch": torch.__version__,
+            "onnx": onnx.__version__,
+            "onnxruntime": onnxruntime.__version__,
+            "python": platform.python_version(),
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "exporter": "torch.onnx TorchScript exporter (dynamo=False)",
+        },
+    )
+
+
+def _plain(value):
+    """Checkpoint metrics as JSON-safe values (tensors and numpy scalars become numbers)."""
+    try:
+        return json.loads(json.dumps(value, default=lambda v: v.item() if hasattr(v, "item") else str(v)))
+    except (TypeError, ValueError):
+        return {}
+
+
+def _hash_files(root: Path) -> dict[str, FileEntry]:
+    files = {}
+    for path in sorted(root.rglob("*")):
+        relative = path.relative_to(root).as_posix()
+        if path.is_dir() or relative == MANIFEST_NAME or relative.startswith(".work"):
+            continue
+        if path.is_symlink():
+            raise ExportError(f"refusing to list a symlink in the model directory: {relative}")
+        files[relative] = FileEntry(sha256=sha256_of(path), size=path.stat().st_size)
+    return files
+
+
+def _write_manifest(root: Path, manifest: Manifest) -> None:
+    text = json.dumps(manifest.to_dict(), indent=2, sort_keys=False)
+    temp = root / f".{MANIFEST_NAME}.tmp"
+    temp.write_text(text + "\n", encoding="utf-8")
+    os.replace(temp, root / MANIFEST_NAME)
+

@@ -1,0 +1,290 @@
+"""The parity gate: each exported variant against the PyTorch model, stage by stage, on held-out data.
+
+Stages: image embeddings (vision encoder + projector), prefill logits with the
+PyTorch image embeddings fed to the exported decoder (so decoder drift is seen on
+its own), then greedy generation end to end: token agreement, the first divergence,
+exact-match accuracy per task and caption agreement.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+
+from vledge.data.records import Record
+from vledge.decoding import GenerationOptions
+from vledge.evaluation import CAPTION_TASKS, LONG_ANSWER_TASKS, questions_of
+from vledge.metrics import AccuracyByTask, exact_match
+from vledge.models.generate import LSTMSteps, TransformerSteps, generate
+from vledge.models.vlm import VisionLanguageModel
+from vledge.prompt import question_ids
+from vledge.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+# fp32 tolerance, as np.allclose: |ort - torch| <= atol + rtol * |torch|
+FP32_ATOL = 1e-4
+FP32_RTOL = 1e-4
+FP32_MIN_TOKEN_AGREEMENT = 0.99
+
+
+@dataclass
+class ParitySamples:
+    """Held-out questions with their preprocessed images (the PyTorch pipeline's pixels, shared by both sides)."""
+
+    pixel_values: np.ndarray  # [images, 3, S, S]
+    image_index: list[int]  # question -> row of pixel_values
+    prompts: list[list[int]]
+    tasks: list[str]
+    answers: list[str]
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+
+def build_samples(records: Sequence[Record], model: VisionLanguageModel, tokenizer: Tokenizer,
+                  limit: int) -> ParitySamples:
+    from vledge.data.images import preprocess
+    from vledge.errors import ImageError
+
+    pixels: list[np.ndarray] = []
+    rows: dict[str, int] = {}
+    samples = ParitySamples(np.zeros(0), [], [], [], [])
+    for record, turn_index in questions_of(records):
+        if len(samples) >= limit:
+            break
+        key = str(record.image)
+        if key not in rows:
+            try:
+                pixels.append(preprocess(record.image, model.config.preprocess).numpy())
+            except ImageError as exc:
+                log.warning("parity skips %s", exc)
+                continue
+            rows[key] = len(pixels) - 1
+        turn = record.turns[turn_index]
+        samples.image_index.append(rows[key])
+        samples.prompts.append(question_ids(tokenizer, model.config.prompt, turn.question))
+        samples.tasks.append(turn.task)
+        samples.answers.append(turn.answer)
+    if not pixels:
+        from vledge.errors import ExportError
+
+        raise ExportError("no readable held-out images for the parity check")
+    samples.pixel_values = np.stack(pixels).astype(np.float32)
+    return samples
+
+
+def max_new_tokens_for(task: str) -> int:
+    return 96 if task in LONG_ANSWER_TASKS else 48
+
+
+def task_batches(samples: ParitySamples, batch_size: int) -> list[list[int]]:
+    """Question indices grouped by task (equal answer lengths decode together), in batches."""
+    by_task: dict[str, list[int]] = defaultdict(list)
+    for index, task in enumerate(samples.tasks):
+        by_task[task].append(index)
+    return [indices[i:i + batch_size] for _, indices in sorted(by_task.items())
+            for i in range(0, len(indices), batch_size)]
+
+
+@dataclass
+class Reference:
+    """What the PyTorch model produces; every variant is compared with it."""
+
+    image_embeds: np.ndarray  # [images, tokens, hidden]
+    prefill_logits: np.ndarray  # [questions, vocab]
+    tokens: list[list[int]]
+    texts: list[str]
+    accuracy: dict[str, float]
+
+
+def _accuracy(texts: Sequence[str], samples: ParitySamples) -> dict[str, float]:
+    scores = AccuracyByTask()
+    for text, task, answer in zip(texts, samples.tasks, samples.answers):
+        scores.add(task, exact_match(text, answer))
+    result = {task: scores.accuracy(task) for task in scores.tasks}
+    result["overall"] = scores.accuracy()
+    return result
+
+
+@torch.inference_mode()
+def torch_reference(model: VisionLanguageModel, tokenizer: Tokenizer, samples: ParitySamples,
+                    batch_size: int = 32) -> Reference:
+    model = model.eval()
+    pixels = torch.from_numpy(samples.pixel_values)
+    image_embeds = torch.cat([model.encode_images(pixels[i:i + 64]) for i in range(0, len(pixels), 64)])
+    logits = np.zeros((len(samples), model.config.language.vocab_size), dtype=np.float32)
+    tokens: list[list[int]] = [[] for _ in range(len(samples))]
+    for batch in task_batches(samples, batch_size):
+        rows = torch.as_tensor([samples.image_index[i] for i in batch])
+        prompts = [samples.prompts[i] for i in batch]
+        logits[batch] = torch_prefill_logits(model, tokenizer, image_embeds[rows], prompts)
+        options = GenerationOptions(max_new_tokens=max_new_tokens_for(samples.tasks[batch[0]]))
+        outputs = generate(model, pixels[rows], prompts, options, tokenizer.eos_id, tokenizer.pad_id)
+        for index, out in zip(batch, outputs):
+            tokens[index] = out
+    texts = [tokenizer.decode(t).strip() for t in tokens]
+    return Reference(image_embeds.numpy(), logits, tokens, texts, _accuracy(texts, samples))
+
+
+def torch_prefill_logits(model: VisionLanguageModel, tokenizer: Tokenizer, image_embeds: torch.Tensor,
+                         prompts: Sequence[Sequence[int]]) -> np.ndarray:
+    from vledge.decoding import left_pad
+
+    if model.is_transformer:
+        ids, mask = left_pad(prompts, tokenizer.pad_id)
+        merged = model.merge(torch.as_tensor(ids), image_embeds, torch.as_tensor(mask))
+        steps = TransformerSteps(model, merged.inputs_embeds, merged.attention_mask)
+    else:
+        rows = [model.merge(torch.as_tensor([list(p)]), image_embeds[r:r + 1]).inputs_embeds[0]
+                for r, p in enumerate(prompts)]
+        steps = LSTMSteps(model, rows)
+    return steps.first_logits.float().numpy()
+
+
+@dataclass
+class Drift:
+    max_abs: float
+    mean_abs: float
+    max_ref: float  # largest |reference| value, for scale
+    within_fp32_tolerance: bool
+
+    @classmethod
+    def between(cls, ours: np.ndarray, reference: np.ndarray) -> "Drift":
+        diff = np.abs(ours.astype(np.float64) - reference.astype(np.float64))
+        allowed = FP32_ATOL + FP32_RTOL * np.abs(reference)
+        return cls(float(diff.max()), float(diff.mean()), float(np.abs(reference).max()), bool((diff <= allowed).all()))
+
+
+@dataclass
+class Agreement:
+    token_agreement: float  # position-wise equal tokens / reference-or-variant length, over all questions
+    sequence_match: float  # share of questions answered with identical tokens
+    first_divergence_mean: float | None  # mean index of the first differing token among differing answers
+    first_divergence_min: int | None
+    caption_agreement: float | None  # share of caption answers with identical text
+
+    @classmethod
+    def between(cls, ours: Sequence[Sequence[int]], reference: Sequence[Sequence[int]], ours_text: Sequence[str],
+                reference_text: Sequence[str], tasks: Sequence[str]) -> "Agreement":
+        equal = total = 0
+        divergences = []
+        for a, b in zip(ours, reference):
+            length = max(len(a), len(b))
+            same = sum(1 for x, y in zip(a, b) if x == y)
+            equal += same
+            total += length
+            if list(a) != list(b):
+                divergences.append(next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b))))
+        captions = [(x, y) for x, y, t in zip(ours_text, reference_text, tasks) if t in CAPTION_TASKS]
+        return cls(
+            token_agreement=equal / total if total else 1.0,
+            sequence_match=1 - len(divergences) / max(len(ours), 1),
+            first_divergence_mean=float(np.mean(divergences)) if divergences else None,
+            first_divergence_min=min(divergences) if divergences else None,
+            caption_agreement=(sum(x == y for x, y in captions) / len(captions)) if captions else None,
+        )
+
+
+@dataclass
+class VariantParity:
+    precisions: dict[str, str]
+    image_embeds: Drift
+    prefill_logits: Drift
+    generation: Agreement
+    accuracy: dict[str, float]
+    accuracy_delta: float  # overall, in points (percent), variant minus PyTorch
+    questions: int
+    latency_ms: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def measure_runtime(runtime, samples: ParitySamples, reference: Reference, batch_size: int = 32,
+                    progress: Callable[[int], None] | None = None) -> VariantParity:
+    """Compare one loaded runtime (a set of precisions) with the PyTorch reference."""
+    embeds = np.concatenate([runtime.graphs.encode_images(samples.pixel_values[i:i + 64])
+                             for i in range(0, len(samples.pixel_values), 64)])
+    logits = np.zeros_like(reference.prefill_logits)
+    tokens: list[list[int]] = [[] for _ in range(len(samples))]
+    for batch in task_batches(samples, batch_size):
+        rows = [samples.image_index[i] for i in batch]
+        prompts = [samples.prompts[i] for i in batch]
+        logits[batch] = runtime.prefill_logits(reference.image_embeds[rows], prompts)
+        options = GenerationOptions(max_new_tokens=max_new_tokens_for(samples.tasks[batch[0]]))
+        results = runtime.generate_from_embeds(embeds[rows], prompts, options)
+        for index, result in zip(batch, results):
+            tokens[index] = result.token_ids
+        if progress is not None:
+            progress(len(batch))
+    texts = [runtime.tokenizer.decode(t).strip() for t in tokens]
+    accuracy = _accuracy(texts, samples)
+    return VariantParity(
+        precisions=dict(runtime.precisions),
+        image_embeds=Drift.between(embeds, reference.image_embeds),
+        prefill_logits=Drift.between(logits, reference.prefill_logits),
+        generation=Agreement.between(tokens, reference.tokens, texts, reference.texts, samples.tasks),
+        accuracy=accuracy,
+        accuracy_delta=100.0 * (accuracy["overall"] - reference.accuracy["overall"]),
+        questions=len(samples),
+    )
+
+
+def fp32_failures(parity: VariantParity) -> list[str]:
+    """Why an fp32 export is not faithful, or nothing."""
+    problems = []
+    for stage in ("image_embeds", "prefill_logits"):
+        drift: Drift = getattr(parity, stage)
+        if not drift.within_fp32_tolerance:
+            problems.append(f"{stage} differ by up to {drift.max_abs:.3g} (mean {drift.mean_abs:.3g}), beyond "
+                            f"atol {FP32_ATOL:g} + rtol {FP32_RTOL:g}")
+    if parity.generation.token_agreement < FP32_MIN_TOKEN_AGREEMENT:
+        problems.append(f"greedy tokens agree only {parity.generation.token_agreement:.1%} "
+                        f"(first divergence at token {parity.generation.first_divergence_min})")
+    return problems
+
+
+def measure_latency(runtime, samples: ParitySamples, repeats: int = 15, decode_steps: int = 16) -> dict[str, float]:
+    """Median milliseconds of each graph on one held-out sample (batch 1), to rank variants for ``auto``.
+
+    The decode step is timed at the sample's real prompt length, feeding the greedy token each time
+    (a stop token does not end the loop: the cost of a step does not depend on the token).
+    """
+    import time
+
+    pixels = samples.pixel_values[:1]
+    prompt = [samples.prompts[0]]
+    graphs = runtime.graphs
+
+    def median_ms(call) -> float:
+        call()  # warm-up
+        times = []
+        for _ in range(repeats):
+            tick = time.perf_counter()
+            call()
+            times.append((time.perf_counter() - tick) * 1e3)
+        return float(np.median(times))
+
+    embeds = graphs.encode_images(pixels)
+    result = {
+        "vision_ms": median_ms(lambda: graphs.encode_images(pixels)),
+        "embed_ms": median_ms(lambda: graphs.embed_ids(np.asarray([prompt[0]], dtype=np.int64))),
+        "prefill_ms": median_ms(lambda: runtime.prefill_logits(embeds, prompt)),
+    }
+    steps, _ = runtime.prefill(embeds, prompt, GenerationOptions(max_new_tokens=decode_steps))
+    token = np.argmax(steps.first_logits, axis=-1)
+    steps.step(token)  # warm-up
+    times = []
+    for _ in range(decode_steps):
+        tick = time.perf_counter()
+        logits = steps.step(token)
+        times.append((time.perf_counter() - tick) * 1e3)
+        token = np.argmax(logits, axis=-1)
+    result["decode_step_ms"] = float(np.median(times))
+    return result

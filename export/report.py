@@ -1,0 +1,61 @@
+"""``parity.md``: the parity measurements of an export, readable without tools."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from vledge.export.parity import Reference, VariantParity
+from vledge.manifest import Manifest
+
+
+def _pct(value: float | None) -> str:
+    return "–" if value is None else f"{100 * value:.1f}%"
+
+
+def _num(value: float | None, digits: int = 3) -> str:
+    return "–" if value is None else f"{value:.{digits}g}"
+
+
+def parity_table(parity: dict[str, VariantParity]) -> list[str]:
+    lines = [
+        "| variant | embeds max abs | logits max abs | logits mean abs | token agreement | identical answers "
+        "| first divergence (min) | accuracy | Δ points | caption agreement | vision ms | decode step ms |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for label, p in parity.items():
+        lines.append(
+            f"| {label} | {_num(p.image_embeds.max_abs)} | {_num(p.prefill_logits.max_abs)} "
+            f"| {_num(p.prefill_logits.mean_abs)} | {_pct(p.generation.token_agreement)} "
+            f"| {_pct(p.generation.sequence_match)} | {p.generation.first_divergence_min if p.generation.first_divergence_min is not None else '–'} "
+            f"| {_pct(p.accuracy.get('overall'))} | {p.accuracy_delta:+.1f} | {_pct(p.generation.caption_agreement)} "
+            f"| {_num(p.latency_ms.get('vision_ms'))} | {_num(p.latency_ms.get('decode_step_ms'))} |"
+        )
+    return lines
+
+
+def write_parity_markdown(path: Path, manifest: Manifest, parity: dict[str, VariantParity], reference: Reference,
+                          skipped: dict[str, str]) -> None:
+    questions = next(iter(parity.values())).questions if parity else 0
+    lines = [
+        "# Parity with the PyTorch model",
+        "",
+        f"Held-out questions: {questions} ({manifest.parity.get('data', '')}).",
+        f"PyTorch accuracy (exact match): {_pct(reference.accuracy.get('overall'))}; per task: "
+        + ", ".join(f"{task} {_pct(v)}" for task, v in sorted(reference.accuracy.items()) if task != "overall") + ".",
+        "",
+        "Image embeddings come from each variant's vision encoder; prefill logits come from each variant's "
+        "decoder fed with the PyTorch image embeddings; answers are generated greedily end to end. "
+        "A label `component:precision` swaps that one graph and keeps the others in fp32. Latencies are "
+        "medians on this machine's CPU with one thread, batch 1.",
+        "",
+        *parity_table(parity),
+        "",
+        "## Selected variants",
+        "",
+    ]
+    for device, choice in manifest.selected.items():
+        lines.append(f"- {device}: " + ", ".join(f"{component} {precision}" for component, precision in choice.items()))
+    if skipped:
+        lines += ["", "## Not made or not measured here", ""]
+        lines += [f"- {label}: {why}" for label, why in skipped.items()]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
