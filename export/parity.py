@@ -12,6 +12,7 @@ import logging
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -206,27 +207,57 @@ class VariantParity:
         return asdict(self)
 
 
-def measure_runtime(runtime, samples: ParitySamples, reference: Reference, batch_size: int = 32,
-                    progress: Callable[[int], None] | None = None) -> VariantParity:
-    """Compare one loaded runtime (a set of precisions) with the PyTorch reference."""
-    embeds = np.concatenate([runtime.graphs.encode_images(samples.pixel_values[i:i + 64])
+class ParityEngine(Protocol):
+    """What the parity measurements need from an engine (ONNX Runtime variant or PyTorch flavour)."""
+
+    def encode_images(self, pixel_values: np.ndarray) -> np.ndarray: ...
+
+    def prefill_logits(self, image_embeds: np.ndarray, prompts: Sequence[Sequence[int]]) -> np.ndarray: ...
+
+    def greedy_tokens(self, image_embeds: np.ndarray, prompts: Sequence[Sequence[int]],
+                      max_new_tokens: int) -> list[list[int]]: ...
+
+
+class RuntimeEngine:
+    """A loaded ``vledge.runtime`` model seen as a ParityEngine."""
+
+    def __init__(self, runtime) -> None:
+        self.runtime = runtime
+
+    def encode_images(self, pixel_values: np.ndarray) -> np.ndarray:
+        return self.runtime.graphs.encode_images(pixel_values)
+
+    def prefill_logits(self, image_embeds: np.ndarray, prompts: Sequence[Sequence[int]]) -> np.ndarray:
+        return self.runtime.prefill_logits(image_embeds, prompts)
+
+    def greedy_tokens(self, image_embeds: np.ndarray, prompts: Sequence[Sequence[int]],
+                      max_new_tokens: int) -> list[list[int]]:
+        results = self.runtime.generate_from_embeds(image_embeds, prompts,
+                                                    GenerationOptions(max_new_tokens=max_new_tokens))
+        return [result.token_ids for result in results]
+
+
+def measure_engine(engine: ParityEngine, tokenizer: Tokenizer, samples: ParitySamples, reference: Reference,
+                   precisions: dict[str, str] | None = None, batch_size: int = 32,
+                   progress: Callable[[int], None] | None = None) -> VariantParity:
+    """Compare one engine with the PyTorch reference on the same pixels and prompts."""
+    embeds = np.concatenate([engine.encode_images(samples.pixel_values[i:i + 64])
                              for i in range(0, len(samples.pixel_values), 64)])
     logits = np.zeros_like(reference.prefill_logits)
     tokens: list[list[int]] = [[] for _ in range(len(samples))]
     for batch in task_batches(samples, batch_size):
         rows = [samples.image_index[i] for i in batch]
         prompts = [samples.prompts[i] for i in batch]
-        logits[batch] = runtime.prefill_logits(reference.image_embeds[rows], prompts)
-        options = GenerationOptions(max_new_tokens=max_new_tokens_for(samples.tasks[batch[0]]))
-        results = runtime.generate_from_embeds(embeds[rows], prompts, options)
-        for index, result in zip(batch, results):
-            tokens[index] = result.token_ids
+        logits[batch] = engine.prefill_logits(reference.image_embeds[rows], prompts)
+        outputs = engine.greedy_tokens(embeds[rows], prompts, max_new_tokens_for(samples.tasks[batch[0]]))
+        for index, out in zip(batch, outputs):
+            tokens[index] = list(out)
         if progress is not None:
             progress(len(batch))
-    texts = [runtime.tokenizer.decode(t).strip() for t in tokens]
+    texts = [tokenizer.decode(t).strip() for t in tokens]
     accuracy = _accuracy(texts, samples)
     return VariantParity(
-        precisions=dict(runtime.precisions),
+        precisions=dict(precisions or {}),
         image_embeds=Drift.between(embeds, reference.image_embeds),
         prefill_logits=Drift.between(logits, reference.prefill_logits),
         generation=Agreement.between(tokens, reference.tokens, texts, reference.texts, samples.tasks),
@@ -234,6 +265,11 @@ def measure_runtime(runtime, samples: ParitySamples, reference: Reference, batch
         accuracy_delta=100.0 * (accuracy["overall"] - reference.accuracy["overall"]),
         questions=len(samples),
     )
+
+
+def measure_runtime(runtime, samples: ParitySamples, reference: Reference, batch_size: int = 32) -> VariantParity:
+    return measure_engine(RuntimeEngine(runtime), runtime.tokenizer, samples, reference,
+                          precisions=runtime.precisions, batch_size=batch_size)
 
 
 def fp32_failures(parity: VariantParity) -> list[str]:

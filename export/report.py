@@ -45,8 +45,10 @@ def write_parity_markdown(path: Path, manifest: Manifest, parity: dict[str, Vari
         "",
         "Image embeddings come from each variant's vision encoder; prefill logits come from each variant's "
         "decoder fed with the PyTorch image embeddings; answers are generated greedily end to end. "
-        "A label `component:precision` swaps that one graph and keeps the others in fp32. Latencies are "
-        "medians on this machine's CPU with one thread, batch 1.",
+        "A label `component:precision` swaps that one graph and keeps the others in fp32. Everything runs "
+        "on this machine's CPU provider; latencies are medians at batch 1 with the export's thread count. "
+        "fp16 graphs run on a CPU through casts: their drift is meaningful here, their speed is not "
+        "(`selected.cuda` picks them for GPUs without a GPU measurement).",
         "",
         *parity_table(parity),
         "",

@@ -47,3 +47,22 @@ def tiny_lstm_run(synth_data, tmp_path_factory):
     model_config, train_config = tiny_configs("tiny-lstm", max_steps=30, eval_every=30, eval_samples=16)
     run_dir = tmp_path_factory.mktemp("runs") / "tiny-lstm"
     return train(synth_data, run_dir, model_config, train_config)
+
+
+def export_tiny(run, synth_data, out_dir: Path, quantize=("none",), parity_samples: int = 24):
+    from vledge.export import ExportOptions, export
+
+    options = ExportOptions(quantize=tuple(quantize), data=synth_data, parity_samples=parity_samples,
+                            calibration_samples=16)
+    return export(run.best_checkpoint, out_dir, options)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tiny_run, synth_data, tmp_path_factory) -> Path:
+    """The tiny transformer exported with every variant (int8, q4, fp16; auto picks the CPU ones)."""
+    return export_tiny(tiny_run, synth_data, tmp_path_factory.mktemp("export") / "tiny", quantize=("auto",)).model_dir
+
+
+@pytest.fixture(scope="session")
+def tiny_lstm_model_dir(tiny_lstm_run, synth_data, tmp_path_factory) -> Path:
+    return export_tiny(tiny_lstm_run, synth_data, tmp_path_factory.mktemp("export") / "tiny-lstm").model_dir

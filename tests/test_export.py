@@ -1,0 +1,276 @@
+"""Export: graphs that match PyTorch step by step, the parity gate, the manifest and safe writing."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from conftest import export_tiny
+from vledge.checkpoint import load_checkpoint
+from vledge.decoding import GenerationOptions, left_pad
+from vledge.errors import CheckpointError, ExportError, ModelDirError
+from vledge.manifest import COMPONENTS, MANIFEST_NAME, read_manifest
+from vledge.prompt import question_ids
+
+QUESTIONS = ["What is in this image?", "How many shapes are there?", "What color is the circle at the top left?"]
+
+
+def _torch_and_runtime(run, model_dir):
+    from vledge.runtime import load
+
+    checkpoint = load_checkpoint(run.best_checkpoint)
+    return checkpoint.build_model(), checkpoint.tokenizer(), load(model_dir, precision="fp32", providers="cpu",
+                                                                  threads=1)
+
+
+def _images(synth_data: Path, count: int) -> list[Path]:
+    return sorted((synth_data / "images").rglob("*.jpg"))[:count]
+
+
+@pytest.mark.parametrize("kind", ["transformer", "lstm"])
+def test_prefill_and_decode_steps_match_pytorch(kind, tiny_run, tiny_lstm_run, tiny_model_dir, tiny_lstm_model_dir,
+                                                synth_data):
+    """Batch of 3 prompts of different lengths (left-padded), prefill + 10 teacher-forced decode steps."""
+    from vledge.data.images import preprocess
+    from vledge.models.generate import LSTMSteps, TransformerSteps
+
+    run, model_dir = (tiny_run, tiny_model_dir) if kind == "transformer" else (tiny_lstm_run, tiny_lstm_model_dir)
+    model, tokenizer, runtime = _torch_and_runtime(run, model_dir)
+    config = model.config
+    pixels = torch.stack([preprocess(p, config.preprocess) for p in _images(synth_data, 3)])
+    prompts = [question_ids(tokenizer, config.prompt, q) for q in QUESTIONS]
+    assert len({len(p) for p in prompts}) > 1, "prompts must differ in length to exercise padding"
+    with torch.inference_mode():
+        image_embeds = model.encode_images(pixels)
+        if kind == "transformer":
+            ids, mask = left_pad(prompts, tokenizer.pad_id)
+            merged = model.merge(torch.as_tensor(ids), image_embeds, torch.as_tensor(mask))
+            reference = TransformerSteps(model, merged.inputs_embeds, merged.attention_mask)
+        else:
+            rows = [model.merge(torch.as_tensor([p]), image_embeds[i:i + 1]).inputs_embeds[0]
+                    for i, p in enumerate(prompts)]
+            reference = LSTMSteps(model, rows)
+        ours_embeds = runtime.graphs.encode_images(pixels.numpy())
+        np.testing.assert_allclose(ours_embeds, image_embeds.numpy(), atol=1e-5, rtol=1e-4)
+        steps, _ = runtime.prefill(image_embeds.numpy(), prompts, GenerationOptions(max_new_tokens=16))
+        ref_logits = reference.first_logits.numpy()
+        np.testing.assert_allclose(steps.first_logits, ref_logits, atol=1e-4, rtol=1e-4)
+        rng = np.random.default_rng(0)
+        for step in range(10):
+            # Greedy tokens on even steps, random ones on odd steps, so paths leave the model's comfort zone.
+            tokens = ref_logits.argmax(-1) if step % 2 == 0 else rng.integers(5, tokenizer.vocab_size, size=3)
+            assert np.array_equal(np.argmax(steps.first_logits if step == 0 else ours, -1), ref_logits.argmax(-1))
+            ref_logits = reference.step(tokens)
+            ours = steps.step(tokens)
+            np.testing.assert_allclose(ours, ref_logits, atol=1e-4, rtol=1e-4, err_msg=f"decode step {step}")
+
+
+@pytest.mark.parametrize("kind", ["transformer", "lstm"])
+def test_greedy_generation_equals_pytorch_batched_and_single(kind, tiny_run, tiny_lstm_run, tiny_model_dir,
+                                                             tiny_lstm_model_dir, synth_data):
+    from vledge.data.images import preprocess
+    from vledge.models.generate import generate
+
+    run, model_dir = (tiny_run, tiny_model_dir) if kind == "transformer" else (tiny_lstm_run, tiny_lstm_model_dir)
+    model, tokenizer, runtime = _torch_and_runtime(run, model_dir)
+    paths = _images(synth_data, 3)
+    pixels = torch.stack([preprocess(p, model.config.preprocess) for p in paths])
+    prompts = [question_ids(tokenizer, model.config.prompt, q) for q in QUESTIONS]
+    options = GenerationOptions(max_new_tokens=12)
+    expected = generate(model, pixels, prompts, options, tokenizer.eos_id, tokenizer.pad_id)
+    batched = runtime.generate_from_pixels(pixels.numpy(), QUESTIONS, options)
+    assert [r.token_ids for r in batched] == expected
+    for row in range(3):
+        single = runtime.generate_from_pixels(pixels[row:row + 1].numpy(), [QUESTIONS[row]], options)
+        assert single[0].token_ids == expected[row]
+
+
+def test_graphs_pass_onnx_checks_with_dynamic_axes(tiny_model_dir):
+    manifest = read_manifest(tiny_model_dir)
+    for component in COMPONENTS:
+        path = tiny_model_dir / manifest.variants[component]["fp32"]
+        graph = onnx.load(str(path))
+        onnx.checker.check_model(graph, full_check=True)
+        assert max(o.version for o in graph.opset_import if o.domain in ("", "ai.onnx")) >= 17
+        first = graph.graph.input[0].type.tensor_type.shape.dim[0]
+        assert first.dim_param, f"{component}: batch axis must be dynamic"
+    decoder = onnx.load(str(tiny_model_dir / manifest.variants["decoder_model_merged"]["fp32"]))
+    names = [i.name for i in decoder.graph.input]
+    assert names == manifest.tensors["decoder_model_merged"]["inputs"]
+    past = next(i for i in decoder.graph.input if i.name == "past_key_values.0.key")
+    assert past.type.tensor_type.shape.dim[2].dim_param, "past axis must be dynamic"
+    assert not any(node.op_type == "If" for node in decoder.graph.node), "the merged decoder must not branch"
+
+
+def test_manifest_records_everything_a_runtime_needs(tiny_model_dir, tiny_run):
+    data = json.loads((tiny_model_dir / MANIFEST_NAME).read_text())
+    for key in ("format", "format_version", "architecture", "special_tokens", "prompt", "preprocess", "tensors",
+                "generation", "variants", "selected", "files", "parity", "provenance"):
+        assert key in data, key
+    assert data["provenance"]["checkpoint_sha256"] == __import__("vledge.checkpoint").checkpoint.file_sha256(
+        tiny_run.best_checkpoint)
+    for name, entry in data["files"].items():
+        assert (tiny_model_dir / name).stat().st_size == entry["size"]
+    fp32 = data["parity"]["variants"]["fp32"]
+    assert fp32["image_embeds"]["within_fp32_tolerance"] and fp32["prefill_logits"]["within_fp32_tolerance"]
+    assert fp32["generation"]["token_agreement"] == 1.0
+    assert (tiny_model_dir / "parity.md").read_text().count("| fp32 |") == 1
+    assert not list(tiny_model_dir.parent.glob(".*export*")), "no staging folder may remain"
+
+
+def test_every_quantized_variant_is_measured(tiny_model_dir):
+    manifest = read_manifest(tiny_model_dir)
+    measured = manifest.parity["variants"]
+    not_measured = manifest.parity["not_measured"]
+    for component in COMPONENTS:
+        for precision in manifest.precisions(component):
+            if precision == "fp32":
+                continue
+            label = f"{component}:{precision}"
+            assert label in measured or label in not_measured, label
+    assert "decoder_model_merged:int8" in measured and "decoder_model_merged:q4" in measured
+    assert "vision_encoder:int8" in measured
+    for component, precision in manifest.selected["cpu"].items():
+        assert precision in manifest.precisions(component)
+
+
+def test_failed_parity_gate_writes_nothing(tiny_run, synth_data, tmp_path, monkeypatch):
+    import vledge.export.parity as parity
+
+    monkeypatch.setattr(parity, "FP32_ATOL", 0.0)  # no real export is bit-exact: the gate must now fail
+    monkeypatch.setattr(parity, "FP32_RTOL", 0.0)
+    with pytest.raises(ExportError, match="does not match the PyTorch model"):
+        export_tiny(tiny_run, synth_data, tmp_path / "model", parity_samples=4)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_interrupted_export_leaves_no_directory(tiny_run, synth_data, tmp_path, monkeypatch):
+    import importlib
+
+    exporter = importlib.import_module("vledge.export.export")  # the package re-exports a function of that name
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(exporter, "write_parity_markdown", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        export_tiny(tiny_run, synth_data, tmp_path / "model", parity_samples=4)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_existing_directory_needs_force(tiny_run, synth_data, tmp_path):
+    out = tmp_path / "model"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(ExportError, match="already exists"):
+        export_tiny(tiny_run, synth_data, out, parity_samples=4)
+    assert (out / "keep.txt").read_text() == "mine"
+    from vledge.export import ExportOptions, export
+
+    export(tiny_run.best_checkpoint, out, ExportOptions(quantize=("none",), data=synth_data, parity_samples=4,
+                                                        force=True))
+    assert not (out / "keep.txt").exists() and (out / MANIFEST_NAME).is_file()
+    assert [p.name for p in tmp_path.iterdir()] == ["model"]
+
+
+def test_bad_checkpoints_get_clear_errors(tmp_path, tiny_run):
+    from vledge.export import export
+
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    cases = {}
+    cases["pickle"] = tmp_path / "evil.pt"
+    with open(cases["pickle"], "wb") as handle:
+        pickle.dump(Payload(), handle)
+    cases["truncated"] = tmp_path / "truncated.pt"
+    data = tiny_run.best_checkpoint.read_bytes()
+    cases["truncated"].write_bytes(data[: len(data) // 2])
+    cases["foreign"] = tmp_path / "foreign.pt"
+    torch.save({"weights": torch.zeros(2)}, cases["foreign"])
+    cases["text"] = tmp_path / "notes.pt"
+    cases["text"].write_text("hello")
+    for name, path in cases.items():
+        with pytest.raises(CheckpointError) as error:
+            export(path, tmp_path / f"out-{name}")
+        assert str(path) in str(error.value)
+        assert not (tmp_path / f"out-{name}").exists()
+    assert not marker.exists()
+
+
+def test_tampered_or_unsafe_model_directory_is_refused(tiny_model_dir, tmp_path):
+    from vledge.runtime import load
+
+    copy = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, copy)
+    decoder = copy / "onnx" / "decoder_model_merged.onnx"
+    data = bytearray(decoder.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    decoder.write_bytes(bytes(data))
+    with pytest.raises(ModelDirError, match="decoder_model_merged.onnx.*sha256"):
+        load(copy)
+
+    shutil.rmtree(copy)
+    shutil.copytree(tiny_model_dir, copy)
+    (copy / "tokenizer.json").unlink()
+    with pytest.raises(ModelDirError, match="missing tokenizer.json"):
+        load(copy)
+
+    for bad in ("../outside.onnx", "/etc/passwd"):
+        shutil.rmtree(copy)
+        shutil.copytree(tiny_model_dir, copy)
+        manifest = json.loads((copy / MANIFEST_NAME).read_text())
+        entry = manifest["files"].pop("onnx/embed_tokens.onnx")
+        manifest["files"][bad] = entry
+        manifest["variants"]["embed_tokens"]["fp32"] = bad
+        (copy / MANIFEST_NAME).write_text(json.dumps(manifest))
+        with pytest.raises(ModelDirError, match="unsafe path|outside"):
+            load(copy)
+
+    shutil.rmtree(copy)
+    shutil.copytree(tiny_model_dir, copy)
+    outside = tmp_path / "elsewhere.onnx"
+    shutil.copy(copy / "onnx" / "embed_tokens.onnx", outside)
+    (copy / "onnx" / "embed_tokens.onnx").unlink()
+    (copy / "onnx" / "embed_tokens.onnx").symlink_to(outside)
+    with pytest.raises(ModelDirError, match="outside"):
+        load(copy)
+
+
+def test_external_data_references_must_stay_inside(tiny_model_dir, tmp_path):
+    """A graph whose weights live in an external file outside the directory is refused before loading."""
+    from onnx.external_data_helper import convert_model_to_external_data
+
+    from vledge.manifest import FileEntry, sha256_of, verify_file
+
+    copy = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, copy)
+    graph = onnx.load(str(copy / "onnx" / "embed_tokens.onnx"))
+    convert_model_to_external_data(graph, all_tensors_to_one_file=True, location="embed.data", size_threshold=0)
+    onnx.save(graph, str(copy / "onnx" / "embed_tokens.onnx"))
+    entry = FileEntry(sha256_of(copy / "onnx" / "embed_tokens.onnx"),
+                      (copy / "onnx" / "embed_tokens.onnx").stat().st_size)
+    listed = {"onnx/embed_tokens.onnx", "onnx/embed.data"}
+    verify_file(copy, "onnx/embed_tokens.onnx", entry, listed)  # inside and listed: fine
+    with pytest.raises(ModelDirError, match="does not hash"):
+        verify_file(copy, "onnx/embed_tokens.onnx", entry, {"onnx/embed_tokens.onnx"})
+    for tensor in graph.graph.initializer:
+        for item in tensor.external_data:
+            if item.key == "location":
+                item.value = "../../stolen.data"
+    escaped = copy / "onnx" / "escaped.onnx"
+    onnx.save(graph, str(escaped))
+    entry = FileEntry(sha256_of(escaped), escaped.stat().st_size)
+    with pytest.raises(ModelDirError, match="outside the model directory"):
+        verify_file(copy, "onnx/escaped.onnx", entry, listed)

@@ -1,0 +1,210 @@
+"""The engines a benchmark compares, behind one small interface.
+
+``pytorch`` is the original model in eager mode under ``inference_mode``;
+``pytorch-int8`` is PyTorch's own dynamic int8 quantization of its Linear/LSTM
+layers, the fair quantized baseline on the PyTorch side; ``ort-<provider>-<precision>``
+is the exported model through ``vledge.runtime``. Every engine answers the same
+calls with numpy outputs, so stage timings and parity are measured identically.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from vledge.decoding import GenerationOptions, decode_tokens
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EngineSpec:
+    kind: str  # "pytorch" | "onnxruntime"
+    precision: str  # pytorch: fp32 | int8; onnxruntime: fp32 | fp16 | int8 | q4 | auto
+    provider: str = "cpu"  # onnxruntime: cpu | cuda
+
+    @property
+    def name(self) -> str:
+        if self.kind == "pytorch":
+            return "pytorch" if self.precision == "fp32" else f"pytorch-{self.precision}"
+        return f"ort-{self.provider}-{self.precision}"
+
+    @classmethod
+    def parse(cls, text: str) -> "EngineSpec":
+        """``pytorch``, ``pytorch-int8``, ``ort-cpu-int8``, ``ort-cuda-fp16`` ..."""
+        parts = text.split("-")
+        if parts[0] == "pytorch" and len(parts) <= 2:
+            return cls("pytorch", parts[1] if len(parts) == 2 else "fp32")
+        if parts[0] == "ort" and len(parts) == 3:
+            return cls("onnxruntime", parts[2], parts[1])
+        from vledge.errors import ConfigError
+
+        raise ConfigError(f"unknown engine {text!r}; use pytorch, pytorch-int8 or ort-<cpu|cuda>-<precision>")
+
+
+class TorchEngine:
+    """The PyTorch original (optionally dynamically quantized), on the CPU."""
+
+    def __init__(self, spec: EngineSpec, ckpt: Path, threads: int) -> None:
+        self.spec, self.ckpt, self.threads = spec, ckpt, threads
+        self.name = spec.name
+
+    def load(self) -> None:
+        import torch
+
+        from vledge.checkpoint import load_checkpoint
+
+        checkpoint = load_checkpoint(self.ckpt)
+        self.tokenizer = checkpoint.tokenizer()
+        self.config = checkpoint.model_config
+        model = checkpoint.build_model()
+        if self.spec.precision == "int8":
+            from torch.ao.quantization import quantize_dynamic
+
+            model = quantize_dynamic(model, {torch.nn.Linear, torch.nn.LSTM}, dtype=torch.qint8)
+        elif self.spec.precision != "fp32":
+            from vledge.errors import ConfigError
+
+            raise ConfigError(f"PyTorch engines are fp32 or int8, not {self.spec.precision}")
+        self.model = model.eval()
+
+    def _threads(self) -> None:
+        import torch
+
+        if torch.get_num_threads() != self.threads:
+            torch.set_num_threads(self.threads)
+
+    def preprocess(self, images: Sequence[Path]):
+        import torch
+
+        from vledge.data.images import preprocess
+
+        return torch.stack([preprocess(path, self.config.preprocess) for path in images])
+
+    def encode_images(self, pixel_values) -> np.ndarray:
+        import torch
+
+        self._threads()
+        with torch.inference_mode():
+            return self.model.encode_images(torch.as_tensor(pixel_values)).numpy()
+
+    def start(self, image_embeds: np.ndarray, prompts: Sequence[Sequence[int]]):
+        """Prefill; returns a step model with ``first_logits`` (numpy) and ``step(tokens)``."""
+        import torch
+
+        from vledge.decoding import left_pad
+        from vledge.models.generate import LSTMSteps, TransformerSteps
+
+        self._threads()
+        model = self.model
+        with torch.inference_mode():
+            embeds = torch.as_tensor(image_embeds)
+            if model.is_transformer:
+                ids, mask = left_pad(prompts, self.tokenizer.pad_id)
+                merged = model.merge(torch.as_tensor(ids), embeds, torch.as_tensor(mask))
+                steps = TransformerSteps(model, merged.inputs_embeds, merged.attention_mask)
+            else:
+                rows = [model.merge(torch.as_tensor([list(p)]), embeds[r:r + 1]).inputs_embeds[0]
+                        for r, p in enumerate(prompts)]
+                steps = LSTMSteps(model, rows)
+        return _TorchSteps(steps)
+
+    def prefill_logits(self, image_embeds: np.ndarray, prompts) -> np.ndarray:
+        return self.start(image_embeds, prompts).first_logits
+
+    def greedy_tokens(self, image_embeds: np.ndarray, prompts, max_new_tokens: int) -> list[list[int]]:
+        steps = self.start(image_embeds, prompts)
+        if self.model.is_transformer:  # as the reference generate() does: stay inside the learned positions
+            used = max(len(p) for p in prompts) - 1 + image_embeds.shape[1]
+            max_new_tokens = max(1, min(max_new_tokens, self.config.language.max_positions - used))
+        return decode_tokens(steps.first_logits, steps, GenerationOptions(max_new_tokens=max_new_tokens),
+                             self.tokenizer.eos_id)
+
+    def caption(self, images: Sequence[Path], prompts: Sequence[Sequence[int]], max_new_tokens: int) -> list[list[int]]:
+        """End to end: decode + preprocess + vision + prefill + decode, as an app would call it."""
+        import torch
+
+        from vledge.models.generate import generate
+
+        self._threads()
+        pixels = self.preprocess(images)
+        return generate(self.model, pixels, prompts, GenerationOptions(max_new_tokens=max_new_tokens),
+                        self.tokenizer.eos_id, self.tokenizer.pad_id)
+
+    def size_bytes(self) -> int:
+        import io
+
+        import torch
+
+        buffer = io.BytesIO()
+        torch.save(self.model.state_dict(), buffer)
+        return buffer.tell()
+
+
+class _TorchSteps:
+    def __init__(self, steps) -> None:
+        self.steps = steps
+        self.first_logits = steps.first_logits.float().numpy()
+
+    def step(self, tokens: np.ndarray) -> np.ndarray:
+        import torch
+
+        with torch.inference_mode():
+            return self.steps.step(tokens)
+
+    def reorder(self, rows: np.ndarray) -> None:
+        self.steps.reorder(rows)
+
+
+class OrtEngine:
+    """An exported model directory through the torch-free runtime."""
+
+    def __init__(self, spec: EngineSpec, model_dir: Path, threads: int) -> None:
+        self.spec, self.model_dir, self.threads = spec, model_dir, threads
+        self.name = spec.name
+
+    def load(self) -> None:
+        from vledge.runtime import load
+
+        self.runtime = load(self.model_dir, precision=self.spec.precision, providers=self.spec.provider,
+                            threads=self.threads)
+        self.tokenizer = self.runtime.tokenizer
+        self.precisions = dict(self.runtime.precisions)
+
+    def preprocess(self, images: Sequence[Path]) -> np.ndarray:
+        return self.runtime.preprocessor.batch(list(images))
+
+    def encode_images(self, pixel_values) -> np.ndarray:
+        return self.runtime.graphs.encode_images(np.asarray(pixel_values, dtype=np.float32))
+
+    def start(self, image_embeds: np.ndarray, prompts):
+        steps, _ = self.runtime.prefill(image_embeds, prompts, GenerationOptions(max_new_tokens=64))
+        return steps
+
+    def prefill_logits(self, image_embeds: np.ndarray, prompts) -> np.ndarray:
+        return self.runtime.prefill_logits(image_embeds, prompts)
+
+    def greedy_tokens(self, image_embeds: np.ndarray, prompts, max_new_tokens: int) -> list[list[int]]:
+        results = self.runtime.generate_from_embeds(image_embeds, prompts,
+                                                    GenerationOptions(max_new_tokens=max_new_tokens))
+        return [r.token_ids for r in results]
+
+    def caption(self, images: Sequence[Path], prompts: Sequence[Sequence[int]], max_new_tokens: int) -> list[list[int]]:
+        pixels = self.preprocess(images)
+        embeds = self.encode_images(pixels)
+        return self.greedy_tokens(embeds, prompts, max_new_tokens)
+
+    def size_bytes(self) -> int:
+        from vledge.manifest import resolve_inside
+
+        manifest = self.runtime.manifest
+        return sum(resolve_inside(self.model_dir, manifest.variants[c][p]).stat().st_size
+                   for c, p in self.precisions.items())
+
+
+def make_engine(spec: EngineSpec, ckpt: Path, model_dir: Path, threads: int):
+    return TorchEngine(spec, ckpt, threads) if spec.kind == "pytorch" else OrtEngine(spec, model_dir, threads)

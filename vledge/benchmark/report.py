@@ -1,0 +1,132 @@
+"""Benchmark output: ``bench.json``, ``bench.md`` and PNG charts."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+STAGE_LABELS = {
+    "preprocess_ms": "preprocess",
+    "vision_ms": "vision",
+    "prefill_ms": "prefill",
+    "decode_token_ms": "decode/token",
+    "caption_ms": "caption e2e",
+}
+
+
+def _ms(value: float) -> str:
+    return f"{value:.3f}" if value < 1 else f"{value:.2f}" if value < 100 else f"{value:.0f}"
+
+
+def markdown(result: dict) -> str:
+    machine = result["machine"]
+    config = result["config"]
+    lines = [
+        "# vledge benchmark",
+        "",
+        f"Machine: {machine['cpu']}, {machine['logical_cores']} logical cores "
+        f"({machine.get('physical_cores') or '?'} physical), flags {', '.join(machine['cpu_flags']) or 'none'}; "
+        f"{machine['os']}; Python {machine['python']}; "
+        + ", ".join(f"{k} {v}" for k, v in machine["versions"].items() if v) + ".",
+        f"Checkpoint `{Path(config['ckpt']).name}`, model directory `{config['model_dir']}`; "
+        f"{config['repeats']} interleaved repetitions after warm-up; decode timed over {config['decode_tokens']} "
+        f"steps per repetition; captions capped at {config['caption_tokens']} new tokens; batch 1 unless stated. "
+        "Times are medians in milliseconds (p90 in the JSON); ×: PyTorch median / engine median at the same "
+        "thread count.",
+        "",
+    ]
+    for threads in config["threads"]:
+        rows = [r for r in result["latency"] if r["threads"] == threads]
+        batches = list(rows[0]["throughput"]) if rows else []
+        lines += [f"## {threads} thread{'s' if threads > 1 else ''}", ""]
+        header = ["engine"] + [STAGE_LABELS[s] for s in STAGE_LABELS] + ["caption ×", "decode ×"]
+        header += [f"img/s @{b}" for b in batches]
+        lines.append("| " + " | ".join(header) + " |")
+        lines.append("| --- " + "| ---: " * (len(header) - 1) + "|")
+        for row in rows:
+            cells = [row["engine"]] + [_ms(row["stages"][s]["median"]) for s in STAGE_LABELS]
+            cells += [f"{row['ratio_to_pytorch']['caption_ms']:.2f}×", f"{row['ratio_to_pytorch']['decode_token_ms']:.2f}×"]
+            cells += [f"{row['throughput'][b]:.1f}" for b in batches]
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+    reference = result["reference"]
+    lines += [
+        "## Accuracy parity",
+        "",
+        f"{reference['questions']} held-out questions; PyTorch exact match {100 * reference['accuracy']['overall']:.1f}%. "
+        "Drift is against the PyTorch original on the same pixels; prefill logits start from PyTorch's image "
+        "embeddings.",
+        "",
+        "| engine | embeds max abs | logits max abs | token agreement | identical answers | accuracy | Δ points "
+        "| caption agreement | size MB | load ms (cold) | peak RSS MB |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for name, p in result["parity"].items():
+        cold = result["cold_start"].get(name, {})
+        caption = p["generation"]["caption_agreement"]
+        load = _ms(cold["import_and_load_ms"]) if "import_and_load_ms" in cold else "–"
+        rss = f"{cold['peak_rss_mb']:.0f}" if "peak_rss_mb" in cold else "–"
+        lines.append(
+            f"| {name} | {p['image_embeds']['max_abs']:.2g} | {p['prefill_logits']['max_abs']:.2g} "
+            f"| {100 * p['generation']['token_agreement']:.1f}% | {100 * p['generation']['sequence_match']:.1f}% "
+            f"| {100 * p['accuracy']['overall']:.1f}% | {p['accuracy_delta']:+.1f} "
+            f"| {'–' if caption is None else f'{100 * caption:.1f}%'} | {p['size_bytes'] / 1e6:.2f} | {load} | {rss} |"
+        )
+    lines += ["", f"Total benchmark time: {result['seconds']:.0f} s.", ""]
+    return "\n".join(lines)
+
+
+def charts(result: dict, out_dir: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    paths = []
+    threads_list = result["config"]["threads"]
+    fig, axes = plt.subplots(1, len(threads_list), figsize=(6 * len(threads_list), 4.5), squeeze=False)
+    for ax, threads in zip(axes[0], threads_list):
+        rows = [r for r in result["latency"] if r["threads"] == threads]
+        stages = list(STAGE_LABELS)
+        width = 0.8 / max(len(rows), 1)
+        x = np.arange(len(stages))
+        for i, row in enumerate(rows):
+            ax.bar(x + i * width, [row["stages"][s]["median"] for s in stages], width, label=row["engine"])
+        ax.set_xticks(x + width * (len(rows) - 1) / 2, [STAGE_LABELS[s] for s in stages])
+        ax.set_yscale("log")
+        ax.set_ylabel("median ms (log)")
+        ax.set_title(f"latency by stage, {threads} thread(s)")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    paths.append(out_dir / "latency_by_stage.png")
+    fig.savefig(paths[-1], dpi=120)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    first = threads_list[0]
+    for row in (r for r in result["latency"] if r["threads"] == first):
+        parity = result["parity"].get(row["engine"])
+        if parity is None:
+            continue
+        ax.scatter(row["stages"]["caption_ms"]["median"], 100 * parity["accuracy"]["overall"], s=60)
+        ax.annotate(row["engine"], (row["stages"]["caption_ms"]["median"], 100 * parity["accuracy"]["overall"]),
+                    fontsize=8, xytext=(4, 4), textcoords="offset points")
+    ax.set_xlabel(f"caption latency, median ms ({first} thread(s))")
+    ax.set_ylabel("exact-match accuracy %")
+    ax.set_title("accuracy vs speed")
+    fig.tight_layout()
+    paths.append(out_dir / "accuracy_vs_speed.png")
+    fig.savefig(paths[-1], dpi=120)
+    plt.close(fig)
+    return paths
+
+
+def write_outputs(result: dict, out_dir: Path) -> dict[str, Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = {"json": out_dir / "bench.json", "markdown": out_dir / "bench.md"}
+    written["json"].write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    written["markdown"].write_text(markdown(result), encoding="utf-8")
+    for path in charts(result, out_dir):
+        written[path.stem] = path
+    return written
