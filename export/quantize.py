@@ -95,7 +95,8 @@ class QuantizeOptions:
     # dynamic MatMuls (per-channel gave no accuracy there and cost ~6 % speed).
     per_channel: bool | None = None
     reduce_range: bool | None = None  # None: True unless this CPU has VNNI (see resolve_reduce_range)
-    block_size: int = 32
+    # 16 rather than ONNX Runtime's 32: on a trained small model greedy agreement rose from 92.6 % to 96.1 %.
+    block_size: int = 16
     accuracy_level: int = 4
     keep_float: tuple[str, ...] = ("lm_head", "logits")
     keep_bits: int | None = None  # q4 only: None keeps the matched MatMuls float32, 8 stores them 8-bit
@@ -628,24 +629,29 @@ def quantize_vision_int8(src: Path, dst: Path, calibration: np.ndarray, method: 
     return Path(dst)
 
 
-def quantize_decoder_int8(src: Path, dst: Path, reduce_range: bool | None = None, per_channel: bool = False) -> Path:
+def quantize_decoder_int8(src: Path, dst: Path, reduce_range: bool | None = None, per_channel: bool = False,
+                          keep_float: tuple[str, ...] = ("lm_head", "logits")) -> Path:
     """Dynamic int8 of the decoder's weight MatMuls (and Gemm); an LSTM becomes DynamicQuantizeLSTM.
 
     Activations are quantized per call, so no calibration is needed; activation-by-activation
     MatMuls (attention scores) stay float. ``reduce_range`` (auto: no VNNI) matters: without it
-    the small decoder's logits drifted ~11 % of their std, with it ~1 %.
+    the small decoder's logits drifted ~11 % of their std, with it ~1 %. The LM head (MatMuls
+    matching ``keep_float``) stays float: on a trained ``small`` model (400 held-out questions)
+    greedy-token agreement with PyTorch was 88.1 % with it in int8 and 98.7 % without.
     """
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     src = _source(src)
-    _load(src)
+    source_model = _load(src)
+    excluded = [node.name for node in _weight_matmuls(source_model) if _matches(node, keep_float)]
     reduce = resolve_reduce_range(reduce_range)
     with _atomic_output(Path(dst)) as out:
         try:
             with _quiet():
                 quantize_dynamic(
                     str(src), str(out), op_types_to_quantize=["MatMul", "Gemm", "LSTM"], per_channel=per_channel,
+                    nodes_to_exclude=excluded,
                     reduce_range=reduce, weight_type=QuantType.QInt8,
                     # contrib ops (MultiHeadAttention) stop ONNX shape inference; their outputs are float
                     extra_options={"MatMulConstBOnly": True, "DefaultTensorType": onnx.TensorProto.FLOAT},
@@ -676,7 +682,7 @@ def _matches(node, patterns: tuple[str, ...]) -> bool:
     return any(pattern and pattern in name for pattern in patterns for name in names)
 
 
-def quantize_decoder_q4(src: Path, dst: Path, block_size: int = 32, accuracy_level: int = 4,
+def quantize_decoder_q4(src: Path, dst: Path, block_size: int = 16, accuracy_level: int = 4,
                         keep_float: tuple[str, ...] = ("lm_head", "logits"), keep_bits: int | None = None) -> Path:
     """4-bit block-wise weight-only MatMulNBits for the decoder, keeping the LM head out.
 
@@ -828,6 +834,6 @@ def quantize_component(component: str, precision: str, src: Path, dst: Path,
                                     reduce_range=options.reduce_range)
     if precision == "int8":
         return quantize_decoder_int8(src, dst, reduce_range=options.reduce_range,
-                                     per_channel=bool(options.per_channel))
+                                     per_channel=bool(options.per_channel), keep_float=options.keep_float)
     return quantize_decoder_q4(src, dst, block_size=options.block_size, accuracy_level=options.accuracy_level,
                                keep_float=options.keep_float, keep_bits=options.keep_bits)

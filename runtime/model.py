@@ -2,13 +2,16 @@
 
 Torch-free. One ``VisionLanguageRuntime`` holds three ONNX Runtime sessions and
 no per-call state, so several threads may call it at once (ONNX Runtime sessions
-are thread-safe; every call builds its own IO binding and cache).
+are thread-safe; every call builds its own IO binding and cache). The only shared
+mutable state, the prefix KV cache and the token embedding table, is built once
+under a lock and only read afterwards.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import queue
 import threading
 import time
@@ -18,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnxruntime as ort
 
 from vledge.decoding import GenerationOptions, decode_tokens, left_pad
 from vledge.errors import ConfigError, ModelDirError, ProviderError
@@ -26,12 +30,13 @@ from vledge.prompt import question_ids
 from vledge.runtime.decoder import Graphs, LSTMSteps, TransformerSteps
 from vledge.runtime.preprocess import ImagePreprocessor
 from vledge.runtime.providers import (
+    GPU_PROVIDERS,
     HEAVY_OPS,
     SessionConfig,
     create_session,
     primary_provider,
     profile_placement,
-    resolve_providers,
+    usable_providers,
 )
 from vledge.tokenizer import Tokenizer
 
@@ -59,8 +64,8 @@ class Timings:
         steps = self.new_tokens - 1  # the first token comes from the prefill
         return self.decode_ms / steps if steps > 0 else None
 
-    def to_dict(self) -> dict[str, float]:
-        data = dataclasses.asdict(self)
+    def to_dict(self) -> dict[str, float | None]:
+        data: dict[str, float | None] = dict(dataclasses.asdict(self))
         data["total_ms"] = self.total_ms
         data["per_token_ms"] = self.per_token_ms
         return data
@@ -73,13 +78,17 @@ class GenerationResult:
     finish_reason: str  # "stop" (stop token), "stop_string", or "length"
     timings: Timings = field(default_factory=Timings)
 
+    def to_dict(self) -> dict[str, Any]:
+        return {"text": self.text, "token_ids": list(self.token_ids), "finish_reason": self.finish_reason,
+                "timings": self.timings.to_dict()}
+
 
 def _choose_precision(manifest: Manifest, component: str, requested: str, device: str) -> str:
     available = manifest.precisions(component)
     if requested != "auto":
         if requested in available:
             return requested
-        # Components a precision does not apply to (e.g. int8 token embeddings) stay in float.
+        # Components a precision does not apply to (e.g. q4 convolutions) stay in float.
         fallback = "fp16" if requested == "fp16" and "fp16" in available else "fp32"
         log.debug("%s has no %s variant; using %s", component, requested, fallback)
         return fallback
@@ -91,108 +100,180 @@ def _choose_precision(manifest: Manifest, component: str, requested: str, device
     return "fp32"
 
 
+def _cut_at_stop(text: str, stop_strings: Sequence[str]) -> tuple[str, bool]:
+    """``text`` up to the earliest stop string, and whether one was found."""
+    cut = min((text.find(stop) for stop in stop_strings if stop and stop in text), default=-1)
+    return (text[:cut], True) if cut >= 0 else (text, False)
+
+
+def _partial_stop(text: str, stop_strings: Sequence[str]) -> int:
+    """Length of the longest end of ``text`` that could be the start of a stop string (held back while streaming)."""
+    longest = 0
+    for stop in stop_strings:
+        for size in range(min(len(stop) - 1, len(text)), longest, -1):
+            if text.endswith(stop[:size]):
+                longest = size
+                break
+    return longest
+
+
+class _StreamClosed(Exception):
+    """Raised inside the decode loop when the consumer of ``stream()`` stopped reading."""
+
+
 class VisionLanguageRuntime:
     """A model directory loaded for inference. Create it with :func:`load`."""
 
     def __init__(self, model_dir: Path, manifest: Manifest, tokenizer: Tokenizer, graphs: Graphs,
-                 precisions: dict[str, str], session_config: SessionConfig) -> None:
+                 precisions: dict[str, str], session_config: SessionConfig, gpu_fallback: str = "",
+                 prefix_cache: bool = True) -> None:
         self.model_dir = model_dir
         self.manifest = manifest
         self.tokenizer = tokenizer
         self.graphs = graphs
         self.precisions = precisions
         self.session_config = session_config
+        self.gpu_fallback = gpu_fallback
         self.preprocessor = ImagePreprocessor(manifest.preprocess)
         self.prefix_ids = list(manifest.prefix_ids)
+        self.prefix_cache = prefix_cache  # reuse the constant prompt prefix's keys and values
         self.caption_prompt = manifest.generation.get("caption_prompt", DEFAULT_CAPTION_PROMPT)
         self.default_options = GenerationOptions(
             max_new_tokens=int(manifest.generation.get("max_new_tokens", 32)))
         self._prefix_lock = threading.Lock()
         self._prefix_cache: Any = None
 
+    def __repr__(self) -> str:
+        return (f"VisionLanguageRuntime({str(self.model_dir)!r}, precisions={self.precisions}, "
+                f"device={self.graphs.device!r})")
+
     # ------------------------------------------------------------------ public API
 
-    def caption(self, image, options: GenerationOptions | None = None, channel_order: str = "BGR") -> GenerationResult:
-        """Caption one image (path, bytes or array)."""
-        return self.generate([image], [self.caption_prompt], options, channel_order=channel_order)[0]
+    def caption(self, image, options: GenerationOptions | None = None, stop_strings: Sequence[str] = (),
+                on_token: Callable[[int, int], None] | None = None, channel_order: str = "BGR") -> GenerationResult:
+        """Caption one image (path, encoded bytes, or an HxWxC uint8 array in ``channel_order``)."""
+        return self.generate([image], [self.caption_prompt], options, stop_strings, on_token, channel_order)[0]
 
-    def ask(self, image, question: str, options: GenerationOptions | None = None,
-            channel_order: str = "BGR") -> GenerationResult:
-        return self.generate([image], [question], options, channel_order=channel_order)[0]
+    def ask(self, image, question: str, options: GenerationOptions | None = None, stop_strings: Sequence[str] = (),
+            on_token: Callable[[int, int], None] | None = None, channel_order: str = "BGR") -> GenerationResult:
+        """Answer ``question`` about one image."""
+        if not isinstance(question, str) or not question.strip():
+            raise ConfigError("ask() needs a non-empty question string")
+        return self.generate([image], [question], options, stop_strings, on_token, channel_order)[0]
 
     def generate(
         self,
-        images: Sequence,
+        images: Sequence | np.ndarray,
         prompts: Sequence[str] | str | None = None,
         options: GenerationOptions | None = None,
-        stop_strings: Sequence[str] = (),
+        stop_strings: Sequence[str] | str = (),
         on_token: Callable[[int, int], None] | None = None,
         channel_order: str = "BGR",
     ) -> list[GenerationResult]:
-        """Answer ``prompts[i]`` about ``images[i]`` (one prompt for all, or the caption prompt when None)."""
-        if isinstance(images, (str, Path, bytes, np.ndarray)):
-            images = [images]
-        if not len(images):
-            raise ConfigError("generate() needs at least one image")
-        if prompts is None or isinstance(prompts, str):
-            prompts = [prompts or self.caption_prompt] * len(images)
-        if len(prompts) != len(images):
-            raise ConfigError(f"{len(prompts)} prompts for {len(images)} images")
+        """Answer ``prompts[i]`` about ``images[i]`` as one left-padded batch.
+
+        ``prompts`` may be one string for every image, or None for the caption prompt. ``on_token(row,
+        token_id)`` is called as each token is chosen (not with beam search, whose hypotheses are only
+        final at the end). ``stop_strings`` end a row as soon as its text contains one, and cut it there.
+        """
+        images = self._image_list(images)
+        prompts = self._prompt_list(prompts, len(images))
         started = time.perf_counter()
         pixels = self.preprocessor.batch(images, channel_order=channel_order)
         timings = Timings(preprocess_ms=(time.perf_counter() - started) * 1e3)
         return self.generate_from_pixels(pixels, prompts, options, stop_strings, on_token, timings)
 
     def stream(self, image, prompt: str | None = None, options: GenerationOptions | None = None,
-               channel_order: str = "BGR") -> Iterator[str]:
-        """Text pieces as tokens are chosen, for one image."""
+               stop_strings: Sequence[str] | str = (), channel_order: str = "BGR") -> Iterator[str]:
+        """Text pieces for one image as tokens are chosen; joined, they equal ``generate(...)[0].text``.
+
+        Whitespace at the end and anything that may be the start of a stop string are held back until
+        the text goes on. With beam search the whole text arrives at the end. Closing the generator early
+        stops the decoding.
+        """
+        stops = _stop_list(stop_strings)
         pieces: queue.Queue = queue.Queue()
         finished = object()
-        tokens: list[int] = []
-        emitted = ""
-        failure: list[BaseException] = []
+        closed = threading.Event()
+        outcome: list = []
 
         def on_token(row: int, token: int) -> None:
+            if closed.is_set():
+                raise _StreamClosed
             pieces.put(token)
 
         def worker() -> None:
             try:
-                self.generate([image], [prompt or self.caption_prompt], options, on_token=on_token,
-                              channel_order=channel_order)
+                outcome.append(self.generate([image], [prompt or self.caption_prompt], options, stops, on_token,
+                                             channel_order)[0])
+            except _StreamClosed:
+                pass
             except BaseException as exc:  # re-raised in the consumer's thread
-                failure.append(exc)
+                outcome.append(exc)
             finally:
                 pieces.put(finished)
 
         thread = threading.Thread(target=worker, name="vledge-stream", daemon=True)
         thread.start()
-        while (item := pieces.get()) is not finished:
-            tokens.append(item)
-            text = self.tokenizer.decode(tokens)
-            if len(text) > len(emitted) and not text.endswith("\ufffd"):  # wait for whole UTF-8 characters
-                yield text[len(emitted):]
-                emitted = text
-        thread.join()
-        if failure:
-            raise failure[0]
+        tokens: list[int] = []
+        emitted = ""
+        try:
+            while (item := pieces.get()) is not finished:
+                tokens.append(item)
+                text = self.tokenizer.decode(tokens)
+                if text.endswith("\ufffd"):  # wait for whole UTF-8 characters
+                    continue
+                text, _ = _cut_at_stop(text, stops)
+                text = text.lstrip()
+                visible = text.rstrip()
+                visible = visible[: len(visible) - _partial_stop(visible, stops)]
+                if len(visible) > len(emitted) and visible.startswith(emitted):
+                    yield visible[len(emitted):]
+                    emitted = visible
+            thread.join()
+            result = outcome[0] if outcome else None
+            if isinstance(result, BaseException):
+                raise result
+            if result is not None and len(result.text) > len(emitted):
+                if result.text.startswith(emitted):
+                    yield result.text[len(emitted):]
+                else:  # cannot happen with a byte-level tokenizer; say so rather than yield garbage
+                    log.warning("streamed text %r is not a prefix of the final text %r", emitted, result.text)
+        finally:
+            closed.set()
+
+    def warmup(self) -> None:
+        """Caption a blank image once, so the first real call does not pay ONNX Runtime's first-run costs."""
+        size = self.manifest.preprocess.image_size
+        self.generate_from_pixels(np.zeros((1, 3, size, size), np.float32), [self.caption_prompt],
+                                  GenerationOptions(max_new_tokens=2))
 
     def embed_images(self, images: Sequence, channel_order: str = "BGR") -> np.ndarray:
         """Image embeddings [N, image_tokens, hidden]: what the language model sees (also a scene descriptor)."""
-        return self.graphs.encode_images(self.preprocessor.batch(images, channel_order=channel_order))
+        return self.graphs.encode_images(self.preprocessor.batch(self._image_list(images), channel_order=channel_order))
 
     def info(self) -> dict[str, Any]:
         """What is loaded and where it runs (providers really active, precision per graph)."""
+        sessions = {"vision_encoder": self.graphs.vision, "embed_tokens": self.graphs.embed,
+                    "decoder_model_merged": self.graphs.decoder}
+        config = self.session_config
         return {
             "model_dir": str(self.model_dir),
             "architecture": self.manifest.architecture(),
             "precisions": dict(self.precisions),
-            "providers": {
-                "vision_encoder": self.graphs.vision.get_providers(),
-                "embed_tokens": self.graphs.embed.get_providers(),
-                "decoder_model_merged": self.graphs.decoder.get_providers(),
-            },
+            "files": {c: self.manifest.variants[c][p] for c, p in self.precisions.items()},
+            "provider": primary_provider(self.graphs.decoder),
+            "providers": {component: session.get_providers() for component, session in sessions.items()},
+            "requested_providers": config.providers,
+            "gpu_fallback": self.gpu_fallback or None,
             "device": self.graphs.device,
-            "threads": self.session_config.threads,
+            "device_id": config.device_id,
+            "threads": config.threads,
+            "optimization": config.optimization,
+            "spin": config.spin,
+            "strict": config.strict,
+            "prefix_cache_tokens": len(self.prefix_ids) if self.prefix_cache else 0,
+            "onnxruntime": ort.__version__,
         }
 
     def placement(self) -> dict[str, dict[str, dict[str, int]]]:
@@ -211,11 +292,16 @@ class VisionLanguageRuntime:
         pixel_values: np.ndarray,
         prompts: Sequence[str],
         options: GenerationOptions | None = None,
-        stop_strings: Sequence[str] = (),
+        stop_strings: Sequence[str] | str = (),
         on_token: Callable[[int, int], None] | None = None,
         timings: Timings | None = None,
     ) -> list[GenerationResult]:
-        options = options or self.default_options
+        """Like :meth:`generate` from preprocessed ``pixel_values`` [N, 3, S, S] float32."""
+        pixel_values = np.asarray(pixel_values)
+        size = self.manifest.preprocess.image_size
+        if pixel_values.ndim != 4 or pixel_values.shape[1:] != (3, size, size):
+            raise ConfigError(f"pixel_values must have shape [N, 3, {size}, {size}], got {list(pixel_values.shape)}")
+        prompts = self._prompt_list(prompts, pixel_values.shape[0])
         timings = timings or Timings()
         tick = time.perf_counter()
         image_embeds = self.graphs.encode_images(pixel_values)
@@ -227,17 +313,19 @@ class VisionLanguageRuntime:
         self,
         image_embeds: np.ndarray,
         prompt_ids: Sequence[Sequence[int]],
-        options: GenerationOptions,
-        stop_strings: Sequence[str] = (),
+        options: GenerationOptions | None = None,
+        stop_strings: Sequence[str] | str = (),
         on_token: Callable[[int, int], None] | None = None,
         timings: Timings | None = None,
     ) -> list[GenerationResult]:
         """Decode from image embeddings and token prompts (each holding one image token)."""
+        options = self._options(options)
+        stops = _stop_list(stop_strings)
         timings = timings or Timings()
         tick = time.perf_counter()
         steps, options = self.prefill(image_embeds, prompt_ids, options)
         timings.prefill_ms = (time.perf_counter() - tick) * 1e3
-        stop_check = _stop_string_check(self.tokenizer, stop_strings) if stop_strings else None
+        stop_check = _stop_string_check(self.tokenizer, stops) if stops else None
         tick = time.perf_counter()
         generated = decode_tokens(steps.first_logits, steps, options, self.tokenizer.eos_id, on_token,
                                   stop_check=stop_check)
@@ -245,11 +333,8 @@ class VisionLanguageRuntime:
         timings.new_tokens = max((len(tokens) for tokens in generated), default=0)
         results = []
         for tokens in generated:
-            text = self.tokenizer.decode(tokens)
-            reason = "length" if len(tokens) >= options.max_new_tokens else "stop"
-            for stop in stop_strings:
-                if stop and stop in text:
-                    text, reason = text[: text.index(stop)], "stop_string"
+            text, stopped = _cut_at_stop(self.tokenizer.decode(tokens), stops)
+            reason = "stop_string" if stopped else "length" if len(tokens) >= options.max_new_tokens else "stop"
             results.append(GenerationResult(text=text.strip(), token_ids=list(tokens), finish_reason=reason,
                                             timings=dataclasses.replace(timings)))
         return results
@@ -260,29 +345,36 @@ class VisionLanguageRuntime:
         return steps.first_logits
 
     def prefill(self, image_embeds: np.ndarray, prompt_ids: Sequence[Sequence[int]], options: GenerationOptions):
+        """Run the prompts (image embeddings spliced in) through the decoder; returns (steps, options).
+
+        ``options.max_new_tokens`` is lowered to what the model's positions leave room for.
+        """
+        image_embeds = np.asarray(image_embeds, dtype=np.float32)
         image_id = self.tokenizer.image_id
-        for row, ids in enumerate(prompt_ids):
-            if list(ids).count(image_id) != 1:
-                raise ConfigError(f"prompt {row} must hold exactly one image token, has {list(ids).count(image_id)}")
+        prompt_ids = [list(ids) for ids in prompt_ids]
         if len(prompt_ids) != image_embeds.shape[0]:
             raise ConfigError(f"{len(prompt_ids)} prompts for {image_embeds.shape[0]} images")
+        for row, ids in enumerate(prompt_ids):
+            if ids.count(image_id) != 1:
+                raise ConfigError(f"prompt {row} must hold exactly one image token, has {ids.count(image_id)}")
         prefix = self.prefix_ids
-        use_prefix = bool(prefix) and all(list(ids[: len(prefix)]) == prefix for ids in prompt_ids)
-        rests = [list(ids[len(prefix):]) if use_prefix else list(ids) for ids in prompt_ids]
+        use_prefix = self.prefix_cache and bool(prefix) and all(ids[: len(prefix)] == prefix for ids in prompt_ids)
+        rests = [ids[len(prefix):] if use_prefix else ids for ids in prompt_ids]
         rows_embeds = []
         text_embeds = self.graphs.embed_ids(left_pad(rests, self.tokenizer.pad_id)[0])
         width = text_embeds.shape[1]
         for row, rest in enumerate(rests):
             row_text = text_embeds[row, width - len(rest):]
             at = rest.index(image_id)
-            rows_embeds.append(np.concatenate([row_text[:at], image_embeds[row], row_text[at + 1:]]))
+            image = image_embeds[row].astype(row_text.dtype)
+            rows_embeds.append(np.concatenate([row_text[:at], image, row_text[at + 1:]]))
         if self.graphs.language_kind == "lstm":
             state = self._prefix_state() if use_prefix else None
             return LSTMSteps(self.graphs, rows_embeds, state), options
         lengths = [len(r) for r in rows_embeds]
         longest = max(lengths)
         batch = len(rows_embeds)
-        embeds = np.zeros((batch, longest, self.graphs.hidden), dtype=np.float32)
+        embeds = np.zeros((batch, longest, self.graphs.hidden), dtype=self.graphs.float_type)
         mask = np.zeros((batch, longest), dtype=np.int64)
         for row, row_embeds in enumerate(rows_embeds):
             embeds[row, longest - lengths[row]:] = row_embeds
@@ -290,15 +382,15 @@ class VisionLanguageRuntime:
         past = None
         if use_prefix:
             prefix_past = self._prefix_kv()
-            past = [np.repeat(value, batch, axis=0) for value in prefix_past]
+            past = prefix_past if batch == 1 else [np.repeat(value, batch, axis=0) for value in prefix_past]
             mask = np.concatenate([np.ones((batch, len(prefix)), dtype=np.int64), mask], axis=1)
-        room = int(self.manifest.model_config.language.max_positions) - mask.shape[1]
+        limit = int(self.manifest.model_config.language.max_positions)
+        room = limit - mask.shape[1]
         if room < 1:
-            raise ConfigError(f"prompt of {mask.shape[1]} positions leaves no room in the model's "
-                              f"{self.manifest.model_config.language.max_positions}")
+            raise ConfigError(f"prompt of {mask.shape[1]} positions leaves no room in the model's {limit}")
         if options.max_new_tokens > room:
             options = dataclasses.replace(options, max_new_tokens=room)
-        return TransformerSteps(self.graphs, embeds, mask, past), options
+        return TransformerSteps(self.graphs, embeds, mask, past, capacity=options.max_new_tokens), options
 
     def _prefix_kv(self) -> list[np.ndarray]:
         """Keys and values of the constant prompt prefix, computed once per loaded model."""
@@ -306,7 +398,10 @@ class VisionLanguageRuntime:
             if self._prefix_cache is None:
                 embeds = self.graphs.embed_ids(np.asarray([self.prefix_ids], dtype=np.int64))
                 steps = TransformerSteps(self.graphs, embeds, np.ones((1, len(self.prefix_ids)), dtype=np.int64))
-                self._prefix_cache = [value.numpy() for value in steps.past_values]
+                cache = [value.numpy().copy() for value in steps.past_values]  # own memory, not a view
+                for value in cache:
+                    value.setflags(write=False)
+                self._prefix_cache = cache
             return self._prefix_cache
 
     def _prefix_state(self) -> tuple[np.ndarray, np.ndarray]:
@@ -317,32 +412,83 @@ class VisionLanguageRuntime:
                 self._prefix_cache = (steps.hidden, steps.cell)
             return self._prefix_cache
 
+    # ------------------------------------------------------------------ argument checks
+
+    @staticmethod
+    def _image_list(images) -> list:
+        if isinstance(images, (str, os.PathLike, bytes, bytearray, memoryview)):
+            return [images]
+        if isinstance(images, np.ndarray):
+            return list(images) if images.ndim == 4 else [images]  # a stack of frames, or one image
+        try:
+            items = list(images)
+        except TypeError:
+            raise ConfigError(f"images must be a path, bytes, an array or a sequence of those, "
+                              f"got {type(images).__name__}") from None
+        if not items:
+            raise ConfigError("generate() needs at least one image")
+        return items
+
+    def _prompt_list(self, prompts, count: int) -> list[str]:
+        if prompts is None or isinstance(prompts, str):
+            return [prompts or self.caption_prompt] * count
+        prompts = list(prompts)
+        if len(prompts) != count:
+            raise ConfigError(f"{len(prompts)} prompts for {count} images")
+        for index, prompt in enumerate(prompts):
+            if not isinstance(prompt, str):
+                raise ConfigError(f"prompt {index} must be a string, got {type(prompt).__name__}")
+        return [prompt or self.caption_prompt for prompt in prompts]
+
+    def _options(self, options) -> GenerationOptions:
+        if options is None:
+            return self.default_options
+        if not isinstance(options, GenerationOptions):
+            raise ConfigError(f"options must be a vledge GenerationOptions, got {type(options).__name__}")
+        return options
+
     def _probe_feeds(self) -> dict[str, dict[str, np.ndarray]]:
         size = self.manifest.preprocess.image_size
         graphs = self.graphs
+        floats = graphs.float_type
         feeds: dict[str, dict[str, np.ndarray]] = {
-            "vision_encoder": {"pixel_values": np.zeros((1, 3, size, size), np.float32)},
+            "vision_encoder": {"pixel_values": np.zeros((1, 3, size, size), graphs.vision_input_type)},
             "embed_tokens": {"input_ids": np.ones((1, 4), np.int64)},
         }
-        embeds = np.zeros((1, 4, graphs.hidden), np.float32)
+        embeds = np.zeros((1, 4, graphs.hidden), floats)
         if graphs.language_kind == "transformer":
             decoder = {"inputs_embeds": embeds, "attention_mask": np.ones((1, 4), np.int64),
                        "position_ids": np.arange(4, dtype=np.int64)[None]}
             for i in range(graphs.layers):
                 for kind in ("key", "value"):
-                    decoder[f"past_key_values.{i}.{kind}"] = np.zeros((1, graphs.heads, 0, graphs.head_dim), np.float32)
+                    decoder[f"past_key_values.{i}.{kind}"] = np.zeros((1, graphs.heads, 0, graphs.head_dim), floats)
         else:
-            state = np.zeros((graphs.layers, 1, graphs.hidden), np.float32)
+            state = np.zeros((graphs.layers, 1, graphs.hidden), floats)
             decoder = {"inputs_embeds": embeds, "past_hidden": state, "past_cell": state}
         feeds["decoder_model_merged"] = decoder
         return feeds
 
 
+def _stop_list(stop_strings: Sequence[str] | str | None) -> tuple[str, ...]:
+    if stop_strings is None:
+        return ()
+    if isinstance(stop_strings, str):
+        stop_strings = (stop_strings,)
+    stops = tuple(stop_strings)
+    for stop in stops:
+        if not isinstance(stop, str):
+            raise ConfigError(f"stop strings must be strings, got {type(stop).__name__}")
+    return tuple(stop for stop in stops if stop)
+
+
 def _stop_string_check(tokenizer: Tokenizer, stop_strings: Sequence[str]) -> Callable[[int, list[int]], bool]:
     stops = [s for s in stop_strings if s]
+    # A stop string can only complete inside the text of the last few tokens: a byte-level token holds at
+    # least one byte and a character at most four.
+    window = 4 * max(len(s) for s in stops) + 4
 
     def check(row: int, tokens: list[int]) -> bool:
-        text = tokenizer.decode(tokens[-16:])  # a stop string spans at most a few tokens
+        text = tokenizer.decode(tokens[-window:])
         return any(stop in text for stop in stops)
 
     return check
@@ -357,54 +503,94 @@ def load(
     optimization: str = "all",
     strict: bool = False,
     verify: bool = True,
+    spin: bool = True,
+    prefix_cache: bool = True,
 ) -> VisionLanguageRuntime:
-    """Open a model directory written by ``vledge export``: verify it, pick variants, start sessions."""
-    wanted = precision if isinstance(precision, dict) else {component: precision for component in COMPONENTS}
-    for value in wanted.values():
-        if value != "auto" and value not in PRECISIONS:
-            raise ConfigError(f"unknown precision {value!r}; choose from auto, {', '.join(PRECISIONS)}")
+    """Open a model directory written by ``vledge export``: verify it, pick variants, start sessions.
+
+    ``precision``: "auto" (what the exporter measured best for the active device), "fp32", "fp16",
+    "int8", "q4", or a dict per graph (vision_encoder, embed_tokens, decoder_model_merged); graphs
+    a precision does not apply to stay in float. ``providers``: "auto" (CUDA when it really works,
+    else the CPU), "cpu", "cuda", "tensorrt", or a list in priority order; an explicit GPU request
+    that cannot be met raises ProviderError. ``strict`` also fails when heavy nodes of a graph would
+    run on the CPU under a GPU provider. ``threads``: intra-op threads per session (None: ONNX
+    Runtime's default); ``spin`` off saves CPU when several processes share the cores.
+    """
+    wanted = _wanted_precisions(precision)
+    if isinstance(providers, (list, tuple)) and not providers:
+        raise ConfigError("providers must name at least one execution provider")
     config = SessionConfig(providers=tuple(providers) if not isinstance(providers, str) else providers,
-                           device_id=device_id, threads=threads, optimization=optimization, strict=strict)
+                           device_id=device_id, threads=threads, optimization=optimization, strict=strict, spin=spin)
     root = Path(model_dir)
     manifest = read_manifest(root, verify=verify)
+    _check_precisions_exist(manifest, wanted, root)
     tokenizer = Tokenizer.from_file(resolve_inside(root, TOKENIZER_NAME))
+    names, gpu_fallback = usable_providers(config)  # ProviderError for an explicit GPU request that cannot work
+    planned = "cuda" if names[0] in GPU_PROVIDERS else "cpu"
     sessions = {}
     precisions = {}
-    device = "cpu"
     for component in COMPONENTS:
         if component not in manifest.variants:
             raise ModelDirError(f"{root / 'vledge.json'} lists no {component} graph")
-        # The first session tells us whether a GPU is really active; later choices follow it.
-        chosen = _choose_precision(manifest, component, wanted.get(component, "auto"), device if sessions else
-                                   ("cuda" if _wants_cuda(config) else "cpu"))
-        path = resolve_inside(root, manifest.variants[component][chosen])
-        session = create_session(path, config)
-        if primary_provider(session) in ("CUDAExecutionProvider", "TensorrtExecutionProvider"):
-            device = "cuda"
-        elif sessions == {} and _wants_cuda(config):
-            # CUDA fell back (allowed under "auto"): re-choose this component for the CPU.
-            cpu_choice = _choose_precision(manifest, component, wanted.get(component, "auto"), "cpu")
-            if cpu_choice != chosen:
-                chosen = cpu_choice
-                session = create_session(resolve_inside(root, manifest.variants[component][chosen]), config)
-        sessions[component], precisions[component] = session, chosen
+        chosen = _choose_precision(manifest, component, wanted.get(component, "auto"), planned)
+        if chosen == "fp16" and planned == "cpu":
+            log.warning("%s: fp16 on the CPU provider runs through casts and is slow; fp32 or int8 fit the CPU",
+                        component)
+        sessions[component] = create_session(resolve_inside(root, manifest.variants[component][chosen]), config)
+        precisions[component] = chosen
+    device = "cuda" if primary_provider(sessions["decoder_model_merged"]) in GPU_PROVIDERS else "cpu"
     language = manifest.model_config.language
     graphs = Graphs(
         vision=sessions["vision_encoder"], embed=sessions["embed_tokens"], decoder=sessions["decoder_model_merged"],
-        language_kind=language.kind, layers=language.layers, heads=language.heads if language.kind == "transformer" else 0,
+        language_kind=language.kind, layers=language.layers,
+        heads=language.heads if language.kind == "transformer" else 0,
         head_dim=language.head_dim if language.kind == "transformer" else 0, hidden=language.hidden,
-        device=device, device_id=device_id,
+        device=device, device_id=device_id, vocab_size=int(language.vocab_size),
     )
-    runtime = VisionLanguageRuntime(root, manifest, tokenizer, graphs, precisions, config)
+    _check_io(graphs, manifest, root)
+    graphs.token_table()  # read the token embeddings once now rather than in the first caption
+    runtime = VisionLanguageRuntime(root, manifest, tokenizer, graphs, precisions, config, gpu_fallback, prefix_cache)
     if strict and device == "cuda":
         _check_placement(runtime)
-    log.info("loaded %s: %s on %s", root, precisions, device)
+    log.info("loaded %s: %s on %s", root, precisions, primary_provider(graphs.decoder))
     return runtime
 
 
-def _wants_cuda(config: SessionConfig) -> bool:
-    names, _ = resolve_providers(config.providers)
-    return names[0] in ("CUDAExecutionProvider", "TensorrtExecutionProvider")
+def _wanted_precisions(precision: str | dict[str, str]) -> dict[str, str]:
+    if isinstance(precision, dict):
+        unknown = set(precision) - set(COMPONENTS)
+        if unknown:
+            raise ConfigError(f"precision names unknown graphs {sorted(unknown)}; graphs are {', '.join(COMPONENTS)}")
+        wanted = {component: precision.get(component, "auto") for component in COMPONENTS}
+    elif isinstance(precision, str):
+        wanted = {component: precision.lower() for component in COMPONENTS}
+    else:
+        raise ConfigError(f"precision must be a string or a dict per graph, got {type(precision).__name__}")
+    for value in wanted.values():
+        if not isinstance(value, str) or (value != "auto" and value not in PRECISIONS):
+            raise ConfigError(f"unknown precision {value!r}; choose from auto, {', '.join(PRECISIONS)}")
+    return wanted
+
+
+def _check_precisions_exist(manifest: Manifest, wanted: dict[str, str], root: Path) -> None:
+    """A precision asked for must exist for at least one graph (else the request is surely a mistake)."""
+    for precision in set(wanted.values()) - {"auto", "fp32"}:
+        components = [c for c, p in wanted.items() if p == precision]
+        if not any(precision in manifest.precisions(c) for c in components):
+            have = sorted({p for c in COMPONENTS for p in manifest.precisions(c)}, key=PRECISIONS.index)
+            raise ConfigError(f"model directory {root} has no {precision} variant of "
+                              f"{' or '.join(components)}; it has {', '.join(have)} "
+                              f"(export with --quantize {precision})")
+
+
+def _check_io(graphs: Graphs, manifest: Manifest, root: Path) -> None:
+    """The graphs must have the inputs the manifest promises (a swapped-in foreign graph is caught here)."""
+    sessions = {"vision_encoder": graphs.vision, "embed_tokens": graphs.embed, "decoder_model_merged": graphs.decoder}
+    for component, session in sessions.items():
+        expected = manifest.tensors.get(component, {})
+        names = [node.name for node in session.get_inputs()]
+        if expected.get("inputs") and sorted(names) != sorted(expected["inputs"]):
+            raise ModelDirError(f"{component} in {root} has inputs {names}, the manifest says {expected['inputs']}")
 
 
 def _check_placement(runtime: VisionLanguageRuntime) -> None:
@@ -414,4 +600,3 @@ def _check_placement(runtime: VisionLanguageRuntime) -> None:
             raise ProviderError(f"strict mode: {component} runs {', '.join(heavy)} nodes on the CPU under "
                                 f"{runtime.graphs.decoder.get_providers()[0]}; choose another precision "
                                 f"(fp16 for CUDA) or turn strict off")
-

@@ -256,9 +256,13 @@ def test_decoder_variants_track_fp32(exported, tmp_path, precision, min_cosine, 
     assert cosine > min_cosine and drift < max_drift, (cosine, drift)
     ops = _ops(out)
     if precision == "int8":
-        assert "MatMulInteger" in ops
         if config.language.kind == "lstm":
             assert ops.count("DynamicQuantizeLSTM") == config.language.layers and "LSTM" not in ops
+        else:
+            assert "MatMulInteger" in ops
+        model = onnx.load(str(out))
+        head = next(node for node in model.graph.node if "logits" in node.output)
+        assert head.op_type == "MatMul", "the LM head stays float in int8 decoders"
 
 
 def test_q4_keeps_lm_head_float(tiny, tmp_path):

@@ -38,6 +38,17 @@ def main(verbose: int) -> None:
     """Train small vision-language models and run them at the edge."""
     level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    if verbose < 2:
+        _quiet_onnxruntime()
+
+
+def _quiet_onnxruntime() -> None:
+    """ONNX Runtime prints provider-loading noise to stderr; vledge reports what matters itself."""
+    try:
+        import onnxruntime
+    except ImportError:
+        return
+    onnxruntime.set_default_logger_severity(3)
 
 
 # --------------------------------------------------------------------------- data
@@ -195,45 +206,332 @@ def eval_command(ckpt, data_dir, split, limit, batch_size, as_json, examples) ->
         click.echo(result.describe())
 
 
-@main.command()
-@click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
-@click.option("--ckpt", type=click.Path(path_type=Path), required=True, help="A vledge checkpoint (PyTorch).")
-@click.option("--question", default=None, help="Ask this instead of the caption prompt.")
-@click.option("--max-new-tokens", type=click.IntRange(min=1), default=64, show_default=True)
-@click.option("--temperature", type=click.FloatRange(min=0), default=0.0, show_default=True)
-@click.option("--top-k", type=click.IntRange(min=0), default=0)
-@click.option("--top-p", type=click.FloatRange(min=0, max=1, min_open=True), default=1.0)
-@click.option("--num-beams", type=click.IntRange(min=1), default=1)
-@click.option("--seed", type=int, default=None)
-@_fail_cleanly
-def caption(images, ckpt, question, max_new_tokens, temperature, top_k, top_p, num_beams, seed) -> None:
-    """Caption images (or answer --question) with a PyTorch checkpoint."""
+def _inference_options(command):
+    """Options shared by ``caption`` and ``ask``: the engine, decoding, and output."""
+    options = [
+        click.option("--model", "model_dir", type=click.Path(path_type=Path), default=None,
+                     help="An exported model directory (ONNX Runtime, no torch needed)."),
+        click.option("--ckpt", type=click.Path(path_type=Path), default=None,
+                     help="A vledge checkpoint (PyTorch); give exactly one of --model and --ckpt."),
+        click.option("--precision", type=click.Choice(["auto", "fp32", "fp16", "int8", "q4"]), default="auto",
+                     show_default=True, help="Graph variants to run (--model only)."),
+        click.option("--provider", default="auto", show_default=True,
+                     help="auto | cpu | cuda | tensorrt, or a comma-separated list in priority order (--model only)."),
+        click.option("--strict", is_flag=True, help="Fail if heavy nodes would run on the CPU under a GPU provider."),
+        click.option("--threads", type=click.IntRange(min=1), default=None, help="Intra-op threads."),
+        click.option("--batch-size", type=click.IntRange(min=1), default=1, show_default=True,
+                     help="Images answered together (left-padded batch)."),
+        click.option("--max-new-tokens", type=click.IntRange(min=1), default=64, show_default=True),
+        click.option("--temperature", type=click.FloatRange(min=0), default=0.0, show_default=True,
+                     help="0 is greedy; above 0 samples."),
+        click.option("--top-k", type=click.IntRange(min=0), default=0, help="Sample from the k likeliest (0: off)."),
+        click.option("--top-p", type=click.FloatRange(min=0, max=1, min_open=True), default=1.0,
+                     help="Nucleus sampling (1: off)."),
+        click.option("--num-beams", type=click.IntRange(min=1), default=1, help="Beam search when above 1."),
+        click.option("--repetition-penalty", type=click.FloatRange(min=0, min_open=True), default=1.0,
+                     help="Above 1 discourages repeated tokens."),
+        click.option("--seed", type=int, default=None, help="Seed for sampling."),
+        click.option("--stop", "stop_strings", multiple=True,
+                     help="Stop at this text, cut before it (repeatable; \\n means a newline)."),
+        click.option("--jsonl", is_flag=True, help="One JSON object per image on stdout."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
 
-    from vledge.checkpoint import load_checkpoint
-    from vledge.data.images import preprocess
+
+def _answer_images(ctx: click.Context, images, question: str | None, model_dir, ckpt, precision, provider, strict,
+                   threads, batch_size, max_new_tokens, temperature, top_k, top_p, num_beams, repetition_penalty,
+                   seed, stop_strings, jsonl) -> None:
+    import json
+
+    from tqdm import tqdm
+
+    from vledge import captioning
     from vledge.decoding import GenerationOptions
-    from vledge.errors import ImageError
-    from vledge.models.generate import generate
-    from vledge.prompt import question_ids
 
-    checkpoint = load_checkpoint(ckpt)
-    model, tokenizer = checkpoint.build_model(), checkpoint.tokenizer()
-    config = checkpoint.model_config
+    if (model_dir is None) == (ckpt is None):
+        raise click.UsageError("give exactly one of --model (an exported model directory) and --ckpt (a checkpoint)")
+    if ckpt is not None:
+        for name in ("precision", "provider", "strict"):
+            if ctx.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT:
+                raise click.UsageError(f"--{name} applies to --model only")
     options = GenerationOptions(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                                num_beams=num_beams, seed=seed)
-    prompt = question_ids(tokenizer, config.prompt, question or "Describe the image briefly.")
-    failures = 0
-    for path in images:
-        try:
-            pixels = preprocess(path, config.preprocess)[None]
-        except ImageError as exc:
-            click.echo(f"{path}: error: {exc}", err=True)
-            failures += 1
-            continue
-        tokens = generate(model, pixels, [prompt], options, tokenizer.eos_id, tokenizer.pad_id)[0]
-        click.echo(f"{path}: {tokenizer.decode(tokens).strip()}")
+                                num_beams=num_beams, repetition_penalty=repetition_penalty, seed=seed)
+    stops = tuple(stop.replace("\\n", "\n") for stop in stop_strings)
+    files, problems = captioning.expand_inputs(images)
+    if model_dir is not None:
+        providers = tuple(p.strip() for p in provider.split(",") if p.strip()) if "," in provider else provider
+        engine = captioning.RuntimeEngine(model_dir, precision=precision, providers=providers, threads=threads,
+                                          strict=strict)
+    else:
+        engine = captioning.CheckpointEngine(ckpt, threads=threads)
+    log.info("answering with %s", engine.description)
+    prompt = question or engine.caption_prompt
+    total = len(files) + len(problems)
+    bar = tqdm(total=len(files), desc="ask" if question else "caption", unit="img", file=sys.stderr,
+               dynamic_ncols=True, disable=None if len(files) > 1 else True)
+
+    def report(record) -> None:
+        if record.ok:
+            click.echo(json.dumps(record.to_dict(), ensure_ascii=False) if jsonl else f"{record.image}: {record.text}")
+            return
+        bar.clear()
+        click.echo(f"{record.image}: error: {record.error}", err=True)
+        if jsonl:
+            click.echo(json.dumps(record.to_dict(), ensure_ascii=False))
+
+    for problem in problems:
+        problem.prompt = prompt
+        report(problem)
+    try:
+        records = captioning.run(engine, files, prompt, options, stops, batch_size=batch_size, on_record=report,
+                                 on_progress=bar.update)
+    finally:
+        bar.close()
+    failures = len(problems) + sum(not r.ok for r in records)
     if failures:
-        raise click.ClickException(f"{failures} of {len(images)} images could not be read")
+        raise click.ClickException(f"{failures} of {total} images could not be read or answered")
+
+
+@main.command()
+@click.argument("images", nargs=-1, required=True)
+@click.option("--question", default=None, help="Ask this instead of the caption prompt.")
+@_inference_options
+@click.pass_context
+@_fail_cleanly
+def caption(ctx, images, question, **kwargs) -> None:
+    """Caption images: files, folders (their image files) or glob patterns.
+
+    With --model the exported model runs on ONNX Runtime (no torch); with --ckpt the PyTorch
+    checkpoint does. A bad image prints an error line and the others go on; the exit status is 1
+    if any image failed.
+    """
+    _answer_images(ctx, images, question, **kwargs)
+
+
+@main.command()
+@click.argument("image")
+@click.argument("question")
+@_inference_options
+@click.pass_context
+@_fail_cleanly
+def ask(ctx, image, question, **kwargs) -> None:
+    """Answer QUESTION about IMAGE (a file, or a folder or glob to ask about each image)."""
+    if not question.strip():
+        raise click.UsageError("QUESTION is empty")
+    _answer_images(ctx, (image,), question, **kwargs)
+
+
+# --------------------------------------------------------------------------- export
+
+
+@main.command("export")
+@click.argument("ckpt", type=click.Path(path_type=Path))
+@click.option("-o", "--out", "out_dir", type=click.Path(path_type=Path), default=None,
+              help="Model directory to write (default: a 'model' folder next to the checkpoint).")
+@click.option("--quantize", default="auto", show_default=True,
+              help="Comma-separated variants: int8, q4, fp16; 'auto' makes all and picks the fastest per graph "
+                   "within --max-accuracy-drop; 'none' writes fp32 only.")
+@click.option("--calibration-data", "data_dir", type=click.Path(path_type=Path), default=None,
+              help="Dataset for int8 calibration (train/val split) and the parity check (test/val split); "
+                   "default: freshly generated built-in synthetic scenes.")
+@click.option("--calibration-method", type=click.Choice(["minmax", "entropy", "percentile"]), default="minmax",
+              show_default=True)
+@click.option("--parity-samples", type=click.IntRange(min=1), default=256, show_default=True,
+              help="Held-out questions compared against PyTorch.")
+@click.option("--max-accuracy-drop", type=click.FloatRange(min=0), default=1.0, show_default=True,
+              help="Points of exact-match accuracy a variant may lose to be chosen by auto.")
+@click.option("--opset", type=click.IntRange(min=17), default=17, show_default=True)
+@click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Threads for the latency measurements that rank variants.")
+@click.option("--force", is_flag=True, help="Replace an existing model directory.")
+@_fail_cleanly
+def export_command(ckpt, out_dir, quantize, data_dir, calibration_method, parity_samples, max_accuracy_drop, opset,
+                   threads, force) -> None:
+    """Export a checkpoint to an ONNX model directory, gated by parity with PyTorch."""
+    from vledge.export import ExportOptions, export
+
+    options = ExportOptions(
+        quantize=tuple(part.strip() for part in quantize.split(",") if part.strip()), data=data_dir,
+        calibration_method=calibration_method, parity_samples=parity_samples,
+        max_accuracy_drop=max_accuracy_drop, opset=opset, threads=threads, force=force,
+    )
+    step = 0
+
+    def progress(message: str) -> None:
+        nonlocal step
+        step += 1
+        click.echo(f"[{step:2d}] {message}", err=True)
+
+    result = export(ckpt, out_dir, options, progress=progress)
+    click.echo(f"model directory: {result.model_dir}")
+    for label, parity in result.parity.items():
+        click.echo(f"  {label:<28} token agreement {parity.generation.token_agreement:6.1%}  "
+                   f"accuracy {parity.accuracy['overall']:6.1%} ({parity.accuracy_delta:+.1f} pts)  "
+                   f"decode step {parity.latency_ms.get('decode_step_ms', float('nan')):.3f} ms")
+    for device, choice in result.selected.items():
+        click.echo(f"  selected for {device}: " + ", ".join(f"{c}={p}" for c, p in choice.items()))
+    for label, why in result.skipped.items():
+        click.echo(f"  {label}: {why}")
+    click.echo(f"details: {result.model_dir / 'parity.md'}")
+
+
+# --------------------------------------------------------------------------- bench
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise click.BadParameter(f"expected positive integers, got {text!r}")
+    return values
+
+
+@main.command("bench")
+@click.option("--ckpt", type=click.Path(path_type=Path), required=True, help="The PyTorch original (ckpt.pt).")
+@click.option("--model", "model_dir", type=click.Path(path_type=Path), required=True,
+              help="Its exported model directory.")
+@click.option("--data", "data_dir", type=click.Path(path_type=Path), default=None,
+              help="Held-out data (test split); default: fresh built-in synthetic scenes.")
+@click.option("--threads", default="1,2", show_default=True, help="Thread counts, each given to every engine.")
+@click.option("--batch", "batches", default="1,8", show_default=True, help="Batch sizes for throughput.")
+@click.option("--engines", default=None,
+              help="Comma-separated: pytorch, pytorch-int8, ort-cpu-fp32, ort-cpu-int8, ort-cpu-q4, ort-cpu-auto, "
+                   "ort-cuda-fp32, ort-cuda-fp16 (default: all available).")
+@click.option("--providers", default=None, help="Shortcut: cpu or cpu,cuda to limit ONNX Runtime engines.")
+@click.option("--repeats", type=click.IntRange(min=3), default=20, show_default=True)
+@click.option("--parity-samples", type=click.IntRange(min=1), default=200, show_default=True)
+@click.option("--no-cold-start", is_flag=True, help="Skip the fresh-process load and memory measurements.")
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), default=Path("bench"), show_default=True)
+@_fail_cleanly
+def bench_command(ckpt, model_dir, data_dir, threads, batches, engines, providers, repeats, parity_samples,
+                  no_cold_start, out_dir) -> None:
+    """Latency and accuracy of PyTorch vs the exported variants, side by side."""
+    from vledge.benchmark.engines import EngineSpec
+    from vledge.benchmark.report import write_outputs
+    from vledge.benchmark.run import BenchConfig, default_engines, run_benchmark
+
+    names = tuple(e.strip() for e in engines.split(",") if e.strip()) if engines else None
+    if providers and names is None:
+        allowed = {p.strip() for p in providers.split(",")}
+        names = tuple(s.name for s in default_engines(model_dir) if s.kind == "pytorch" or s.provider in allowed)
+    for name in names or ():
+        EngineSpec.parse(name)
+    config = BenchConfig(ckpt=ckpt, model_dir=model_dir, data=data_dir, engines=names, threads=_int_list(threads),
+                         batches=_int_list(batches), repeats=repeats, parity_samples=parity_samples,
+                         cold_start=not no_cold_start)
+    result = run_benchmark(config, progress=lambda message: click.echo(f"· {message}", err=True))
+    written = write_outputs(result, out_dir)
+    click.echo((out_dir / "bench.md").read_text())
+    click.echo("wrote " + ", ".join(str(p) for p in written.values()))
+
+
+# --------------------------------------------------------------------------- webcam
+
+
+@main.command("webcam")
+@click.option("--model", "model_dir", type=click.Path(path_type=Path), required=True,
+              help="An exported model directory (ONNX Runtime, no torch needed).")
+@click.option("--source", default="0", show_default=True,
+              help="Camera index, video file, stream URL (rtsp://, http://), image folder, or 'synthetic'.")
+@click.option("--question", default=None, help="Ask this about every frame instead of the caption prompt.")
+@click.option("--every-ms", type=click.FloatRange(min=0), default=500, show_default=True,
+              help="At most one caption per this many milliseconds of the stream.")
+@click.option("--output", type=click.Path(path_type=Path), default=None,
+              help="Write the annotated video here (.mp4, .avi, .mkv, .mov).")
+@click.option("--log", "log_path", type=click.Path(path_type=Path), default=None,
+              help="Write one JSON line per caption (timestamp, frame, caption, latency, stage timings, reused).")
+@click.option("--headless", is_flag=True, help="No window (also chosen automatically when there is no GUI).")
+@click.option("--pace", type=click.Choice(["auto", "realtime", "lockstep"]), default="auto", show_default=True,
+              help="realtime drops stale frames; lockstep writes every frame and waits for each caption "
+                   "(auto: lockstep for files, folders and synthetic without a window).")
+@click.option("--precision", type=click.Choice(["auto", "fp32", "fp16", "int8", "q4"]), default="auto",
+              show_default=True, help="Graph variants to run.")
+@click.option("--provider", default="auto", show_default=True,
+              help="auto | cpu | cuda | tensorrt, or a comma-separated list in priority order.")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="Intra-op threads.")
+@click.option("--max-frames", type=click.IntRange(min=1), default=None, help="Stop after this many frames.")
+@click.option("--seconds", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Stop after this many seconds (wall clock).")
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=None, help="Caption length limit.")
+@click.option("--scene-threshold", type=click.FloatRange(min=0), default=None,
+              help="Re-caption only when the mean thumbnail difference (0-255) from the last captioned frame "
+                   "exceeds this [default: 8; 0 re-captions every due frame].")
+@click.option("--embedding-threshold", type=click.FloatRange(min=0, max=2), default=None,
+              help="Also require this cosine distance between image embeddings before re-captioning.")
+@_fail_cleanly
+def webcam_command(model_dir, source, question, every_ms, output, log_path, headless, pace, precision, provider,
+                   threads, max_frames, seconds, max_new_tokens, scene_threshold, embedding_threshold) -> None:
+    """Caption a camera, video, stream or synthetic scenes live, with an overlay; q, Esc or Ctrl-C stop."""
+    from vledge.runtime import load
+    from vledge.webcam import DEFAULT_SCENE_THRESHOLD, DemoOptions, run_demo
+
+    options = DemoOptions(question=question, every_ms=every_ms, output=output, log=log_path, headless=headless,
+                          pace=pace, max_frames=max_frames, seconds=seconds, max_new_tokens=max_new_tokens,
+                          scene_threshold=DEFAULT_SCENE_THRESHOLD if scene_threshold is None else scene_threshold,
+                          embedding_threshold=embedding_threshold)
+    providers = tuple(p.strip() for p in provider.split(",") if p.strip()) if "," in provider else provider
+    runtime = load(model_dir, precision=precision, providers=providers, threads=threads)
+
+    def show(event) -> None:
+        if not event.reused:
+            click.echo(f"[{event.stream_time:7.2f} s] frame {event.frame_index}: {event.caption or '(empty)'} "
+                       f"({event.latency_ms:.0f} ms)")
+
+    summary = run_demo(runtime, source, options, on_caption=show)
+    click.echo(summary.describe())
+    if not summary.ok:
+        raise click.ClickException(summary.message)
+
+
+# --------------------------------------------------------------------------- quickstart
+
+
+@main.command("quickstart")
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), default=Path("quickstart"), show_default=True)
+@click.option("--preset", default="small", show_default=True, help="tiny | small | base | seed-lstm | tiny-lstm")
+@click.option("--size", type=click.IntRange(min=50), default=20000, show_default=True, help="Synthetic images.")
+@click.option("--minutes", type=click.FloatRange(min=0, min_open=True), default=12.0, show_default=True,
+              help="Training wall-time budget.")
+@click.option("--max-steps", type=click.IntRange(min=1), default=None, help="Cap training steps instead.")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="Default: all cores.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--force", is_flag=True, help="Reuse a non-empty output folder.")
+@_fail_cleanly
+def quickstart_command(out_dir, preset, size, minutes, max_steps, threads, seed, force) -> None:
+    """Data -> training -> evaluation -> export -> benchmark -> captions -> demo video, in one go."""
+    import time
+
+    from tqdm import tqdm
+
+    from vledge.quickstart import QuickstartConfig, run_quickstart
+
+    config = QuickstartConfig(out=out_dir, preset=preset, size=size, minutes=minutes, max_steps=max_steps,
+                              threads=threads, seed=seed, force=force)
+    bar = None
+
+    def on_train_event(event) -> None:
+        nonlocal bar
+        if bar is None:
+            bar = tqdm(total=event.total_steps, desc="    train", unit="step", dynamic_ncols=True)
+        bar.total, bar.n = event.total_steps, event.step
+        if event.kind == "eval":
+            accuracy = event.data.get("accuracy", {}).get("overall")
+            if accuracy is not None:
+                bar.set_postfix(val_accuracy=f"{accuracy * 100:.1f}%")
+        bar.refresh()
+        if event.kind == "end":
+            bar.close()
+
+    started = time.perf_counter()
+    summary = run_quickstart(config, progress=lambda message: click.echo(message, err=True),
+                             on_train_event=on_train_event)
+    click.echo(summary.describe())
+    click.echo(f"done in {(time.perf_counter() - started) / 60:.1f} min; summary: "
+               f"{summary.artifacts['summary']}")
 
 
 if __name__ == "__main__":

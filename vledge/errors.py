@@ -45,3 +45,7 @@ class ProviderError(VledgeError):
 
 class ExportError(VledgeError):
     """An export cannot be written, or its graphs fail the parity gate against the PyTorch model."""
+
+
+class SourceError(VledgeError):
+    """A camera, video file, stream URL or image folder cannot be opened or stops delivering frames."""

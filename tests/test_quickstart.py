@@ -1,0 +1,59 @@
+"""The quickstart pipeline end to end on the tiny preset: every promised artifact exists and is real."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import cv2
+import pytest
+
+from vledge.errors import ConfigError
+from vledge.quickstart import STRUCTURED_TASKS, QuickstartConfig, run_quickstart, structured_accuracy
+
+
+@pytest.mark.slow
+def test_quickstart_tiny_produces_every_artifact(tmp_path):
+    out = tmp_path / "qs"
+    steps = []
+    config = QuickstartConfig(out=out, preset="tiny", size=160, minutes=None, max_steps=30, threads=1,
+                              parity_samples=12, bench_repeats=3, bench_parity_samples=8, captions=3,
+                              demo_frames=12)
+    summary = run_quickstart(config, progress=steps.append)
+    assert [s.split()[0] for s in steps if s[:1].isdigit()] == [f"{i}/7" for i in range(1, 8)]
+
+    for name in ("data", "checkpoint", "eval", "model", "bench", "captions", "demo", "summary"):
+        assert Path(summary.artifacts[name]).exists(), name
+    assert (out / "data" / "test.json").is_file() and (out / "run" / "ckpt.pt").is_file()
+    evaluation = json.loads((out / "eval.json").read_text())
+    assert evaluation["counts"]["overall"] > 0
+    assert summary.structured_accuracy == pytest.approx(
+        structured_accuracy(evaluation["accuracy"], evaluation["counts"]))
+    manifest = json.loads((out / "model" / "vledge.json").read_text())
+    assert "fp32" in manifest["parity"]["variants"] and manifest["selected"]["cpu"]
+    bench = json.loads((out / "bench" / "bench.json").read_text())
+    assert {"pytorch", "ort-cpu-fp32"} <= set(bench["engines"])
+    assert summary.latency and all(row["caption_ms"] > 0 for row in summary.latency)
+    captions = [json.loads(line) for line in (out / "captions.jsonl").read_text().splitlines()]
+    assert len(captions) == 3 and all(isinstance(c["caption"], str) and c["reference"] for c in captions)
+    video = cv2.VideoCapture(str(out / "demo.mp4"))
+    assert video.isOpened() and int(video.get(cv2.CAP_PROP_FRAME_COUNT)) == 12
+    video.release()
+    saved = json.loads((out / "summary.json").read_text())
+    assert saved["structured_accuracy"] == pytest.approx(summary.structured_accuracy)
+    text = summary.describe()
+    assert "held-out accuracy" in text and "caption latency" in text and str(out / "model") in text
+
+
+def test_quickstart_refuses_a_non_empty_folder(tmp_path):
+    (tmp_path / "keep.txt").write_text("mine")
+    with pytest.raises(ConfigError, match="not empty"):
+        run_quickstart(QuickstartConfig(out=tmp_path, size=100))
+    assert (tmp_path / "keep.txt").read_text() == "mine"
+
+
+def test_structured_accuracy_pools_by_question_count():
+    accuracy = {"count": 1.0, "color": 0.0, "caption": 0.5}
+    counts = {"count": 30, "color": 10, "caption": 100}
+    assert structured_accuracy(accuracy, counts) == pytest.approx(0.75)
+    assert set(STRUCTURED_TASKS) >= {"count", "color"}

@@ -1,0 +1,239 @@
+"""``vledge quickstart``: the whole toolkit on the built-in data, from nothing to a benchmarked edge model.
+
+Steps, each a plain call into the library: generate synthetic data, train the
+preset (both stages), evaluate on the held-out split, export with quantized
+variants behind the parity gate, benchmark against the PyTorch original, caption
+a few held-out images with the torch-free runtime, and render an annotated demo
+video from the synthetic source. Every artifact lands under one folder and the
+summary says where.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from vledge.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+STRUCTURED_TASKS = ("count", "color", "shape", "position")
+
+
+@dataclass(frozen=True)
+class QuickstartConfig:
+    out: Path = Path("quickstart")
+    preset: str = "small"
+    size: int = 20000  # synthetic images
+    minutes: float | None = 12.0  # training wall-time budget (None: the preset's steps)
+    max_steps: int | None = None
+    seed: int = 0
+    threads: int | None = None  # torch and runtime threads; None: all cores
+    eval_limit: int | None = None  # held-out questions (None: all)
+    parity_samples: int = 256
+    bench_repeats: int = 10
+    bench_parity_samples: int = 200
+    captions: int = 6
+    demo_frames: int = 90
+    force: bool = False
+
+    def __post_init__(self) -> None:
+        if self.size < 50:
+            raise ConfigError(f"quickstart needs at least 50 synthetic images, got {self.size}")
+        if self.minutes is not None and self.minutes <= 0:
+            raise ConfigError("minutes must be positive")
+
+
+@dataclass
+class QuickstartSummary:
+    out: Path
+    seconds: dict[str, float] = field(default_factory=dict)
+    accuracy: dict[str, float] = field(default_factory=dict)  # PyTorch, held-out test split
+    structured_accuracy: float = 0.0
+    parity: dict[str, dict] = field(default_factory=dict)  # export parity per variant (short form)
+    latency: list[dict] = field(default_factory=list)  # bench rows: engine, threads, caption ms, ratio
+    captions: list[dict] = field(default_factory=list)
+    artifacts: dict[str, str] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        data = dataclasses.asdict(self)
+        data["out"] = str(self.out)
+        return data
+
+    def describe(self) -> str:
+        lines = [f"held-out accuracy (PyTorch, exact match): structured {100 * self.structured_accuracy:.1f}% — "
+                 + ", ".join(f"{t} {100 * self.accuracy[t]:.1f}%" for t in STRUCTURED_TASKS if t in self.accuracy)]
+        if self.parity:
+            lines.append("export parity (token agreement with PyTorch, accuracy Δ points):")
+            lines += [f"  {label:<28} {p['token_agreement']:6.1%}  {p['accuracy_delta']:+.1f}"
+                      for label, p in self.parity.items()]
+        if self.latency:
+            lines.append("caption latency (median ms, speed-up vs PyTorch at equal threads):")
+            lines += [f"  {row['engine']:<16} {row['threads']} thread(s)  {row['caption_ms']:8.2f} ms  "
+                      f"{row['ratio']:.2f}×" for row in self.latency]
+        if self.captions:
+            lines.append("captions of held-out images (runtime):")
+            lines += [f"  {Path(c['image']).name}: {c['caption']!r} (truth: {c['reference']!r})" for c in self.captions]
+        lines.append("artifacts:")
+        lines += [f"  {name:<10} {path}" for name, path in self.artifacts.items()]
+        lines.append("time: " + ", ".join(f"{k} {v:.0f} s" for k, v in self.seconds.items()))
+        return "\n".join(lines)
+
+
+Progress = Callable[[str], None]
+
+
+def run_quickstart(config: QuickstartConfig, progress: Progress | None = None,
+                   on_train_event: Callable | None = None) -> QuickstartSummary:
+    say = progress or (lambda message: log.info("%s", message))
+    out = Path(config.out)
+    if out.exists() and any(out.iterdir()) and not config.force:
+        raise ConfigError(f"{out} already exists and is not empty; pass --force to reuse it")
+    out.mkdir(parents=True, exist_ok=True)
+    threads = config.threads or os.cpu_count() or 1
+    summary = QuickstartSummary(out=out)
+    started = time.perf_counter()
+
+    def timed(name: str, call):
+        tick = time.perf_counter()
+        value = call()
+        summary.seconds[name] = time.perf_counter() - tick
+        return value
+
+    data = out / "data"
+    say(f"1/7 generating {config.size} synthetic scenes -> {data}")
+    timed("data", lambda: _synth(config, data))
+    summary.artifacts["data"] = str(data)
+
+    run_dir = out / "run"
+    say(f"2/7 training the {config.preset} preset -> {run_dir}")
+    result = timed("train", lambda: _train(config, data, run_dir, threads, on_train_event))
+    ckpt = result.best_checkpoint
+    summary.artifacts["checkpoint"] = str(ckpt)
+
+    say("3/7 evaluating on the held-out test split")
+    report = timed("eval", lambda: _evaluate(config, ckpt, data, threads))
+    summary.accuracy = report.accuracy
+    summary.structured_accuracy = structured_accuracy(report.accuracy, report.counts)
+    (out / "eval.json").write_text(json.dumps(report.to_dict(examples=20), indent=2) + "\n", encoding="utf-8")
+    summary.artifacts["eval"] = str(out / "eval.json")
+
+    model_dir = out / "model"
+    say(f"4/7 exporting to ONNX with quantized variants -> {model_dir}")
+    exported = timed("export", lambda: _export(config, ckpt, data, model_dir, say))
+    summary.parity = {label: {"token_agreement": p.generation.token_agreement, "accuracy_delta": p.accuracy_delta,
+                              "logits_max_abs": p.prefill_logits.max_abs}
+                      for label, p in exported.parity.items()}
+    summary.artifacts["model"] = str(model_dir)
+
+    bench_dir = out / "bench"
+    say(f"5/7 benchmarking against the PyTorch original -> {bench_dir}")
+    bench = timed("bench", lambda: _bench(config, ckpt, model_dir, data, bench_dir, threads))
+    summary.latency = [{"engine": row["engine"], "threads": row["threads"],
+                        "caption_ms": row["stages"]["caption_ms"]["median"],
+                        "ratio": row["ratio_to_pytorch"]["caption_ms"]} for row in bench["latency"]]
+    summary.artifacts["bench"] = str(bench_dir / "bench.md")
+
+    say("6/7 captioning held-out images with the torch-free runtime")
+    summary.captions = timed("captions", lambda: _captions(config, model_dir, data, threads))
+    (out / "captions.jsonl").write_text("".join(json.dumps(c) + "\n" for c in summary.captions), encoding="utf-8")
+    summary.artifacts["captions"] = str(out / "captions.jsonl")
+
+    video = out / "demo.mp4"
+    say(f"7/7 rendering an annotated demo video from the synthetic source -> {video}")
+    timed("demo", lambda: _demo(config, model_dir, video, out / "demo.jsonl", threads))
+    summary.artifacts["demo"] = str(video)
+
+    summary.seconds["total"] = time.perf_counter() - started
+    (out / "summary.json").write_text(json.dumps(summary.to_dict(), indent=2) + "\n", encoding="utf-8")
+    (out / "summary.md").write_text("```\n" + summary.describe() + "\n```\n", encoding="utf-8")
+    summary.artifacts["summary"] = str(out / "summary.md")
+    return summary
+
+
+def structured_accuracy(accuracy: dict[str, float], counts: dict[str, int]) -> float:
+    """Exact match pooled over the structured tasks (questions with one short, checkable answer)."""
+    tasks = [t for t in STRUCTURED_TASKS if t in accuracy and counts.get(t)]
+    total = sum(counts[t] for t in tasks)
+    return sum(accuracy[t] * counts[t] for t in tasks) / total if total else 0.0
+
+
+def _synth(config: QuickstartConfig, data: Path) -> None:
+    from vledge.data.synth import SynthOptions, generate_dataset
+
+    generate_dataset(data, SynthOptions(size=config.size, seed=config.seed), overwrite=True)
+
+
+def _train(config: QuickstartConfig, data: Path, run_dir: Path, threads: int, on_event):
+    from vledge.config import preset
+    from vledge.training.trainer import train
+
+    model_config, train_config = preset(config.preset)
+    overrides = {"seed": config.seed, "threads": threads}
+    if config.max_steps is not None:
+        overrides["max_steps"] = config.max_steps
+    train_config = dataclasses.replace(train_config, **overrides)
+    return train(data, run_dir, model_config, train_config, minutes=config.minutes, on_event=on_event)
+
+
+def _evaluate(config: QuickstartConfig, ckpt: Path, data: Path, threads: int):
+    import torch
+
+    from vledge.checkpoint import load_checkpoint
+    from vledge.data.loaders import load_records
+    from vledge.evaluation import evaluate
+
+    torch.set_num_threads(threads)
+    checkpoint = load_checkpoint(ckpt)
+    records, _ = load_records(data, split="test")
+    return evaluate(checkpoint.build_model(), checkpoint.tokenizer(), checkpoint.model_config, records,
+                    limit=config.eval_limit)
+
+
+def _export(config: QuickstartConfig, ckpt: Path, data: Path, model_dir: Path, say: Progress):
+    from vledge.export import ExportOptions, export
+
+    options = ExportOptions(quantize=("auto",), data=data, parity_samples=config.parity_samples, force=True)
+    return export(ckpt, model_dir, options, progress=lambda message: say(f"    export: {message}"))
+
+
+def _bench(config: QuickstartConfig, ckpt: Path, model_dir: Path, data: Path, out: Path, threads: int) -> dict:
+    from vledge.benchmark.report import write_outputs
+    from vledge.benchmark.run import BenchConfig, run_benchmark
+
+    thread_counts = (1,) if threads == 1 else (1, threads)
+    bench_config = BenchConfig(ckpt=ckpt, model_dir=model_dir, data=data, threads=thread_counts, batches=(1, 8),
+                               repeats=config.bench_repeats, parity_samples=config.bench_parity_samples)
+    result = run_benchmark(bench_config)
+    write_outputs(result, out)
+    return result
+
+
+def _captions(config: QuickstartConfig, model_dir: Path, data: Path, threads: int) -> list[dict]:
+    from vledge.data.loaders import load_records
+    from vledge.runtime import load
+
+    runtime = load(model_dir, threads=threads)
+    records, _ = load_records(data, split="test")
+    rows = []
+    for record in records[: config.captions]:
+        # The scene's own short caption when the record has one, else its full description.
+        reference = next((t.answer for t in record.turns if t.task == "caption"),
+                         next((t.answer for t in record.turns if t.task == "describe"), ""))
+        result = runtime.caption(record.image)
+        rows.append({"image": str(record.image), "caption": result.text, "reference": reference,
+                     "ms": result.timings.total_ms})
+    return rows
+
+
+def _demo(config: QuickstartConfig, model_dir: Path, video: Path, log_path: Path, threads: int) -> None:
+    from vledge.webcam import DemoOptions, run_demo
+
+    run_demo(model_dir, source="synthetic", threads=threads,
+             options=DemoOptions(output=video, log=log_path, headless=True, max_frames=config.demo_frames))
