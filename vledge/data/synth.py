@@ -702,7 +702,9 @@ def generate_dataset(
                 if progress is not None:
                     progress(len(done))
         else:
-            with multiprocessing.get_context().Pool(workers, initializer=_init_worker) as pool:
+            # "spawn": a forked child inherits locks held by the parent's other threads (OpenCV's,
+            # ONNX Runtime's, torch's) and can wait on them forever.
+            with multiprocessing.get_context("spawn").Pool(workers, initializer=_init_worker) as pool:
                 for done in pool.imap(_run_job, jobs):
                     records.extend(done)
                     if progress is not None:
