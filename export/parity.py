@@ -21,7 +21,7 @@ from vledge.data.records import Record
 from vledge.decoding import GenerationOptions
 from vledge.evaluation import CAPTION_TASKS, LONG_ANSWER_TASKS, questions_of
 from vledge.metrics import AccuracyByTask, exact_match
-from vledge.models.generate import LSTMSteps, TransformerSteps, generate
+from vledge.models.generate import generate, prefill_steps
 from vledge.models.vlm import VisionLanguageModel
 from vledge.prompt import question_ids
 from vledge.tokenizer import Tokenizer
@@ -135,16 +135,7 @@ def torch_reference(model: VisionLanguageModel, tokenizer: Tokenizer, samples: P
 
 def torch_prefill_logits(model: VisionLanguageModel, tokenizer: Tokenizer, image_embeds: torch.Tensor,
                          prompts: Sequence[Sequence[int]]) -> np.ndarray:
-    from vledge.decoding import left_pad
-
-    if model.is_transformer:
-        ids, mask = left_pad(prompts, tokenizer.pad_id)
-        merged = model.merge(torch.as_tensor(ids), image_embeds, torch.as_tensor(mask))
-        steps = TransformerSteps(model, merged.inputs_embeds, merged.attention_mask)
-    else:
-        rows = [model.merge(torch.as_tensor([list(p)]), image_embeds[r:r + 1]).inputs_embeds[0]
-                for r, p in enumerate(prompts)]
-        steps = LSTMSteps(model, rows)
+    steps, _ = prefill_steps(model, image_embeds, prompts, tokenizer.pad_id)
     return steps.first_logits.float().numpy()
 
 

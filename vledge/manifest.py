@@ -8,13 +8,13 @@ external-data references inside the ONNX files themselves.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from vledge.checkpoint import file_sha256 as sha256_of
 from vledge.config import ModelConfig, PreprocessSpec, PromptTemplate, from_dict
 from vledge.errors import ConfigError, ModelDirError
 
@@ -26,14 +26,6 @@ MANIFEST_NAME = "vledge.json"
 TOKENIZER_NAME = "tokenizer.json"
 COMPONENTS = ("vision_encoder", "embed_tokens", "decoder_model_merged")
 PRECISIONS = ("fp32", "fp16", "int8", "q4")
-
-
-def sha256_of(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def variant_filename(component: str, precision: str) -> str:

@@ -96,32 +96,28 @@ class TorchEngine:
         """Prefill; returns a step model with ``first_logits`` (numpy) and ``step(tokens)``."""
         import torch
 
-        from vledge.decoding import left_pad
-        from vledge.models.generate import LSTMSteps, TransformerSteps
+        from vledge.models.generate import prefill_steps
 
         self._threads()
-        model = self.model
         with torch.inference_mode():
-            embeds = torch.as_tensor(image_embeds)
-            if model.is_transformer:
-                ids, mask = left_pad(prompts, self.tokenizer.pad_id)
-                merged = model.merge(torch.as_tensor(ids), embeds, torch.as_tensor(mask))
-                steps = TransformerSteps(model, merged.inputs_embeds, merged.attention_mask)
-            else:
-                rows = [model.merge(torch.as_tensor([list(p)]), embeds[r:r + 1]).inputs_embeds[0]
-                        for r, p in enumerate(prompts)]
-                steps = LSTMSteps(model, rows)
+            steps, _ = prefill_steps(self.model, torch.as_tensor(image_embeds), prompts, self.tokenizer.pad_id)
         return _TorchSteps(steps)
 
     def prefill_logits(self, image_embeds: np.ndarray, prompts) -> np.ndarray:
         return self.start(image_embeds, prompts).first_logits
 
     def greedy_tokens(self, image_embeds: np.ndarray, prompts, max_new_tokens: int) -> list[list[int]]:
-        steps = self.start(image_embeds, prompts)
-        if self.model.is_transformer:  # as the reference generate() does: stay inside the learned positions
-            used = max(len(p) for p in prompts) - 1 + image_embeds.shape[1]
-            max_new_tokens = max(1, min(max_new_tokens, self.config.language.max_positions - used))
-        return decode_tokens(steps.first_logits, steps, GenerationOptions(max_new_tokens=max_new_tokens),
+        import torch
+
+        from vledge.models.generate import prefill_steps
+
+        self._threads()
+        with torch.inference_mode():
+            steps, room = prefill_steps(self.model, torch.as_tensor(image_embeds), prompts, self.tokenizer.pad_id)
+        if room is not None:  # as the reference generate() does: stay inside the learned positions
+            max_new_tokens = min(max_new_tokens, room)
+        wrapped = _TorchSteps(steps)
+        return decode_tokens(wrapped.first_logits, wrapped, GenerationOptions(max_new_tokens=max_new_tokens),
                              self.tokenizer.eos_id)
 
     def caption(self, images: Sequence[Path], prompts: Sequence[Sequence[int]], max_new_tokens: int) -> list[list[int]]:

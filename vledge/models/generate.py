@@ -69,6 +69,23 @@ class LSTMSteps:
         self.state = (self.state[0].index_select(1, index), self.state[1].index_select(1, index))
 
 
+def prefill_steps(model: VisionLanguageModel, image_embeds: torch.Tensor, prompts: Sequence[Sequence[int]],
+                  pad_id: int, use_cache: bool = True) -> tuple[TransformerSteps | LSTMSteps, int | None]:
+    """Prefill (image, prompt) rows; returns the step model and, for a transformer, the positions left."""
+    device = image_embeds.device
+    if not model.is_transformer:
+        rows = [model.merge(torch.as_tensor([list(prompt)], device=device), image_embeds[row:row + 1]).inputs_embeds[0]
+                for row, prompt in enumerate(prompts)]
+        return LSTMSteps(model, rows), None
+    ids, mask = left_pad(prompts, pad_id)
+    merged = model.merge(torch.as_tensor(ids, device=device), image_embeds, torch.as_tensor(mask, device=device))
+    room = model.config.language.max_positions - merged.inputs_embeds.shape[1]
+    if room < 1:
+        raise ValueError(f"prompt of {merged.inputs_embeds.shape[1]} positions leaves no room in the model's "
+                         f"{model.config.language.max_positions}")
+    return TransformerSteps(model, merged.inputs_embeds, merged.attention_mask, use_cache=use_cache), room
+
+
 @torch.inference_mode()
 def generate(
     model: VisionLanguageModel,
@@ -85,21 +102,8 @@ def generate(
         raise ValueError(f"{len(prompts)} prompts for {pixel_values.shape[0]} images")
     device = next(model.parameters()).device
     image_embeds = model.encode_images(pixel_values.to(device))
-    if model.is_transformer:
-        ids, mask = left_pad(prompts, pad_id)
-        merged = model.merge(torch.as_tensor(ids, device=device), image_embeds, torch.as_tensor(mask, device=device))
-        room = model.config.language.max_positions - merged.inputs_embeds.shape[1]
-        if room < 1:
-            raise ValueError(f"prompt of {merged.inputs_embeds.shape[1]} positions leaves no room in the model's "
-                             f"{model.config.language.max_positions}")
-        if options.max_new_tokens > room:
-            options = dataclasses.replace(options, max_new_tokens=room)
-        steps = TransformerSteps(model, merged.inputs_embeds, merged.attention_mask, use_cache=use_cache)
-    else:
-        rows = []
-        for row, prompt in enumerate(prompts):
-            merged = model.merge(torch.as_tensor([list(prompt)], device=device), image_embeds[row:row + 1])
-            rows.append(merged.inputs_embeds[0])
-        steps = LSTMSteps(model, rows)
+    steps, room = prefill_steps(model, image_embeds, prompts, pad_id, use_cache=use_cache)
+    if room is not None and options.max_new_tokens > room:
+        options = dataclasses.replace(options, max_new_tokens=room)
     first = steps.first_logits.float().cpu().numpy()
     return decode_tokens(first, steps, options, eos_id, on_token)
