@@ -9,6 +9,7 @@ serves prefill (past length 0) and every decode step, without an ``If`` node.
 
 from __future__ import annotations
 
+import copy
 import logging
 import warnings
 from dataclasses import dataclass
@@ -105,6 +106,7 @@ class ExportedGraph:
 def _export(module: nn.Module, args: tuple, path: Path, inputs: list[str], outputs: list[str],
             dynamic_axes: dict[str, dict[int, str]], opset: int) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
+    module.eval()  # a fresh wrapper starts in training mode: BatchNorm would update its statistics
     with warnings.catch_warnings():
         # The TorchScript exporter is deprecated in favour of dynamo; we choose it deliberately (module docstring).
         warnings.simplefilter("ignore")
@@ -117,7 +119,8 @@ def _export(module: nn.Module, args: tuple, path: Path, inputs: list[str], outpu
 
 def export_graphs(model: VisionLanguageModel, out_dir: Path, opset: int = DEFAULT_OPSET) -> dict[str, Path]:
     """Write the fp32 graphs to ``out_dir`` (``vision_encoder.onnx``, ``embed_tokens.onnx``, ``decoder_model_merged.onnx``)."""
-    model = model.eval().float().cpu()
+    # Trace a copy: tracing runs the model, and the caller's model must stay the reference it was.
+    model = copy.deepcopy(model).eval().float().cpu()
     names = tensor_names(model)
     size = model.config.preprocess.image_size
     hidden = model.config.language.hidden

@@ -274,3 +274,30 @@ def test_external_data_references_must_stay_inside(tiny_model_dir, tmp_path):
     entry = FileEntry(sha256_of(escaped), escaped.stat().st_size)
     with pytest.raises(ModelDirError, match="outside the model directory"):
         verify_file(copy, "onnx/escaped.onnx", entry, listed)
+
+
+@pytest.mark.parametrize("norm", [False, True])
+def test_tracing_leaves_the_reference_model_untouched(norm, tmp_path):
+    """The parity reference must stay the checkpoint's model: tracing may not update BatchNorm statistics."""
+    import onnxruntime as ort
+
+    from vledge.config import preset
+    from vledge.export.graphs import export_graphs
+    from vledge.models.vlm import VisionLanguageModel
+
+    from vledge.config import ProjectorConfig
+
+    config, _ = preset("small")  # the convnet with its patch shortcut, the case that once drifted
+    config.language.vocab_size = 300
+    config.projector = ProjectorConfig("mlp2x_gelu", norm=norm, positions=norm)
+    torch.manual_seed(0)
+    model = VisionLanguageModel(config, image_token_id=4).eval()
+    before = {name: value.clone() for name, value in model.state_dict().items()}
+    pixels = torch.randn(2, 3, 48, 48)
+    with torch.inference_mode():
+        expected = model.encode_images(pixels).numpy()
+    paths = export_graphs(model, tmp_path)
+    changed = [name for name, value in model.state_dict().items() if not torch.equal(before[name], value)]
+    assert changed == []
+    session = ort.InferenceSession(str(paths["vision_encoder"]), providers=["CPUExecutionProvider"])
+    np.testing.assert_allclose(session.run(None, {"pixel_values": pixels.numpy()})[0], expected, atol=1e-5, rtol=1e-4)

@@ -16,13 +16,14 @@ from vledge.quickstart import STRUCTURED_TASKS, QuickstartConfig, run_quickstart
 def test_quickstart_tiny_produces_every_artifact(tmp_path):
     out = tmp_path / "qs"
     steps = []
-    config = QuickstartConfig(out=out, preset="tiny", size=160, minutes=None, max_steps=30, threads=1,
+    config = QuickstartConfig(out=out, preset="tiny", size=160, minutes=None, max_steps=30, vision_pretrain_steps=10,
+                              threads=1,
                               parity_samples=12, bench_repeats=3, bench_parity_samples=8, captions=3,
                               demo_frames=12)
     summary = run_quickstart(config, progress=steps.append)
-    assert [s.split()[0] for s in steps if s[:1].isdigit()] == [f"{i}/7" for i in range(1, 8)]
+    assert [s.split()[0] for s in steps if s[:1].isdigit()] == [f"{i}/8" for i in range(1, 9)]
 
-    for name in ("data", "checkpoint", "eval", "model", "bench", "captions", "demo", "summary"):
+    for name in ("data", "vision", "checkpoint", "eval", "model", "bench", "captions", "demo", "summary"):
         assert Path(summary.artifacts[name]).exists(), name
     assert (out / "data" / "test.json").is_file() and (out / "run" / "ckpt.pt").is_file()
     evaluation = json.loads((out / "eval.json").read_text())

@@ -173,6 +173,53 @@ def train(data_dir, preset, run_dir, stage, max_steps, minutes, batch_size, grad
     click.echo(f"metrics: {run_dir / 'metrics.jsonl'}  curves: {run_dir / 'curves.png'}")
 
 
+@main.command("pretrain-vision")
+@click.option("--data", "data_dir", type=click.Path(path_type=Path), required=True,
+              help="vledge synthetic data (vledge data synth): its scene labels are the targets.")
+@click.option("--out", "out_path", type=click.Path(path_type=Path), required=True,
+              help="Weights file to write, for train --vision-weights.")
+@click.option("--preset", default="small", show_default=True, help="The preset whose vision encoder and projector to train.")
+@click.option("--steps", type=click.IntRange(min=1), default=None, help="Optimizer steps  [default: 300].")
+@click.option("--minutes", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Wall-time budget; whichever of steps and time runs out first ends the run.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=None)
+@click.option("--lr", type=float, default=None)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="torch threads.")
+@_fail_cleanly
+def pretrain_vision_command(data_dir, out_path, preset, steps, minutes, batch_size, lr, seed, threads) -> None:
+    """Pretrain the vision encoder and projector on synthetic scene labels (each cell's colour, shape, size, word).
+
+    Then: vledge train --vision-weights OUT --freeze vision --freeze projector ...
+    """
+    import dataclasses
+
+    from tqdm import tqdm
+
+    from vledge.config import preset as load_preset
+    from vledge.training.vision_pretrain import VisionPretrainConfig, pretrain_vision
+
+    model_config, _ = load_preset(preset)
+    overrides = {k: v for k, v in dict(steps=steps, batch_size=batch_size, lr=lr, threads=threads).items()
+                 if v is not None}
+    config = dataclasses.replace(VisionPretrainConfig(seed=seed), **overrides)
+    bar = tqdm(total=config.steps, desc="pretrain-vision", unit="step", dynamic_ncols=True)
+
+    def on_progress(step: int, total: int, row: dict) -> None:
+        bar.n = step
+        bar.set_postfix(loss=f"{row['loss']:.3f}")
+        bar.refresh()
+
+    result = pretrain_vision(data_dir, out_path, model_config, config, minutes=minutes, on_progress=on_progress)
+    bar.close()
+    click.echo(f"pretrained {result.steps} steps in {result.seconds / 60:.1f} min: {result.weights}")
+    cells = ", ".join(f"{name} {result.accuracy[name] * 100:.1f}%" for name in ("color", "shape", "size", "word")
+                      if name in result.accuracy)
+    click.echo(f"held-out per-cell accuracy (occupied cells): {cells}")
+    click.echo(f"next: vledge train --data {data_dir} --preset {preset} --vision-weights {result.weights} "
+               f"--freeze vision --freeze projector --out RUN")
+
+
 @main.command("eval")
 @click.option("--ckpt", type=click.Path(path_type=Path), required=True)
 @click.option("--data", "data_dir", type=click.Path(path_type=Path), required=True)
@@ -497,11 +544,13 @@ def webcam_command(model_dir, source, question, every_ms, output, log_path, head
 @click.option("--minutes", type=click.FloatRange(min=0, min_open=True), default=12.0, show_default=True,
               help="Training wall-time budget.")
 @click.option("--max-steps", type=click.IntRange(min=1), default=None, help="Cap training steps instead.")
+@click.option("--vision-pretrain-steps", type=click.IntRange(min=0), default=300, show_default=True,
+              help="Per-cell pretraining of the vision encoder on the scenes' labels (0: skip).")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="Default: all cores.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--force", is_flag=True, help="Reuse a non-empty output folder.")
 @_fail_cleanly
-def quickstart_command(out_dir, preset, size, minutes, max_steps, threads, seed, force) -> None:
+def quickstart_command(out_dir, preset, size, minutes, max_steps, vision_pretrain_steps, threads, seed, force) -> None:
     """Data -> training -> evaluation -> export -> benchmark -> captions -> demo video, in one go."""
     import time
 
@@ -510,7 +559,7 @@ def quickstart_command(out_dir, preset, size, minutes, max_steps, threads, seed,
     from vledge.quickstart import QuickstartConfig, run_quickstart
 
     config = QuickstartConfig(out=out_dir, preset=preset, size=size, minutes=minutes, max_steps=max_steps,
-                              threads=threads, seed=seed, force=force)
+                              vision_pretrain_steps=vision_pretrain_steps, threads=threads, seed=seed, force=force)
     bar = None
 
     def on_train_event(event) -> None:

@@ -38,6 +38,13 @@ class VisionConfig:
 @dataclass
 class ProjectorConfig:
     kind: str = "mlp2x_gelu"
+    # LayerNorm on the projected visual tokens: keeps them at a fixed scale (norm ~sqrt(hidden))
+    # instead of growing with the vision encoder's activations during training.
+    norm: bool = False
+    # A learned embedding per visual token (its grid cell), added after the projector. The language
+    # model's own position embeddings are tiny next to loud visual tokens, so without it the model
+    # can hardly tell which cell a visual token comes from ("what is at the top left?").
+    positions: bool = False
 
     def __post_init__(self) -> None:
         if self.kind not in PROJECTORS:
@@ -149,6 +156,9 @@ class TrainConfig:
     precision: str = "auto"  # auto | fp32 | bf16
     max_seq_len: int = 256
     turns_per_example: int | None = 1  # None: whole conversations
+    # Run the language model on two pieces of each batch, short and long examples, when that saves
+    # padding (a few detailed descriptions among one-word answers); the loss is the whole batch's.
+    split_by_length: bool = True
     threads: int | None = None
     stages: tuple[StageConfig, ...] = (
         StageConfig(name="align", tasks=("caption",), fraction=0.1),
@@ -186,7 +196,9 @@ PRESETS: dict[str, typing.Callable[[], tuple[ModelConfig, TrainConfig]]] = {
         ModelConfig(
             # 48 px through four stride-2 stages: a 3x3 grid of visual tokens
             vision=VisionConfig(backbone="convnet", widths=(32, 64, 128, 256), patch_shortcut=True),
-            projector=ProjectorConfig("mlp2x_gelu"),
+            # Normalised visual tokens with a learned per-cell embedding: the language model can tell
+            # which cell a token describes (with `vledge pretrain-vision`: 44.5% -> 73.9% structured).
+            projector=ProjectorConfig("mlp2x_gelu", norm=True, positions=True),
             language=_transformer(hidden=128, layers=4, heads=4),
             preprocess=PreprocessSpec(image_size=48),
             tokenizer_vocab_size=1024,

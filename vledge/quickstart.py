@@ -1,7 +1,8 @@
 """``vledge quickstart``: the whole toolkit on the built-in data, from nothing to a benchmarked edge model.
 
-Steps, each a plain call into the library: generate synthetic data, train the
-preset (both stages), evaluate on the held-out split, export with quantized
+Steps, each a plain call into the library: generate synthetic data, pretrain the
+vision encoder and projector on the scenes' own per-cell labels, train the
+language side (both stages), evaluate on the held-out split, export with quantized
 variants behind the parity gate, benchmark against the PyTorch original, caption
 a few held-out images with the torch-free runtime, and render an annotated demo
 video from the synthetic source. Every artifact lands under one folder and the
@@ -33,6 +34,12 @@ class QuickstartConfig:
     size: int = 20000  # synthetic images
     minutes: float | None = 12.0  # training wall-time budget (None: the preset's steps)
     max_steps: int | None = None
+    # Per-cell supervised pretraining of the vision encoder + projector on the synthetic scenes
+    # (vledge.training.vision_pretrain); both are then frozen while the language model trains. 0: skip.
+    vision_pretrain_steps: int = 300
+    # Learning rate when only the language model trains (frozen pretrained vision): it tolerates a
+    # higher rate than end-to-end training (measured: 1.5e-3 beats 5e-4 and 3e-3 at equal steps).
+    language_lr: float = 1.5e-3
     seed: int = 0
     threads: int | None = None  # torch and runtime threads; None: all cores
     eval_limit: int | None = None  # held-out questions (None: all)
@@ -107,17 +114,26 @@ def run_quickstart(config: QuickstartConfig, progress: Progress | None = None,
         return value
 
     data = out / "data"
-    say(f"1/7 generating {config.size} synthetic scenes -> {data}")
+    say(f"1/8 generating {config.size} synthetic scenes -> {data}")
     timed("data", lambda: _synth(config, data))
     summary.artifacts["data"] = str(data)
 
+    vision_weights = None
+    if config.vision_pretrain_steps:
+        vision_weights = out / "vision.pt"
+        say(f"2/8 pretraining the vision encoder on per-cell scene labels -> {vision_weights}")
+        timed("vision", lambda: _pretrain_vision(config, data, vision_weights, threads))
+        summary.artifacts["vision"] = str(vision_weights)
+    else:
+        say("2/8 vision pretraining skipped")
+
     run_dir = out / "run"
-    say(f"2/7 training the {config.preset} preset -> {run_dir}")
-    result = timed("train", lambda: _train(config, data, run_dir, threads, on_train_event))
+    say(f"3/8 training the {config.preset} preset -> {run_dir}")
+    result = timed("train", lambda: _train(config, data, run_dir, threads, on_train_event, vision_weights))
     ckpt = result.best_checkpoint
     summary.artifacts["checkpoint"] = str(ckpt)
 
-    say("3/7 evaluating on the held-out test split")
+    say("4/8 evaluating on the held-out test split")
     report = timed("eval", lambda: _evaluate(config, ckpt, data, threads))
     summary.accuracy = report.accuracy
     summary.structured_accuracy = structured_accuracy(report.accuracy, report.counts)
@@ -125,7 +141,7 @@ def run_quickstart(config: QuickstartConfig, progress: Progress | None = None,
     summary.artifacts["eval"] = str(out / "eval.json")
 
     model_dir = out / "model"
-    say(f"4/7 exporting to ONNX with quantized variants -> {model_dir}")
+    say(f"5/8 exporting to ONNX with quantized variants -> {model_dir}")
     exported = timed("export", lambda: _export(config, ckpt, data, model_dir, say))
     summary.parity = {label: {"token_agreement": p.generation.token_agreement, "accuracy_delta": p.accuracy_delta,
                               "logits_max_abs": p.prefill_logits.max_abs}
@@ -133,20 +149,20 @@ def run_quickstart(config: QuickstartConfig, progress: Progress | None = None,
     summary.artifacts["model"] = str(model_dir)
 
     bench_dir = out / "bench"
-    say(f"5/7 benchmarking against the PyTorch original -> {bench_dir}")
+    say(f"6/8 benchmarking against the PyTorch original -> {bench_dir}")
     bench = timed("bench", lambda: _bench(config, ckpt, model_dir, data, bench_dir, threads))
     summary.latency = [{"engine": row["engine"], "threads": row["threads"],
                         "caption_ms": row["stages"]["caption_ms"]["median"],
                         "ratio": row["ratio_to_pytorch"]["caption_ms"]} for row in bench["latency"]]
     summary.artifacts["bench"] = str(bench_dir / "bench.md")
 
-    say("6/7 captioning held-out images with the torch-free runtime")
+    say("7/8 captioning held-out images with the torch-free runtime")
     summary.captions = timed("captions", lambda: _captions(config, model_dir, data, threads))
     (out / "captions.jsonl").write_text("".join(json.dumps(c) + "\n" for c in summary.captions), encoding="utf-8")
     summary.artifacts["captions"] = str(out / "captions.jsonl")
 
     video = out / "demo.mp4"
-    say(f"7/7 rendering an annotated demo video from the synthetic source -> {video}")
+    say(f"8/8 rendering an annotated demo video from the synthetic source -> {video}")
     timed("demo", lambda: _demo(config, model_dir, video, out / "demo.jsonl", threads))
     summary.artifacts["demo"] = str(video)
 
@@ -170,7 +186,16 @@ def _synth(config: QuickstartConfig, data: Path) -> None:
     generate_dataset(data, SynthOptions(size=config.size, seed=config.seed), overwrite=True)
 
 
-def _train(config: QuickstartConfig, data: Path, run_dir: Path, threads: int, on_event):
+def _pretrain_vision(config: QuickstartConfig, data: Path, weights: Path, threads: int) -> None:
+    from vledge.config import preset
+    from vledge.training.vision_pretrain import VisionPretrainConfig, pretrain_vision
+
+    model_config, _ = preset(config.preset)
+    pretrain_vision(data, weights, model_config,
+                    VisionPretrainConfig(steps=config.vision_pretrain_steps, seed=config.seed, threads=threads))
+
+
+def _train(config: QuickstartConfig, data: Path, run_dir: Path, threads: int, on_event, vision_weights=None):
     from vledge.config import preset
     from vledge.training.trainer import train
 
@@ -178,8 +203,12 @@ def _train(config: QuickstartConfig, data: Path, run_dir: Path, threads: int, on
     overrides = {"seed": config.seed, "threads": threads}
     if config.max_steps is not None:
         overrides["max_steps"] = config.max_steps
+    if vision_weights is not None:
+        overrides["lr"] = config.language_lr
     train_config = dataclasses.replace(train_config, **overrides)
-    return train(data, run_dir, model_config, train_config, minutes=config.minutes, on_event=on_event)
+    frozen = ("vision", "projector") if vision_weights is not None else ()
+    return train(data, run_dir, model_config, train_config, minutes=config.minutes, on_event=on_event,
+                 vision_weights=vision_weights, freeze=frozen)
 
 
 def _evaluate(config: QuickstartConfig, ckpt: Path, data: Path, threads: int):

@@ -9,6 +9,9 @@ from vledge.config import ProjectorConfig
 
 def build_projector(config: ProjectorConfig, in_features: int, hidden: int) -> nn.Module:
     if config.kind == "linear":
-        return nn.Linear(in_features, hidden)
-    # mlp2x_gelu, as in LLaVA-1.5
-    return nn.Sequential(nn.Linear(in_features, hidden), nn.GELU(), nn.Linear(hidden, hidden))
+        layers: list[nn.Module] = [nn.Linear(in_features, hidden)]
+    else:  # mlp2x_gelu, as in LLaVA-1.5
+        layers = [nn.Linear(in_features, hidden), nn.GELU(), nn.Linear(hidden, hidden)]
+    if config.norm:
+        layers.append(nn.LayerNorm(hidden))
+    return layers[0] if len(layers) == 1 else nn.Sequential(*layers)

@@ -15,6 +15,7 @@ from vledge.models.transformer import TransformerLM
 from vledge.models.vision import VisionEncoder
 
 IGNORE_INDEX = -100
+IMAGE_POSITION_INIT_STD = 0.5
 
 
 @dataclass
@@ -51,6 +52,11 @@ class VisionLanguageModel(nn.Module):
             TransformerLM(config.language) if config.language.kind == "transformer" else LSTMLM(config.language)
         )
         self.num_image_tokens = self.vision.num_tokens(config.preprocess.image_size)
+        # One learned vector per visual token position, as loud as the visual tokens themselves.
+        self.image_positions = (
+            nn.Parameter(torch.randn(self.num_image_tokens, config.language.hidden) * IMAGE_POSITION_INIT_STD)
+            if config.projector.positions else None
+        )
         # GPT-style small init for the language side only; the projector keeps PyTorch's default
         # (fan-in) init so visual tokens start as loud as they must be to be used at all.
         self.embed_tokens.apply(self._init_weights)
@@ -71,7 +77,10 @@ class VisionLanguageModel(nn.Module):
 
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """[B, 3, H, W] -> image embeddings [B, image_tokens, hidden] (what vision_encoder.onnx outputs)."""
-        return self.projector(self.vision(pixel_values))
+        embeds = self.projector(self.vision(pixel_values))
+        if self.image_positions is not None:
+            embeds = embeds + self.image_positions
+        return embeds
 
     def merge(
         self,
@@ -124,19 +133,23 @@ class VisionLanguageModel(nn.Module):
     ) -> VLMOutput:
         merged = self.merge(input_ids, self.encode_images(pixel_values), attention_mask, labels)
         logits = self.decode(merged)
-        loss = None
-        if merged.labels is not None:
-            loss = F.cross_entropy(
-                logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
-                merged.labels[:, 1:].reshape(-1),
-                ignore_index=IGNORE_INDEX,
-            )
+        loss = self.loss(logits, merged.labels) if merged.labels is not None else None
         return VLMOutput(logits=logits, loss=loss, labels=merged.labels)
+
+    @staticmethod
+    def loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Next-token cross entropy, averaged over the labelled (answer) tokens."""
+        return F.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
+            labels[:, 1:].reshape(-1),
+            ignore_index=IGNORE_INDEX,
+        )
 
     def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
         """Parameters by trainable part name, as stages name them."""
         return {
             "vision": list(self.vision.parameters()),
-            "projector": list(self.projector.parameters()),
+            "projector": list(self.projector.parameters())
+            + ([self.image_positions] if self.image_positions is not None else []),
             "language": list(self.embed_tokens.parameters()) + list(self.language.parameters()),
         }

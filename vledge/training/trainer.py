@@ -26,15 +26,17 @@ import torch.distributed as dist
 from vledge.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from vledge.config import ModelConfig, StageConfig, TrainConfig, to_dict
 from vledge.data.dataset import BatchOrder, ConversationDataset, cache_images, collate, filter_tasks
+from vledge.data.images import normalize
 from vledge.data.loaders import load_records
 from vledge.data.records import LoadReport, Record
 from vledge.errors import CheckpointError, ConfigError, DataError, TrainingError
 from vledge.evaluation import evaluate
 from vledge.models.vision import load_vision_weights
-from vledge.models.vlm import VisionLanguageModel
+from vledge.models.vlm import IGNORE_INDEX, VisionLanguageModel
 from vledge.tokenizer import Tokenizer
 from vledge.training.plot import plot_curves
 from vledge.training.schedule import learning_rate
+from vledge.training.vision_pretrain import load_projector_weights
 
 log = logging.getLogger(__name__)
 
@@ -148,6 +150,8 @@ class Trainer:
             self._load_init(init)
         elif vision_weights is not None or model_config.vision.pretrained:
             load_vision_weights(self.model.vision, vision_weights)
+            if vision_weights is not None:  # a file from `vledge pretrain-vision` also holds the projector
+                load_projector_weights(self.model.projector, vision_weights)
         self.model.to(self.device)
         if model_config.language.kind == "transformer":
             limit = model_config.language.max_positions
@@ -377,12 +381,16 @@ class Trainer:
         local_step = state.step - state.stage_start_step
         for micro in range(config.grad_accum):
             indices = order.indices(local_step * config.grad_accum + micro)
-            batch = collate([dataset[i] for i in indices], self.model_config.preprocess, self.tokenizer.pad_id)
-            batch = {k: v.to(self.device) for k, v in batch.items()}
+            examples = [dataset[i] for i in indices]
             sync = micro == config.grad_accum - 1 or self.world == 1
             context = nullcontext() if sync else wrapped.no_sync()
             with context, self.autocast():
-                loss = wrapped(**batch).loss / config.grad_accum
+                if config.split_by_length and self.world == 1:
+                    loss = self._split_batch_loss(examples)
+                else:
+                    batch = collate(examples, self.model_config.preprocess, self.tokenizer.pad_id)
+                    loss = wrapped(**{k: v.to(self.device) for k, v in batch.items()}).loss
+            loss = loss / config.grad_accum
             if not torch.isfinite(loss):
                 raise TrainingError(
                     f"non-finite loss at step {state.step + 1}; stopped, the last good checkpoint is kept "
@@ -400,6 +408,33 @@ class Trainer:
             dist.all_reduce(total)
             total /= self.world
         return float(total)
+
+    def _split_batch_loss(self, examples: list) -> torch.Tensor:
+        """The batch's loss (mean over its answer tokens), computed on pieces of similar length.
+
+        A batch is padded to its longest example, so a few long answers (detailed descriptions)
+        among short questions multiply the language model's work. The images are encoded as one
+        batch (BatchNorm sees all of them); the language model runs once per piece; each piece's
+        token mean is weighted by its share of the batch's answer tokens, so the loss and its
+        gradient are those of the whole padded batch.
+        """
+        spec, pad = self.model_config.preprocess, self.tokenizer.pad_id
+        pieces = length_pieces([len(e.input_ids) - 1 + self.model.num_image_tokens for e in examples])
+        if len(pieces) == 1:
+            batch = collate(examples, spec, pad)
+            return self.model(**{k: v.to(self.device) for k, v in batch.items()}).loss
+        pixels = torch.stack([e.pixels for e in examples])
+        image_embeds = self.model.encode_images(normalize(pixels, spec).to(self.device))
+        counts = [sum(sum(label != IGNORE_INDEX for label in examples[i].labels) for i in piece) for piece in pieces]
+        total = torch.zeros((), device=self.device)
+        for piece, count in zip(pieces, counts):
+            if count == 0:
+                continue
+            batch = collate([examples[i] for i in piece], spec, pad)
+            merged = self.model.merge(batch["input_ids"].to(self.device), image_embeds[piece],
+                                      batch["attention_mask"].to(self.device), batch["labels"].to(self.device))
+            total = total + self.model.loss(self.model.decode(merged), merged.labels) * (count / sum(counts))
+        return total
 
     @torch.no_grad()
     def _val_loss(self) -> float:
@@ -492,6 +527,25 @@ class Trainer:
         if self.rank == 0:
             with path.open("a") as handle:
                 handle.write(json.dumps(row) + "\n")
+
+
+def length_pieces(lengths: list[int], min_piece: int = 2, min_saving: float = 0.15) -> list[list[int]]:
+    """Indices of a batch cut in two pieces (short, long) that minimise the padded tokens.
+
+    One piece (the whole batch) unless cutting saves at least ``min_saving`` of them.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    sorted_lengths = [lengths[i] for i in order]
+    n, longest = len(order), sorted_lengths[-1]
+    whole = n * longest
+    best, cut = whole, n
+    for k in range(min_piece, n - min_piece + 1):
+        cost = k * sorted_lengths[k - 1] + (n - k) * longest
+        if cost < best:
+            best, cut = cost, k
+    if cut == n or best > (1 - min_saving) * whole:
+        return [list(range(n))]
+    return [order[:cut], order[cut:]]
 
 
 class _deferred_interrupt:
