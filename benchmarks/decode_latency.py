@@ -123,24 +123,20 @@ def main() -> None:
     embeds_np = image_embeds.numpy()
     options = GenerationOptions(max_new_tokens=args.steps + 1)
 
-    def time_torch() -> list[float]:
-        with torch.inference_mode():
-            steps = TorchSteps(model, merged.inputs_embeds, merged.attention_mask)
-            times = []
-            for token in token_arrays:
-                tick = time.perf_counter()
-                steps.step(token)
-                times.append(time.perf_counter() - tick)
-        return times
-
-    def time_runtime(runtime) -> list[float]:
-        steps, _ = runtime.prefill(embeds_np, prompt, options)
+    def time_steps(steps) -> list[float]:
         times = []
         for token in token_arrays:
             tick = time.perf_counter()
             steps.step(token)
             times.append(time.perf_counter() - tick)
         return times
+
+    def time_torch() -> list[float]:
+        with torch.inference_mode():
+            return time_steps(TorchSteps(model, merged.inputs_embeds, merged.attention_mask))
+
+    def time_runtime(runtime) -> list[float]:
+        return time_steps(runtime.prefill(embeds_np, prompt, options)[0])
 
     def time_graph(runtime) -> list[float]:
         """The decoder graph alone: every input built before the clock starts, KV bound as OrtValues."""
