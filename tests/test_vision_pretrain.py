@@ -91,7 +91,7 @@ def test_split_batches_give_the_whole_batch_loss(synth_data, tmp_path):
     assert len(length_pieces([len(e.input_ids) - 1 + trainer.model.num_image_tokens for e in examples])) == 2
     trainer.model.eval()  # no dropout, BatchNorm in inference mode: both paths see the same function
     whole = trainer.model(**collate(examples, model_config.preprocess, trainer.tokenizer.pad_id)).loss
-    split = trainer._split_batch_loss(examples)
+    split = trainer._batch_loss(examples)
     assert torch.allclose(whole, split, atol=1e-5), (whole, split)
 
     # training takes the same steps either way (BatchNorm sees the whole batch in both)
@@ -103,3 +103,32 @@ def test_split_batches_give_the_whole_batch_loss(synth_data, tmp_path):
         rows = [json.loads(line) for line in (run.run_dir / "metrics.jsonl").read_text().splitlines()]
         losses.append([r["loss"] for r in rows if r["kind"] == "train"])
     assert len(losses[0]) == 2 and all(abs(x - y) < 1e-4 for x, y in zip(*losses)), losses
+
+
+@pytest.mark.slow
+def test_frozen_encoder_features_are_cached_and_train_like_encoding_every_step(synth_data, tmp_path, monkeypatch):
+    import vledge.training.trainer as trainer_module
+
+    model_config, train_config = tiny_configs(max_steps=3, eval_every=100, eval_samples=0, log_every=1)
+    frozen = ("vision", "projector")
+    trainer = Trainer(synth_data, tmp_path / "probe", model_config, train_config, freeze=frozen)
+    _, dataset, _, _, _ = trainer._prepare_stage(len(trainer.stages) - 1)
+    assert trainer.features is not None and trainer.features.tokens.shape[0] == len(trainer.train_images)
+    trainer.model.eval()
+    examples = [dataset[i] for i in range(12)]
+    cached = trainer._batch_loss(examples)
+    trainer.features = None
+    encoded = trainer._batch_loss(examples)
+    assert torch.allclose(cached, encoded, atol=1e-5), (cached, encoded)
+
+    losses = []
+    for name, cap in (("cached", trainer_module.FEATURE_CACHE_LIMIT_BYTES), ("encoded", 0)):
+        monkeypatch.setattr(trainer_module, "FEATURE_CACHE_LIMIT_BYTES", cap)
+        run = train(synth_data, tmp_path / name, model_config, train_config, freeze=frozen)
+        rows = [json.loads(line) for line in (run.run_dir / "metrics.jsonl").read_text().splitlines()]
+        losses.append([r["loss"] for r in rows if r["kind"] == "train"])
+    assert len(losses[0]) == 3 and all(abs(x - y) < 1e-4 for x, y in zip(*losses)), losses
+    # a stage that trains the encoder never reads stale features
+    trainer = Trainer(synth_data, tmp_path / "probe2", model_config, train_config)
+    trainer._prepare_stage(len(trainer.stages) - 1)
+    assert trainer.features is None

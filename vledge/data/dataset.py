@@ -29,6 +29,7 @@ class Example:
     pixels: torch.Tensor  # uint8 [3, S, S]
     input_ids: list[int]
     labels: list[int]
+    image: str = ""  # the image's cache key (its path)
 
 
 def filter_tasks(records: Sequence[Record], tasks: Sequence[str] | None) -> list[Record]:
@@ -105,7 +106,7 @@ class ConversationDataset(torch.utils.data.Dataset):
                 if ids is None:
                     self.report.skip("conversation too long")
                     continue
-                self.examples.append(Example(record.id, pixels, ids, labels))
+                self.examples.append(Example(record.id, pixels, ids, labels, str(record.image)))
         if not self.examples:
             raise DataError(f"no usable examples ({self.report.summary()})")
 

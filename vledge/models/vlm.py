@@ -77,10 +77,11 @@ class VisionLanguageModel(nn.Module):
 
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """[B, 3, H, W] -> image embeddings [B, image_tokens, hidden] (what vision_encoder.onnx outputs)."""
-        embeds = self.projector(self.vision(pixel_values))
-        if self.image_positions is not None:
-            embeds = embeds + self.image_positions
-        return embeds
+        return self.place_visual_tokens(self.projector(self.vision(pixel_values)))
+
+    def place_visual_tokens(self, projected: torch.Tensor) -> torch.Tensor:
+        """Projected visual tokens -> image embeddings: adds each token's cell embedding, if any."""
+        return projected if self.image_positions is None else projected + self.image_positions
 
     def merge(
         self,

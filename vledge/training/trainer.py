@@ -41,6 +41,7 @@ from vledge.training.vision_pretrain import load_projector_weights
 log = logging.getLogger(__name__)
 
 VAL_LOSS_EXAMPLES = 128
+FEATURE_CACHE_LIMIT_BYTES = 2 << 30
 
 
 @dataclass
@@ -94,6 +95,17 @@ def _stage_bounds(stages: tuple[StageConfig, ...]) -> list[tuple[float, float]]:
         start = end
     bounds[-1] = (bounds[-1][0], 1.0)
     return bounds
+
+
+class FrozenFeatures:
+    """Projected visual tokens by image key: what a frozen encoder and projector would compute."""
+
+    def __init__(self, keys: list[str], tokens: torch.Tensor) -> None:
+        self.rows = {key: row for row, key in enumerate(keys)}
+        self.tokens = tokens  # [images, visual tokens, hidden]
+
+    def lookup(self, keys: list[str]) -> torch.Tensor:
+        return self.tokens[torch.tensor([self.rows[key] for key in keys], device=self.tokens.device)]
 
 
 class Trainer:
@@ -168,6 +180,7 @@ class Trainer:
         )
         self.resume_from = resume_from
         self.autocast = self._autocast_context()
+        self.features: FrozenFeatures | None = None
 
     # ------------------------------------------------------------------ setup helpers
 
@@ -294,9 +307,39 @@ class Trainer:
             wrapped = torch.nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None
             )
+        self.features = self._frozen_features(stage)
         order = BatchOrder(len(dataset), self.train_config.batch_size, self.train_config.seed, self.world, self.rank)
         log.info("stage %s: %d examples, training %s", stage.name, len(dataset), ", ".join(stage.trainable))
         return stage, dataset, optimizer, wrapped, order
+
+    def _frozen_features(self, stage: StageConfig) -> FrozenFeatures | None:
+        """The projected visual tokens of every training image, when this stage trains neither the
+        vision encoder nor the projector: computed once, they replace the encoder's work at every step.
+
+        Recomputed at each such stage (an earlier stage may have trained the encoder). Not used under
+        DDP (gradients are synchronised through the wrapped model's forward) or over the memory cap.
+        """
+        if self.world > 1 or {"vision", "projector"} & set(stage.trainable):
+            return None
+        keys = sorted(self.train_images)
+        needed = len(keys) * self.model.num_image_tokens * self.model_config.language.hidden * 4
+        if needed > FEATURE_CACHE_LIMIT_BYTES:
+            log.info("frozen visual tokens need %.1f GiB, over the %.0f GiB cap: encoding images at every step",
+                     needed / 2**30, FEATURE_CACHE_LIMIT_BYTES / 2**30)
+            return None
+        started = time.monotonic()
+        was_training = self.model.training
+        self.model.eval()  # the frozen BatchNorm's statistics, as at every frozen step
+        spec = self.model_config.preprocess
+        chunks = []
+        with torch.no_grad(), self.autocast():
+            for start in range(0, len(keys), 256):
+                pixels = normalize(torch.stack([self.train_images[k] for k in keys[start:start + 256]]), spec)
+                chunks.append(self.model.projector(self.model.vision(pixels.to(self.device))).float())
+        self.model.train(was_training)
+        log.info("stage %s: visual tokens of %d frozen-encoder images computed once in %.1f s", stage.name,
+                 len(keys), time.monotonic() - started)
+        return FrozenFeatures(keys, torch.cat(chunks))
 
     def run(self) -> TrainResult:
         config = self.train_config
@@ -385,8 +428,8 @@ class Trainer:
             sync = micro == config.grad_accum - 1 or self.world == 1
             context = nullcontext() if sync else wrapped.no_sync()
             with context, self.autocast():
-                if config.split_by_length and self.world == 1:
-                    loss = self._split_batch_loss(examples)
+                if self.world == 1:
+                    loss = self._batch_loss(examples)
                 else:
                     batch = collate(examples, self.model_config.preprocess, self.tokenizer.pad_id)
                     loss = wrapped(**{k: v.to(self.device) for k, v in batch.items()}).loss
@@ -409,22 +452,27 @@ class Trainer:
             total /= self.world
         return float(total)
 
-    def _split_batch_loss(self, examples: list) -> torch.Tensor:
+    def _batch_loss(self, examples: list) -> torch.Tensor:
         """The batch's loss (mean over its answer tokens), computed on pieces of similar length.
 
         A batch is padded to its longest example, so a few long answers (detailed descriptions)
         among short questions multiply the language model's work. The images are encoded as one
-        batch (BatchNorm sees all of them); the language model runs once per piece; each piece's
-        token mean is weighted by its share of the batch's answer tokens, so the loss and its
-        gradient are those of the whole padded batch.
+        batch (BatchNorm sees all of them), or read from the frozen-feature cache; the language
+        model runs once per piece; each piece's token mean is weighted by its share of the batch's
+        answer tokens, so the loss and its gradient are those of the whole padded batch.
         """
         spec, pad = self.model_config.preprocess, self.tokenizer.pad_id
-        pieces = length_pieces([len(e.input_ids) - 1 + self.model.num_image_tokens for e in examples])
-        if len(pieces) == 1:
+        pieces = [list(range(len(examples)))]
+        if self.train_config.split_by_length:
+            pieces = length_pieces([len(e.input_ids) - 1 + self.model.num_image_tokens for e in examples])
+        if len(pieces) == 1 and self.features is None:
             batch = collate(examples, spec, pad)
             return self.model(**{k: v.to(self.device) for k, v in batch.items()}).loss
-        pixels = torch.stack([e.pixels for e in examples])
-        image_embeds = self.model.encode_images(normalize(pixels, spec).to(self.device))
+        if self.features is not None:
+            image_embeds = self.model.place_visual_tokens(self.features.lookup([e.image for e in examples]))
+        else:
+            pixels = torch.stack([e.pixels for e in examples])
+            image_embeds = self.model.encode_images(normalize(pixels, spec).to(self.device))
         counts = [sum(sum(label != IGNORE_INDEX for label in examples[i].labels) for i in piece) for piece in pieces]
         total = torch.zeros((), device=self.device)
         for piece, count in zip(pieces, counts):
