@@ -50,7 +50,7 @@ STRUCTURED = ("count", "color", "shape", "position")
 def question_form(question: str) -> str:
     form = re.sub(r"\b(" + "|".join(COLORS) + r")\b", "C", question)
     form = re.sub(r"\b(circles|squares|triangles|diamonds|stars|" + "|".join(SHAPES) + r")\b", "S", form)
-    return re.sub(r"(at the|on the|in) [a-z ]+\?$", "<place>?", form)
+    return re.sub(r"(at the|on the|in) (?!the image)[a-z ]+\?$", "<place>?", form)
 
 
 class OracleTokens:
