@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from vledge.config import preset
-from vledge.data.dataset import ConversationDataset, cache_images, collate
+from vledge.data.dataset import ConversationDataset, cache_images, collate_text
 from vledge.data.images import normalize
 from vledge.data.loaders import load_records
 from vledge.data.records import LoadReport
@@ -137,7 +137,7 @@ def main() -> None:
         counts = [sum(sum(label != IGNORE_INDEX for label in examples[i].labels) for i in piece) for piece in pieces]
         total = torch.zeros(())
         for piece, count in zip(pieces, counts):
-            batch = collate([examples[i] for i in piece], model_config.preprocess, tokenizer.pad_id)
+            batch = collate_text([examples[i] for i in piece], tokenizer.pad_id)
             merged = model.merge(batch["input_ids"], image_embeds[piece], batch["attention_mask"], batch["labels"])
             total = total + model.loss(model.decode(merged), merged.labels) * (count / sum(counts))
         return total

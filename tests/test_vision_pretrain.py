@@ -112,7 +112,11 @@ def test_frozen_encoder_features_are_cached_and_train_like_encoding_every_step(s
     model_config, train_config = tiny_configs(max_steps=3, eval_every=100, eval_samples=0, log_every=1)
     frozen = ("vision", "projector")
     trainer = Trainer(synth_data, tmp_path / "probe", model_config, train_config, freeze=frozen)
-    _, dataset, _, _, _ = trainer._prepare_stage(len(trainer.stages) - 1)
+    assert len(trainer.stages) == 2  # align, then instruct: both frozen
+    trainer._prepare_stage(0)
+    first = trainer.features
+    _, dataset, _, _, _ = trainer._prepare_stage(1)
+    assert trainer.features is first, "consecutive frozen stages share one computation"
     assert trainer.features is not None and trainer.features.tokens.shape[0] == len(trainer.train_images)
     trainer.model.eval()
     examples = [dataset[i] for i in range(12)]

@@ -129,6 +129,12 @@ class ConversationDataset(torch.utils.data.Dataset):
 
 def collate(examples: Sequence[Example], spec: PreprocessSpec, pad_id: int) -> dict[str, torch.Tensor]:
     """Right-padded batch: padding after the answer never changes earlier positions."""
+    pixels = normalize(torch.stack([e.pixels for e in examples]), spec)
+    return {"pixel_values": pixels, **collate_text(examples, pad_id)}
+
+
+def collate_text(examples: Sequence[Example], pad_id: int) -> dict[str, torch.Tensor]:
+    """The token side of ``collate``, for callers that already hold the image embeddings."""
     width = max(len(e.input_ids) for e in examples)
     ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
@@ -138,8 +144,7 @@ def collate(examples: Sequence[Example], spec: PreprocessSpec, pad_id: int) -> d
         ids[row, :n] = torch.tensor(example.input_ids)
         labels[row, :n] = torch.tensor(example.labels)
         mask[row, :n] = 1
-    pixels = normalize(torch.stack([e.pixels for e in examples]), spec)
-    return {"pixel_values": pixels, "input_ids": ids, "attention_mask": mask, "labels": labels}
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
 @dataclass

@@ -25,7 +25,7 @@ import torch.distributed as dist
 
 from vledge.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from vledge.config import ModelConfig, StageConfig, TrainConfig, to_dict
-from vledge.data.dataset import BatchOrder, ConversationDataset, cache_images, collate, filter_tasks
+from vledge.data.dataset import BatchOrder, ConversationDataset, cache_images, collate, collate_text, filter_tasks
 from vledge.data.images import normalize
 from vledge.data.loaders import load_records
 from vledge.data.records import LoadReport, Record
@@ -316,11 +316,14 @@ class Trainer:
         """The projected visual tokens of every training image, when this stage trains neither the
         vision encoder nor the projector: computed once, they replace the encoder's work at every step.
 
-        Recomputed at each such stage (an earlier stage may have trained the encoder). Not used under
-        DDP (gradients are synchronised through the wrapped model's forward) or over the memory cap.
+        Kept across consecutive frozen stages and recomputed after a stage that trained the encoder
+        (``self.features`` is None then). Not used under DDP (gradients are synchronised through the
+        wrapped model's forward) or over the memory cap.
         """
         if self.world > 1 or {"vision", "projector"} & set(stage.trainable):
             return None
+        if self.features is not None:
+            return self.features  # nothing has trained the encoder since they were computed
         keys = sorted(self.train_images)
         needed = len(keys) * self.model.num_image_tokens * self.model_config.language.hidden * 4
         if needed > FEATURE_CACHE_LIMIT_BYTES:
@@ -478,7 +481,7 @@ class Trainer:
         for piece, count in zip(pieces, counts):
             if count == 0:
                 continue
-            batch = collate([examples[i] for i in piece], spec, pad)
+            batch = collate_text([examples[i] for i in piece], pad)
             merged = self.model.merge(batch["input_ids"].to(self.device), image_embeds[piece],
                                       batch["attention_mask"].to(self.device), batch["labels"].to(self.device))
             total = total + self.model.loss(self.model.decode(merged), merged.labels) * (count / sum(counts))
