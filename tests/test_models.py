@@ -72,6 +72,33 @@ def test_loss_counts_answer_tokens_only(kind, tokenizer):
     torch.testing.assert_close(model(pixels, ids, labels=poisoned).loss, out.loss)
 
 
+def test_merge_splices_each_rows_visual_tokens_where_its_image_token_is(tokenizer):
+    model = build("tiny", tokenizer)
+    n_img, hidden = model.num_image_tokens, model.config.language.hidden
+    pad, image = tokenizer.pad_id, tokenizer.image_id
+    # image token at different places; left padding, right padding, none
+    rows = [[pad, pad, 5, image, 6, 7], [5, 6, image, 7, pad, pad], [image, 5, 6, 7, 8, 9]]
+    masks = [[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0], [1] * 6]
+    labels = [[IGNORE_INDEX, IGNORE_INDEX, IGNORE_INDEX, IGNORE_INDEX, 6, 7], [5, 6, IGNORE_INDEX, 7, 8, 9],
+              [IGNORE_INDEX, 5, 6, 7, 8, 9]]
+    image_embeds = torch.randn(3, n_img, hidden, requires_grad=True)
+    merged = model.merge(torch.tensor(rows), image_embeds, torch.tensor(masks), torch.tensor(labels))
+    text = model.embed_tokens(torch.tensor(rows))
+    for r, ids in enumerate(rows):
+        at = ids.index(image)
+        want = torch.cat([text[r, :at], image_embeds[r], text[r, at + 1:]])
+        torch.testing.assert_close(merged.inputs_embeds[r], want)
+        assert merged.attention_mask[r].tolist() == masks[r][:at] + [1] * n_img + masks[r][at + 1:]
+        assert merged.labels[r].tolist() == labels[r][:at] + [IGNORE_INDEX] * n_img + labels[r][at + 1:]
+        real = [p for p, m in zip(merged.position_ids[r].tolist(), merged.attention_mask[r].tolist()) if m]
+        assert real == list(range(len(real)))
+    merged.inputs_embeds[1, 2:2 + n_img].sum().backward()  # row 1's visual tokens get their own gradient only
+    assert torch.equal(image_embeds.grad[1], torch.ones(n_img, hidden))
+    assert not image_embeds.grad[[0, 2]].any()
+    with pytest.raises(ValueError, match="exactly one image token"):
+        model.merge(torch.tensor([[5, 6, 7]]), image_embeds[:1])
+
+
 def test_kv_cached_generation_equals_full_recomputation(tokenizer):
     model = build("tiny", tokenizer)
     pixels = torch.randn(3, 3, 32, 32)

@@ -198,6 +198,18 @@ def _expected_answer(question: str, scene: dict) -> str:
             pos = POSITIONS_3X3[scene["word_cell"][0]][scene["word_cell"][1]]
             parts.append(f"The word {scene['word']} is written {WHERE.get(pos, 'at the ' + pos)}.")
         return " ".join(parts)
+    if question in ("List the objects by shape.", "Group the objects by shape."):
+        parts, absent = [], []
+        for shape in ("circle", "square", "triangle", "diamond", "star"):
+            group = [o for o in ordered if o["shape"] == shape]
+            if not group:
+                absent.append(shape + "s")
+                continue
+            places = ", ".join(f"{o['color']} {_where_phrase(POSITIONS_3X3[o['row']][o['col']])}" for o in group)
+            parts.append(f"{len(group)} {shape if len(group) == 1 else shape + 's'}: {places}.")
+        if absent:
+            parts.append("No " + (absent[0] if len(absent) == 1 else ", ".join(absent[:-1]) + " or " + absent[-1]) + ".")
+        return " ".join(parts)
     raise AssertionError(f"unknown question: {question!r}")
 
 
@@ -221,13 +233,14 @@ def test_every_answer_follows_from_the_scene(dataset):
         tasks = [m["task"] for m in humans]
         assert all(t in TASKS for t in tasks)
         assert sum(t in ("caption", "describe") for t in tasks) == 1
-        assert 4 <= len(tasks) <= 6
+        assert tasks.count("list") == 1
+        assert 5 <= len(tasks) <= 7
         if scene["word"] is not None:
             assert "read" in tasks
         for question, human, answer in zip(questions, humans, conv[1::2]):
             assert answer["value"] == _expected_answer(question, scene), (record["id"], question)
             seen_tasks[human["task"]] += 1
-    assert set(seen_tasks) == {"caption", "describe", "count", "color", "shape", "position", "relation", "read"}
+    assert set(seen_tasks) == {"caption", "describe", "list", "count", "color", "shape", "position", "relation", "read"}
 
 
 def test_conversations_are_balanced():
@@ -239,7 +252,7 @@ def test_conversations_are_balanced():
         turns = synth.scene_conversation(scene, rng)
         first[turns[0].task] += 1
         relation.update(t.answer for t in turns if t.task == "relation")
-    assert set(first) == {"caption", "describe", "count", "color", "shape", "position", "relation", "read"}
+    assert set(first) == {"caption", "describe", "list", "count", "color", "shape", "position", "relation", "read"}
     assert 0.4 < relation["yes"] / (relation["yes"] + relation["no"]) < 0.6
 
 

@@ -26,7 +26,7 @@ from vledge.tokenizer import Tokenizer
 log = logging.getLogger(__name__)
 
 CAPTION_TASKS = ("caption",)
-LONG_ANSWER_TASKS = ("describe",)
+LONG_ANSWER_TASKS = ("describe", "list")
 
 
 @dataclass

@@ -6,7 +6,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-TASKS = ("caption", "describe", "count", "color", "shape", "position", "relation", "read", "classify", "chat")
+TASKS = ("caption", "describe", "list", "count", "color", "shape", "position", "relation", "read", "classify", "chat")
 
 
 @dataclass(frozen=True)

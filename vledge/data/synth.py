@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 
 GENERATOR = "vledge.data.synth"
 # Bump when the same seed would draw different scenes or conversations.
-GENERATOR_VERSION = 3
+GENERATOR_VERSION = 4
 
 # Saturated BGR colours, pairwise far apart and far from every background tone.
 COLORS: dict[str, tuple[int, int, int]] = {
@@ -69,6 +69,7 @@ _NAMES_2 = (("top left", "top right"), ("bottom left", "bottom right"))
 
 _CAPTION_QUESTIONS = ("Describe the image briefly.", "What is in this image?", "Write a short caption.")
 _DESCRIBE_QUESTIONS = ("Describe the image in detail.", "Give a detailed description of the image.")
+_LIST_QUESTIONS = ("List the objects by shape.", "Group the objects by shape.")
 _COUNT_ALL = ("How many objects are there?", "How many objects are in the image?", "Count the objects.")
 _COUNT_SHAPE = ("How many {p} are there?", "How many {p} are in the image?")
 _COLOR_QUESTIONS = ("What color is the {s}?", "What is the color of the {s}?")
@@ -374,10 +375,10 @@ def _reading_order(scene: Scene) -> list[SceneObject]:
     return sorted(scene.objects, key=lambda o: (o.row, o.col))
 
 
-def _join(items: list[str]) -> str:
+def _join(items: list[str], last: str = "and") -> str:
     if len(items) <= 1:
         return "".join(items)
-    return ", ".join(items[:-1]) + " and " + items[-1]
+    return ", ".join(items[:-1]) + f" {last} " + items[-1]
 
 
 def _where(position: str) -> str:
@@ -415,6 +416,26 @@ def describe(scene: Scene) -> str:
     if scene.word is not None and scene.word_cell is not None:
         parts.append(f"The word {scene.word} is written {_where(position_name(*scene.word_cell, scene.grid))}.")
     return " ".join(parts)
+
+
+def list_by_shape(scene: Scene) -> str:
+    """The objects grouped by shape, e.g. "2 circles: red at the top left, blue in the center. No stars."
+
+    Captions and descriptions always name a colour before its shape and a place before its
+    object, so they teach looking an object up by colour or by place. This text runs the
+    other way: each colour and place follows its shape and count, which is what "What color
+    is the star?", "How many stars are there?" and "Where is the red star?" need.
+    """
+    groups = []
+    for shape in SHAPES:
+        objects = [o for o in _reading_order(scene) if o.shape == shape]
+        if objects:
+            noun = shape if len(objects) == 1 else PLURALS[shape]
+            groups.append(f"{len(objects)} {noun}: " + ", ".join(f"{o.color} {_at(o, scene)}" for o in objects) + ".")
+    absent = [PLURALS[shape] for shape in SHAPES if all(o.shape != shape for o in scene.objects)]
+    if absent:
+        groups.append(f"No {_join(absent, 'or')}.")
+    return " ".join(groups)
 
 
 def _pick(rng: np.random.Generator, items):
@@ -534,7 +555,7 @@ def _available_tasks(scene: Scene) -> list[str]:
 
 
 def scene_conversation(scene: Scene, rng: np.random.Generator) -> tuple[Turn, ...]:
-    """One caption or describe turn plus 3-5 distinct questions, all in shuffled order.
+    """One caption or describe turn, the list by shape, and 3-5 distinct questions, all in shuffled order.
 
     Question tasks are taken without repetition first (read always, as words
     are rare; the others in random order), then repeated with new questions
@@ -544,11 +565,12 @@ def scene_conversation(scene: Scene, rng: np.random.Generator) -> tuple[Turn, ..
         turns = [Turn(_pick(rng, _CAPTION_QUESTIONS), caption(scene), "caption")]
     else:
         turns = [Turn(_pick(rng, _DESCRIBE_QUESTIONS), describe(scene), "describe")]
+    turns.append(Turn(_pick(rng, _LIST_QUESTIONS), list_by_shape(scene), "list"))
     wanted = int(rng.integers(3, 6))
     available = _available_tasks(scene)
     order = [available[i] for i in rng.permutation(len(available))]
     order.sort(key=lambda task: task != "read")  # the word is rare: always ask about it
-    seen = {turns[0].question}
+    seen = {turn.question for turn in turns}
     questions: list[Turn] = []
     attempts = 0
     while len(questions) < wanted and attempts < 40 and order:
@@ -714,7 +736,7 @@ def generate_dataset(
         tasks: Counter = Counter()
         for record in records:
             tasks.update(m["task"] for m in record["conversations"] if m["from"] == "human")
-        task_counts = {t: tasks[t] for t in ("caption", "describe", *_QUESTION_MAKERS) if tasks[t]}
+        task_counts = {t: tasks[t] for t in ("caption", "describe", "list", *_QUESTION_MAKERS) if tasks[t]}
         start = 0
         for split in SPLITS:
             _write_records(tmp / f"{split}.json", records[start : start + counts[split]])

@@ -101,21 +101,29 @@ class VisionLanguageModel(nn.Module):
         if not bool((per_row == 1).all()):
             raise ValueError(f"every sequence needs exactly one image token, got counts {per_row.tolist()}")
         text_embeds = self.embed_tokens(input_ids)
-        n_img = image_embeds.shape[1]
-        embeds, masks, merged_labels = [], [], []
-        for row, position in enumerate(is_image.float().argmax(dim=1).tolist()):
-            embeds.append(torch.cat([text_embeds[row, :position], image_embeds[row], text_embeds[row, position + 1:]]))
-            image_mask = attention_mask.new_ones(n_img)
-            masks.append(torch.cat([attention_mask[row, :position], image_mask, attention_mask[row, position + 1:]]))
-            if labels is not None:
-                ignore = labels.new_full((n_img,), IGNORE_INDEX)
-                merged_labels.append(torch.cat([labels[row, :position], ignore, labels[row, position + 1:]]))
-        merged_mask = torch.stack(masks)
+        n_img, length = image_embeds.shape[1], input_ids.shape[1]
+        # One gather for the whole batch: merged position j of a row whose image token sits at p
+        # holds text j (j < p), visual token j - p (p <= j < p + n_img) or text j - n_img + 1.
+        merged_pos = torch.arange(length - 1 + n_img, device=input_ids.device)[None, :]
+        image_at = is_image.long().argmax(dim=1, keepdim=True)
+        in_image = (merged_pos >= image_at) & (merged_pos < image_at + n_img)
+        text_index = torch.where(merged_pos < image_at, merged_pos, merged_pos - n_img + 1).clamp(0, length - 1)
+        image_index = (merged_pos - image_at).clamp(0, n_img - 1)
+        hidden = text_embeds.shape[-1]
+        embeds = torch.where(
+            in_image[..., None],
+            image_embeds.to(text_embeds.dtype).gather(1, image_index[..., None].expand(-1, -1, hidden)),
+            text_embeds.gather(1, text_index[..., None].expand(-1, -1, hidden)),
+        )
+        merged_mask = torch.where(in_image, 1, attention_mask.gather(1, text_index)).to(attention_mask.dtype)
+        merged_labels = (
+            torch.where(in_image, IGNORE_INDEX, labels.gather(1, text_index)) if labels is not None else None
+        )
         return MergedInputs(
-            inputs_embeds=torch.stack(embeds),
+            inputs_embeds=embeds,
             attention_mask=merged_mask,
             position_ids=position_ids_from_mask(merged_mask),
-            labels=torch.stack(merged_labels) if labels is not None else None,
+            labels=merged_labels,
         )
 
     def decode(self, merged: MergedInputs) -> torch.Tensor:
