@@ -156,7 +156,7 @@ def main() -> None:
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         if (step + 1) % 250 == 0:
-            print(f"step {step + 1}: loss {float(loss):.4f}", flush=True)
+            print(f"step {step + 1}: loss {float(loss.detach()):.4f}", flush=True)
     print(f"{args.steps} steps in {time.perf_counter() - started:.0f} s ({'oracle' if args.oracle else 'pretrained'} tokens)")
 
     result = evaluate(model, tokenizer, model_config, val_records, limit=args.questions, images=val_images)
