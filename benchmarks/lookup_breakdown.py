@@ -28,20 +28,19 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from vledge.config import preset
-from vledge.data.dataset import ConversationDataset, cache_images, collate_text
+from vledge.data.dataset import ConversationDataset, cache_images
 from vledge.data.images import normalize
 from vledge.data.loaders import load_records
 from vledge.data.records import LoadReport
 from vledge.data.synth import COLORS, SHAPES, SIZES
 from vledge.evaluation import evaluate
 from vledge.models.vision import load_vision_weights
-from vledge.models.vlm import IGNORE_INDEX, VisionLanguageModel
+from vledge.models.vlm import VisionLanguageModel
 from vledge.tokenizer import Tokenizer
 from vledge.training.schedule import learning_rate
-from vledge.training.trainer import length_pieces
+from vledge.training.trainer import length_pieces, pieces_loss, project_images
 from vledge.training.vision_pretrain import load_projector_weights
 
 STRUCTURED = ("count", "color", "shape", "position")
@@ -119,9 +118,7 @@ def main() -> None:
         model.encode_images = lambda pixels: model.place_visual_tokens(torch.stack(
             [by_pixels[hashlib.sha1(p.numpy().tobytes()).hexdigest()] for p in pixels]))
     else:
-        with torch.no_grad():
-            tokens = torch.cat([model.projector(model.vision(normalize(
-                torch.stack([images[k] for k in keys[i:i + 256]]), model_config.preprocess))) for i in range(0, len(keys), 256)])
+        tokens = project_images(model, images, keys, model_config.preprocess)
     dataset = ConversationDataset(records, images, tokenizer, template, model.num_image_tokens,
                                   train_config.max_seq_len, report, train_config.turns_per_example)
     for p in list(model.vision.parameters()) + list(model.projector.parameters()):
@@ -133,14 +130,8 @@ def main() -> None:
 
     def loss_of(examples) -> torch.Tensor:
         image_embeds = model.place_visual_tokens(tokens[[rows[e.image] for e in examples]])
-        pieces = length_pieces([len(e.input_ids) for e in examples])
-        counts = [sum(sum(label != IGNORE_INDEX for label in examples[i].labels) for i in piece) for piece in pieces]
-        total = torch.zeros(())
-        for piece, count in zip(pieces, counts):
-            batch = collate_text([examples[i] for i in piece], tokenizer.pad_id)
-            merged = model.merge(batch["input_ids"], image_embeds[piece], batch["attention_mask"], batch["labels"])
-            total = total + model.loss(model.decode(merged), merged.labels) * (count / sum(counts))
-        return total
+        pieces = length_pieces([len(e.input_ids) - 1 + model.num_image_tokens for e in examples])
+        return pieces_loss(model, examples, image_embeds, pieces, tokenizer.pad_id)
 
     rng = np.random.default_rng(args.seed)
     order = rng.permutation(len(dataset))

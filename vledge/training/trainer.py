@@ -331,18 +331,11 @@ class Trainer:
                      needed / 2**30, FEATURE_CACHE_LIMIT_BYTES / 2**30)
             return None
         started = time.monotonic()
-        was_training = self.model.training
-        self.model.eval()  # the frozen BatchNorm's statistics, as at every frozen step
-        spec = self.model_config.preprocess
-        chunks = []
-        with torch.no_grad(), self.autocast():
-            for start in range(0, len(keys), 256):
-                pixels = normalize(torch.stack([self.train_images[k] for k in keys[start:start + 256]]), spec)
-                chunks.append(self.model.projector(self.model.vision(pixels.to(self.device))).float())
-        self.model.train(was_training)
+        with self.autocast():
+            tokens = project_images(self.model, self.train_images, keys, self.model_config.preprocess, self.device)
         log.info("stage %s: visual tokens of %d frozen-encoder images computed once in %.1f s", stage.name,
                  len(keys), time.monotonic() - started)
-        return FrozenFeatures(keys, torch.cat(chunks))
+        return FrozenFeatures(keys, tokens)
 
     def run(self) -> TrainResult:
         config = self.train_config
@@ -476,16 +469,7 @@ class Trainer:
         else:
             pixels = torch.stack([e.pixels for e in examples])
             image_embeds = self.model.encode_images(normalize(pixels, spec).to(self.device))
-        counts = [sum(sum(label != IGNORE_INDEX for label in examples[i].labels) for i in piece) for piece in pieces]
-        total = torch.zeros((), device=self.device)
-        for piece, count in zip(pieces, counts):
-            if count == 0:
-                continue
-            batch = collate_text([examples[i] for i in piece], pad)
-            merged = self.model.merge(batch["input_ids"].to(self.device), image_embeds[piece],
-                                      batch["attention_mask"].to(self.device), batch["labels"].to(self.device))
-            total = total + self.model.loss(self.model.decode(merged), merged.labels) * (count / sum(counts))
-        return total
+        return pieces_loss(self.model, examples, image_embeds, pieces, pad)
 
     @torch.no_grad()
     def _val_loss(self) -> float:
@@ -578,6 +562,41 @@ class Trainer:
         if self.rank == 0:
             with path.open("a") as handle:
                 handle.write(json.dumps(row) + "\n")
+
+
+@torch.no_grad()
+def project_images(model: VisionLanguageModel, images: dict[str, torch.Tensor], keys: list[str],
+                   spec, device: torch.device | str = "cpu", chunk: int = 256) -> torch.Tensor:
+    """Projected visual tokens [len(keys), tokens, hidden] of cached uint8 images, in eval mode
+    (a frozen encoder's BatchNorm statistics, as at every frozen step)."""
+    was_training = model.training
+    model.eval()
+    chunks = []
+    for start in range(0, len(keys), chunk):
+        pixels = normalize(torch.stack([images[k] for k in keys[start:start + chunk]]), spec)
+        chunks.append(model.projector(model.vision(pixels.to(device))).float())
+    model.train(was_training)
+    return torch.cat(chunks)
+
+
+def pieces_loss(model: VisionLanguageModel, examples: list, image_embeds: torch.Tensor, pieces: list[list[int]],
+                pad_id: int) -> torch.Tensor:
+    """A batch's mean answer-token loss, the language model run once per piece of ``examples``.
+
+    Each piece's token mean is weighted by its share of the batch's answer tokens, so the loss
+    and its gradient are those of the whole padded batch.
+    """
+    device = image_embeds.device
+    counts = [sum(sum(label != IGNORE_INDEX for label in examples[i].labels) for i in piece) for piece in pieces]
+    total = torch.zeros((), device=device)
+    for piece, count in zip(pieces, counts):
+        if count == 0:
+            continue
+        batch = collate_text([examples[i] for i in piece], pad_id)
+        merged = model.merge(batch["input_ids"].to(device), image_embeds[piece],
+                             batch["attention_mask"].to(device), batch["labels"].to(device))
+        total = total + model.loss(model.decode(merged), merged.labels) * (count / sum(counts))
+    return total
 
 
 def length_pieces(lengths: list[int], min_piece: int = 2, min_saving: float = 0.15) -> list[list[int]]:
