@@ -8,12 +8,84 @@ and the exported manifest stores them as JSON.
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass, field
 
 from vledge.errors import ConfigError
 
-VISION_BACKBONES = ("convnet", "resnet18", "mobilenet_v3_small", "efficientnet_b0")
+VISION_BACKBONES = ("convnet", "resnet18", "mobilenet_v3_small", "efficientnet_b0", "clip", "siglip")
+VIT_FAMILIES = ("clip", "siglip")
+VIT_ACTIVATIONS = ("quick_gelu", "gelu_pytorch_tanh", "gelu")
+VIT_SELECT = ("default", "full")
+VIT_REDUCTIONS = ("avg_pool_2x2", "pixel_shuffle_2x2")
+
+
+@dataclass
+class ViTConfig:
+    """A CLIP or SigLIP vision transformer (the numbers of its Hugging Face ``vision_config``)."""
+
+    family: str = "clip"
+    hidden: int = 768
+    layers: int = 12
+    heads: int = 12
+    intermediate: int = 3072
+    patch_size: int = 16
+    image_size: int = 224
+    layer_norm_eps: float = 1e-5
+    hidden_act: str = "quick_gelu"
+    # Hidden states whose tokens become visual tokens (LLaVA's vision_feature_layer): index 0 is
+    # the embeddings, i the output of block i, negative counts from the last block; several are
+    # concatenated along the feature axis.
+    feature_layers: tuple[int, ...] = (-2,)
+    # "default" drops the first token (CLIP's class token), "full" keeps every token.
+    select: str = "default"
+    # Optional 2x2 token reduction for edge use: average pooling, or pixel shuffle (4x wider tokens).
+    reduction: str | None = None
+    # Apply the tower's final LayerNorm to the chosen hidden states (SigLIP's last_hidden_state).
+    post_norm: bool = False
+
+    def __post_init__(self) -> None:
+        if self.family not in VIT_FAMILIES:
+            raise ConfigError(f"unknown vision transformer family {self.family!r}; choose from {VIT_FAMILIES}")
+        if self.hidden_act not in VIT_ACTIVATIONS:
+            raise ConfigError(f"vision hidden_act {self.hidden_act!r} is not supported; choose from {VIT_ACTIVATIONS}")
+        if self.select not in VIT_SELECT:
+            raise ConfigError(f"vision_feature_select_strategy {self.select!r} is not supported; choose from {VIT_SELECT}")
+        if self.reduction is not None and self.reduction not in VIT_REDUCTIONS:
+            raise ConfigError(f"unknown token reduction {self.reduction!r}; choose from {VIT_REDUCTIONS}")
+        if min(self.hidden, self.layers, self.heads, self.intermediate, self.patch_size) < 1 or self.hidden % self.heads:
+            raise ConfigError(f"vision transformer: hidden {self.hidden} must be a positive multiple of heads {self.heads}")
+        if self.image_size % self.patch_size:
+            raise ConfigError(f"vision image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
+        if not self.feature_layers:
+            raise ConfigError("vision_feature_layer names no layer")
+        for layer in self.feature_layers:
+            if not -self.layers - 1 <= layer <= self.layers:
+                raise ConfigError(f"vision_feature_layer {layer} is outside the tower's {self.layers} layers")
+        if self.reduction is not None:
+            side = math.isqrt(self.tokens_before_reduction)
+            if side * side != self.tokens_before_reduction or side % 2:
+                raise ConfigError(f"token reduction {self.reduction!r} needs an even square grid of tokens, got "
+                                  f"{self.tokens_before_reduction} (select {self.select!r})")
+
+    @property
+    def grid(self) -> int:
+        return self.image_size // self.patch_size
+
+    @property
+    def tokens_before_reduction(self) -> int:
+        tokens = self.grid * self.grid + (1 if self.family == "clip" else 0)
+        return tokens - 1 if self.select == "default" else tokens
+
+    @property
+    def num_tokens(self) -> int:
+        return self.tokens_before_reduction // 4 if self.reduction else self.tokens_before_reduction
+
+    @property
+    def out_features(self) -> int:
+        width = self.hidden * len(self.feature_layers)
+        return width * 4 if self.reduction == "pixel_shuffle_2x2" else width
 PROJECTORS = ("linear", "mlp2x_gelu")
 LANGUAGE_MODELS = ("transformer", "lstm")
 
@@ -29,10 +101,17 @@ class VisionConfig:
     token_grid: tuple[int, int] | None = None
     # torchvision weights name (e.g. "IMAGENET1K_V1"), used only when already in the torch cache.
     pretrained: str | None = None
+    # clip / siglip only: the vision transformer's architecture
+    vit: ViTConfig | None = None
 
     def __post_init__(self) -> None:
         if self.backbone not in VISION_BACKBONES:
             raise ConfigError(f"unknown vision backbone {self.backbone!r}; choose from {VISION_BACKBONES}")
+        if self.backbone in VIT_FAMILIES:
+            if self.vit is None or self.vit.family != self.backbone:
+                raise ConfigError(f"vision backbone {self.backbone!r} needs its vit config (family {self.backbone!r})")
+            if self.token_grid is not None:
+                raise ConfigError("token_grid applies to CNN backbones; a vision transformer uses vit.reduction")
 
 
 @dataclass
