@@ -87,6 +87,7 @@ class ViTConfig:
         width = self.hidden * len(self.feature_layers)
         return width * 4 if self.reduction == "pixel_shuffle_2x2" else width
 PROJECTORS = ("linear", "mlp2x_gelu")
+INTERPOLATIONS = ("bilinear", "bicubic", "bilinear_pil", "bicubic_pil")
 LANGUAGE_MODELS = ("transformer", "lstm")
 
 
@@ -155,11 +156,18 @@ class LanguageConfig:
 class PreprocessSpec:
     """How a decoded RGB image becomes the model's pixel tensor; the runtime follows it exactly."""
 
-    image_size: int = 64
-    # "shortest_edge_center_crop": resize the short side to image_size, crop the centre square.
+    image_size: int = 64  # side of the square pixel tensor the vision encoder reads
+    # "shortest_edge_center_crop": resize the short side to resize_size, crop the centre square.
     # "squash": resize both sides to image_size, ignoring aspect ratio.
     resize: str = "shortest_edge_center_crop"
-    interpolation: str = "bilinear"  # antialiased when downscaling
+    # shortest_edge_center_crop only: the short side's length before the crop (None: image_size).
+    resize_size: int | None = None
+    # "bilinear" / "bicubic": torchvision's antialiased resize; "bilinear_pil" / "bicubic_pil":
+    # Pillow's Image.resize (what Hugging Face image processors use).
+    interpolation: str = "bilinear"
+    # Crop offset (resized - image_size) / 2: "round" as torchvision's center_crop rounds it,
+    # "floor" as Hugging Face image processors do.
+    crop_anchor: str = "round"
     mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
     std: tuple[float, float, float] = (0.5, 0.5, 0.5)
     channel_order: str = "RGB"
@@ -167,10 +175,34 @@ class PreprocessSpec:
     def __post_init__(self) -> None:
         if self.resize not in ("shortest_edge_center_crop", "squash"):
             raise ConfigError(f"unknown resize mode {self.resize!r}")
-        if self.interpolation not in ("bilinear", "bicubic"):
-            raise ConfigError(f"unknown interpolation {self.interpolation!r}")
+        if self.interpolation not in INTERPOLATIONS:
+            raise ConfigError(f"unknown interpolation {self.interpolation!r}; choose from {INTERPOLATIONS}")
+        if self.crop_anchor not in ("round", "floor"):
+            raise ConfigError(f"unknown crop_anchor {self.crop_anchor!r}; choose 'round' or 'floor'")
         if self.image_size < 8:
             raise ConfigError(f"image_size must be at least 8, got {self.image_size}")
+        if self.resize_size is not None:
+            if self.resize != "shortest_edge_center_crop":
+                raise ConfigError("resize_size applies only to resize 'shortest_edge_center_crop'")
+            if self.resize_size < self.image_size:
+                raise ConfigError(f"resize_size {self.resize_size} is smaller than the crop (image_size "
+                                  f"{self.image_size})")
+
+    def geometry(self, height: int, width: int) -> tuple[int, int, int, int]:
+        """(resized height, resized width, crop top, crop left) of an image, as torchvision / HF compute them."""
+        size = self.image_size
+        if self.resize == "squash":
+            return size, size, 0, 0
+        short_target = self.resize_size or size
+        if min(height, width) == short_target:
+            new_h, new_w = height, width
+        else:
+            short, long = (width, height) if width <= height else (height, width)
+            new_short, new_long = short_target, int(short_target * long / short)
+            new_w, new_h = (new_short, new_long) if width <= height else (new_long, new_short)
+        if self.crop_anchor == "floor":
+            return new_h, new_w, (new_h - size) // 2, (new_w - size) // 2
+        return new_h, new_w, int(round((new_h - size) / 2.0)), int(round((new_w - size) / 2.0))
 
 
 @dataclass

@@ -20,6 +20,7 @@ from vledge.errors import ImageError
 MAX_PIXELS = 64_000_000
 
 _INTERPOLATION = {"bilinear": InterpolationMode.BILINEAR, "bicubic": InterpolationMode.BICUBIC}
+_PIL_RESAMPLE = {"bilinear_pil": Image.Resampling.BILINEAR, "bicubic_pil": Image.Resampling.BICUBIC}
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
@@ -57,14 +58,16 @@ def load_rgb(source: str | Path | bytes) -> Image.Image:
 
 def resize_and_crop(image: Image.Image, spec: PreprocessSpec) -> torch.Tensor:
     """uint8 [3, S, S] after the spec's resize and crop (before normalisation)."""
-    tensor = TF.pil_to_tensor(image)
     size = spec.image_size
-    interpolation = _INTERPOLATION[spec.interpolation]
-    if spec.resize == "squash":
-        return TF.resize(tensor, [size, size], interpolation=interpolation, antialias=True)
-    if min(tensor.shape[-2:]) != size:
-        tensor = TF.resize(tensor, size, interpolation=interpolation, antialias=True)
-    return TF.center_crop(tensor, [size, size])
+    new_h, new_w, top, left = spec.geometry(image.height, image.width)
+    if spec.interpolation in _PIL_RESAMPLE:
+        if (new_w, new_h) != image.size:
+            image = image.resize((new_w, new_h), _PIL_RESAMPLE[spec.interpolation])
+        return TF.pil_to_tensor(image.crop((left, top, left + size, top + size)))
+    tensor = TF.pil_to_tensor(image)
+    if (new_h, new_w) != tuple(tensor.shape[-2:]):
+        tensor = TF.resize(tensor, [new_h, new_w], interpolation=_INTERPOLATION[spec.interpolation], antialias=True)
+    return TF.crop(tensor, top, left, size, size)
 
 
 def normalize(pixels_uint8: torch.Tensor, spec: PreprocessSpec) -> torch.Tensor:
