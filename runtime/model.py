@@ -456,7 +456,7 @@ class VisionLanguageRuntime:
             "embed_tokens": {"input_ids": np.ones((1, 4), np.int64)},
         }
         embeds = np.zeros((1, 4, graphs.hidden), floats)
-        if graphs.language_kind == "transformer":
+        if graphs.language_kind != "lstm":
             decoder = {"inputs_embeds": embeds, "attention_mask": np.ones((1, 4), np.int64),
                        "position_ids": np.arange(4, dtype=np.int64)[None]}
             for i in range(graphs.layers):
@@ -524,7 +524,7 @@ def load(
     root = Path(model_dir)
     manifest = read_manifest(root, verify=verify)
     _check_precisions_exist(manifest, wanted, root)
-    tokenizer = Tokenizer.from_file(resolve_inside(root, TOKENIZER_NAME))
+    tokenizer = Tokenizer.from_file(resolve_inside(root, TOKENIZER_NAME), manifest.model_config.special_tokens)
     names, gpu_fallback = usable_providers(config)  # ProviderError for an explicit GPU request that cannot work
     planned = "cuda" if names[0] in GPU_PROVIDERS else "cpu"
     sessions = {}
@@ -543,8 +543,8 @@ def load(
     graphs = Graphs(
         vision=sessions["vision_encoder"], embed=sessions["embed_tokens"], decoder=sessions["decoder_model_merged"],
         language_kind=language.kind, layers=language.layers,
-        heads=language.heads if language.kind == "transformer" else 0,
-        head_dim=language.head_dim if language.kind == "transformer" else 0, hidden=language.hidden,
+        heads=language.key_value_heads if language.has_kv_cache else 0,  # the cache's heads: kv_heads under GQA
+        head_dim=language.head_dim if language.has_kv_cache else 0, hidden=language.hidden,
         device=device, device_id=device_id, vocab_size=int(language.vocab_size),
     )
     _check_io(graphs, manifest, root)

@@ -43,7 +43,7 @@ class Checkpoint:
     def tokenizer(self):
         from vledge.tokenizer import Tokenizer
 
-        return Tokenizer.from_json(self.tokenizer_json)
+        return Tokenizer.from_json(self.tokenizer_json, self.model_config.special_tokens)
 
     def build_model(self):
         """The model with these weights, in eval mode, on the CPU."""

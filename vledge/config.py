@@ -19,6 +19,11 @@ VIT_FAMILIES = ("clip", "siglip")
 VIT_ACTIVATIONS = ("quick_gelu", "gelu_pytorch_tanh", "gelu")
 VIT_SELECT = ("default", "full")
 VIT_REDUCTIONS = ("avg_pool_2x2", "pixel_shuffle_2x2")
+PROJECTORS = ("linear", "mlp2x_gelu")
+INTERPOLATIONS = ("bilinear", "bicubic", "bilinear_pil", "bicubic_pil")
+LANGUAGE_MODELS = ("transformer", "lstm", "llama")
+# Rotary scalings the Llama family defines that vledge implements ("default" is none).
+ROPE_SCALINGS = ("default", "linear", "llama3")
 
 
 @dataclass
@@ -86,9 +91,6 @@ class ViTConfig:
     def out_features(self) -> int:
         width = self.hidden * len(self.feature_layers)
         return width * 4 if self.reduction == "pixel_shuffle_2x2" else width
-PROJECTORS = ("linear", "mlp2x_gelu")
-INTERPOLATIONS = ("bilinear", "bicubic", "bilinear_pil", "bicubic_pil")
-LANGUAGE_MODELS = ("transformer", "lstm")
 
 
 @dataclass
@@ -136,20 +138,57 @@ class LanguageConfig:
     kind: str = "transformer"
     hidden: int = 256
     layers: int = 4
-    heads: int = 4  # transformer only
-    max_positions: int = 256  # transformer only: learned absolute positions
+    heads: int = 4  # transformer and llama
+    max_positions: int = 256  # transformer: learned absolute positions; llama: its context length
     dropout: float = 0.0
     vocab_size: int = 0  # filled in from the tokenizer
+    # llama only (Llama, Qwen2, Mistral, SmolLM2 as Hugging Face's config.json describes them)
+    kv_heads: int = 0  # grouped-query attention: key/value heads; 0 means ``heads``
+    intermediate: int = 0  # SwiGLU MLP width
+    attention_head_dim: int = 0  # 0 means hidden // heads
+    rope_theta: float = 10000.0
+    # None or Hugging Face's rope_scaling mapping: {"rope_type": "linear"|"llama3", "factor": ..., ...}
+    rope_scaling: dict | None = None
+    rms_norm_eps: float = 1e-6
+    tie_embeddings: bool = False  # the LM head shares the token embedding matrix
+    qkv_bias: bool = False  # Qwen2: biases on the query/key/value projections
+    # Where the pretrained weights came from: folder, architecture, config.json, weight files' sha256.
+    source: dict | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in LANGUAGE_MODELS:
             raise ConfigError(f"unknown language model {self.kind!r}; choose from {LANGUAGE_MODELS}")
-        if self.kind == "transformer" and self.hidden % self.heads:
+        if self.kind in ("transformer", "llama") and not self.attention_head_dim and self.hidden % self.heads:
             raise ConfigError(f"hidden size {self.hidden} is not divisible by {self.heads} heads")
+        if self.kind == "llama":
+            if self.heads % self.key_value_heads:
+                raise ConfigError(f"{self.heads} attention heads are not a multiple of {self.key_value_heads} "
+                                  "key/value heads")
+            if self.intermediate < 1:
+                raise ConfigError("a llama language model needs its MLP width (intermediate)")
+            rope_type = self.rope_type
+            if rope_type not in ROPE_SCALINGS:
+                raise ConfigError(f"unsupported rope_scaling type {rope_type!r}; vledge implements "
+                                  f"{', '.join(ROPE_SCALINGS)}")
 
     @property
     def head_dim(self) -> int:
-        return self.hidden // self.heads
+        return self.attention_head_dim or self.hidden // self.heads
+
+    @property
+    def key_value_heads(self) -> int:
+        """Heads of the key/value cache: fewer than ``heads`` under grouped-query attention."""
+        return self.kv_heads or self.heads
+
+    @property
+    def has_kv_cache(self) -> bool:
+        """True for attention LMs (past_key_values in and present out); False for the LSTM."""
+        return self.kind in ("transformer", "llama")
+
+    @property
+    def rope_type(self) -> str:
+        scaling = self.rope_scaling or {}
+        return str(scaling.get("rope_type", scaling.get("type", "default")))
 
 
 @dataclass
@@ -214,6 +253,8 @@ class PromptTemplate:
     assistant: str = " ASSISTANT:"
     answer_prefix: str = " "
     image_separator: str = "\n"
+    # Text after an answer's end token and before the next turn's ``user`` (a chat template's newline).
+    turn_separator: str = ""
 
 
 @dataclass
@@ -224,6 +265,10 @@ class ModelConfig:
     preprocess: PreprocessSpec = field(default_factory=PreprocessSpec)
     prompt: PromptTemplate = field(default_factory=PromptTemplate)
     tokenizer_vocab_size: int = 1024
+    # Role ("pad", "bos", "eos", "unk", "image") -> token text in tokenizer.json; None: vledge's own
+    # names (<pad>, <s>, </s>, <unk>, <image>). A pretrained LM's tokenizer names its own; no "bos"
+    # means no token is put before the prompt.
+    special_tokens: dict[str, str] | None = None
 
 
 @dataclass

@@ -24,7 +24,8 @@ class EncodedPrompt:
 
 def prefix_ids(tokenizer: Tokenizer, template: PromptTemplate) -> list[int]:
     """The constant tokens that precede the image placeholder."""
-    return [tokenizer.bos_id] + tokenizer.encode(template.system) + tokenizer.encode(template.user)
+    bos = [] if tokenizer.bos_id is None else [tokenizer.bos_id]
+    return bos + tokenizer.encode(template.system) + tokenizer.encode(template.user)
 
 
 def encode_conversation(
@@ -44,7 +45,7 @@ def encode_conversation(
 
     for index, turn in enumerate(turns):
         if index > 0:
-            add(tokenizer.encode(template.user), False)
+            add(tokenizer.encode(template.turn_separator + template.user), False)
         if index == 0 and with_image:
             add([tokenizer.image_id] + tokenizer.encode(template.image_separator), False)
         add(tokenizer.encode(turn.question) + tokenizer.encode(template.assistant), False)

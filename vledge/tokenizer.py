@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 from tokenizers import Tokenizer as HFTokenizer
@@ -21,21 +21,32 @@ log = logging.getLogger(__name__)
 
 PAD, BOS, EOS, UNK, IMAGE = "<pad>", "<s>", "</s>", "<unk>", "<image>"
 SPECIAL_TOKENS = (PAD, BOS, EOS, UNK, IMAGE)
+# Role -> token text of vledge's own tokenizers; a pretrained LM's tokenizer brings its own mapping.
+DEFAULT_ROLES = {"pad": PAD, "bos": BOS, "eos": EOS, "unk": UNK, "image": IMAGE}
+REQUIRED_ROLES = ("pad", "eos", "image")
 
 
 class Tokenizer:
-    """A thin owner of a ``tokenizers.Tokenizer`` with vledge's special tokens resolved to ids."""
+    """A thin owner of a ``tokenizers.Tokenizer`` with its special tokens resolved to ids.
 
-    def __init__(self, backend: HFTokenizer) -> None:
+    ``roles`` maps "pad", "bos", "eos", "unk", "image" to token texts (vledge's own names when
+    None); "bos" and "unk" may be absent (no token goes before a prompt; no unknown token).
+    """
+
+    def __init__(self, backend: HFTokenizer, roles: Mapping[str, str] | None = None) -> None:
         self.backend = backend
-        ids = {}
-        for token in SPECIAL_TOKENS:
+        self.roles = dict(DEFAULT_ROLES if roles is None else roles)
+        missing = [role for role in REQUIRED_ROLES if role not in self.roles]
+        if missing:
+            raise TokenizerError(f"the special token roles lack {missing}")
+        ids: dict[str, int | None] = {}
+        for role, token in self.roles.items():
             token_id = backend.token_to_id(token)
             if token_id is None:
-                raise TokenizerError(f"tokenizer lacks the special token {token!r}")
-            ids[token] = token_id
-        self.pad_id, self.bos_id, self.eos_id = ids[PAD], ids[BOS], ids[EOS]
-        self.unk_id, self.image_id = ids[UNK], ids[IMAGE]
+                raise TokenizerError(f"tokenizer lacks the special token {token!r} ({role})")
+            ids[role] = token_id
+        self.pad_id, self.eos_id, self.image_id = ids["pad"], ids["eos"], ids["image"]
+        self.bos_id, self.unk_id = ids.get("bos"), ids.get("unk")
 
     # ------------------------------------------------------------------ construction
 
@@ -58,21 +69,21 @@ class Tokenizer:
         return cls(backend)
 
     @classmethod
-    def from_json(cls, text: str) -> "Tokenizer":
+    def from_json(cls, text: str, roles: Mapping[str, str] | None = None) -> "Tokenizer":
         try:
             backend = HFTokenizer.from_str(text)
         except Exception as exc:  # tokenizers raises a bare Exception on malformed JSON
             raise TokenizerError(f"not a valid tokenizer.json: {exc}") from None
-        return cls(backend)
+        return cls(backend, roles)
 
     @classmethod
-    def from_file(cls, path: str | Path) -> "Tokenizer":
+    def from_file(cls, path: str | Path, roles: Mapping[str, str] | None = None) -> "Tokenizer":
         path = Path(path)
         try:
             text = path.read_text(encoding="utf-8")
         except OSError as exc:
             raise TokenizerError(f"cannot read tokenizer file {path}: {exc.strerror or exc}") from None
-        return cls.from_json(text)
+        return cls.from_json(text, roles)
 
     def to_json(self) -> str:
         return self.backend.to_str()
@@ -94,7 +105,9 @@ class Tokenizer:
         return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
     def special_tokens(self) -> dict[str, int]:
-        return {"pad": self.pad_id, "bos": self.bos_id, "eos": self.eos_id, "unk": self.unk_id, "image": self.image_id}
+        """Role -> id of every special token this tokenizer has (no "bos"/"unk" where it has none)."""
+        ids = {"pad": self.pad_id, "bos": self.bos_id, "eos": self.eos_id, "unk": self.unk_id, "image": self.image_id}
+        return {role: token_id for role, token_id in ids.items() if token_id is not None}
 
     def __repr__(self) -> str:
         return f"Tokenizer(vocab_size={self.vocab_size}, special={json.dumps(self.special_tokens())})"

@@ -9,10 +9,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from vledge.config import ModelConfig
+from vledge.models.llama import LlamaLM
 from vledge.models.lstm import LSTMLM
 from vledge.models.projector import build_projector
 from vledge.models.transformer import TransformerLM
 from vledge.models.vision import VisionEncoder
+
+# LanguageConfig.kind -> the module; every one but the LSTM follows TransformerLM's KV-cache contract.
+LANGUAGE_MODULES: dict[str, type[nn.Module]] = {"transformer": TransformerLM, "lstm": LSTMLM, "llama": LlamaLM}
 
 IGNORE_INDEX = -100
 IMAGE_POSITION_INIT_STD = 0.5
@@ -48,9 +52,7 @@ class VisionLanguageModel(nn.Module):
         self.vision = VisionEncoder(config.vision)
         self.projector = build_projector(config.projector, self.vision.out_channels, config.language.hidden)
         self.embed_tokens = nn.Embedding(config.language.vocab_size, config.language.hidden)
-        self.language: nn.Module = (
-            TransformerLM(config.language) if config.language.kind == "transformer" else LSTMLM(config.language)
-        )
+        self.language: nn.Module = LANGUAGE_MODULES[config.language.kind](config.language)
         self.num_image_tokens = self.vision.num_tokens(config.preprocess.image_size)
         # One learned vector per visual token position, as loud as the visual tokens themselves.
         self.image_positions = (
@@ -61,6 +63,8 @@ class VisionLanguageModel(nn.Module):
         # (fan-in) init so visual tokens start as loud as they must be to be used at all.
         self.embed_tokens.apply(self._init_weights)
         self.language.apply(self._init_weights)
+        if config.language.tie_embeddings:
+            self.language.lm_head.weight = self.embed_tokens.weight
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -73,7 +77,8 @@ class VisionLanguageModel(nn.Module):
 
     @property
     def is_transformer(self) -> bool:
-        return isinstance(self.language, TransformerLM)
+        """An attention LM with a KV cache (the built-in transformer or a Llama-family one), not the LSTM."""
+        return self.config.language.has_kv_cache
 
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """[B, 3, H, W] -> image embeddings [B, image_tokens, hidden] (what vision_encoder.onnx outputs)."""
@@ -160,5 +165,6 @@ class VisionLanguageModel(nn.Module):
             "vision": list(self.vision.parameters()),
             "projector": list(self.projector.parameters())
             + ([self.image_positions] if self.image_positions is not None else []),
-            "language": list(self.embed_tokens.parameters()) + list(self.language.parameters()),
+            # dict.fromkeys: a tied LM head is the embedding matrix, listed once
+            "language": list(dict.fromkeys([*self.embed_tokens.parameters(), *self.language.parameters()])),
         }
