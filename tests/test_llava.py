@@ -1,0 +1,138 @@
+"""LLaVA folders (CLIP + Llama, SigLIP + Qwen2) made by transformers: conversion, features, prompts, greedy tokens."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from hf_llava_folders import make_llava_folder  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from vledge.checkpoint import load_checkpoint  # noqa: E402
+from vledge.decoding import GenerationOptions  # noqa: E402
+from vledge.errors import ConfigError, VledgeError  # noqa: E402
+from vledge.hf.llava import convert_llava, load_llava_folder  # noqa: E402
+from vledge.models.generate import generate  # noqa: E402
+from vledge.prompt import question_ids  # noqa: E402
+
+CASES = {"clip-llama": ("clip", "llama", "default"), "siglip-qwen2": ("siglip", "qwen2", "full")}
+QUESTION = "what colour is the shape"
+NEW_TOKENS = 16
+
+
+@pytest.fixture(scope="module", params=sorted(CASES))
+def llava(request, tmp_path_factory):
+    """(folder, converted ckpt path, transformers model, processor) for one tower + LM pair."""
+    tower, lm, select = CASES[request.param]
+    root = tmp_path_factory.mktemp(request.param)
+    folder = make_llava_folder(root / "hf", tower=tower, lm=lm, select=select)
+    ckpt = convert_llava(folder, root / "ckpt.pt")
+    reference = transformers.LlavaForConditionalGeneration.from_pretrained(folder).eval()
+    processor = transformers.AutoProcessor.from_pretrained(folder)
+    return folder, ckpt, reference, processor
+
+
+@pytest.fixture(scope="module")
+def photo(tmp_path_factory):
+    from skimage import data
+
+    path = tmp_path_factory.mktemp("photo") / "chelsea.png"
+    Image.fromarray(data.chelsea()).save(path)
+    return path
+
+
+def hf_features(reference, pixel_values: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        out = reference.get_image_features(pixel_values=pixel_values,
+                                           vision_feature_layer=reference.config.vision_feature_layer,
+                                           vision_feature_select_strategy=reference.config.vision_feature_select_strategy)
+    features = out.pooler_output if hasattr(out, "pooler_output") else out
+    return torch.stack(list(features))
+
+
+def until_eos(tokens: list[int], eos_id: int) -> list[int]:
+    """transformers keeps the eos it generated; vledge stops before it."""
+    return tokens[:tokens.index(eos_id)] if eos_id in tokens else tokens
+
+
+def hf_inputs(processor, photo):
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTION}]}]
+    text = processor.apply_chat_template(messages, add_generation_prompt=True)
+    with Image.open(photo) as image:
+        return processor(images=image.convert("RGB"), text=text, return_tensors="pt")
+
+
+def test_image_features_equal_transformers(llava):
+    _, ckpt, reference, _ = llava
+    model = load_checkpoint(ckpt).build_model()
+    pixels = torch.randn(3, 3, 32, 32)
+    expected = hf_features(reference, pixels)
+    with torch.no_grad():
+        got = model.encode_images(pixels)
+    assert got.shape == expected.shape
+    assert torch.allclose(got, expected, atol=1e-5), (got - expected).abs().max()
+
+
+def test_prompt_ids_are_the_processors(llava, photo):
+    """vledge's one image token per prompt stands for the processor's expanded run of image tokens."""
+    _, ckpt, _, processor = llava
+    checkpoint = load_checkpoint(ckpt)
+    tokenizer, model = checkpoint.tokenizer(), checkpoint.build_model()
+    ids = question_ids(tokenizer, checkpoint.model_config.prompt, QUESTION)
+    at = ids.index(tokenizer.image_id)
+    expanded = ids[:at] + [tokenizer.image_id] * model.num_image_tokens + ids[at + 1:]
+    assert hf_inputs(processor, photo)["input_ids"][0].tolist() == expanded
+
+
+def test_greedy_tokens_equal_transformers_generate(llava, photo):
+    _, ckpt, reference, processor = llava
+    checkpoint = load_checkpoint(ckpt)
+    tokenizer, model = checkpoint.tokenizer(), checkpoint.build_model()
+    inputs = hf_inputs(processor, photo)
+    with torch.no_grad():
+        out = reference.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False)
+    expected = out[0, inputs["input_ids"].shape[1]:].tolist()
+    ids = question_ids(tokenizer, checkpoint.model_config.prompt, QUESTION)
+    got = generate(model, inputs["pixel_values"], [ids], GenerationOptions(max_new_tokens=NEW_TOKENS),
+                   eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)[0]
+    assert got == until_eos(expected, tokenizer.eos_id)
+    assert len(got) == NEW_TOKENS  # the random model never says eos early here, so all 16 tokens are compared
+
+
+def _edit_config(folder, **changes):
+    path = folder / "config.json"
+    config = json.loads(path.read_text())
+    for key, value in changes.items():
+        if isinstance(value, dict) and isinstance(config.get(key), dict):
+            config[key].update(value)
+        else:
+            config[key] = value
+    path.write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize("changes, field", [
+    ({"image_grid_pinpoints": [[32, 64], [64, 32]]}, "image_grid_pinpoints"),
+    ({"architectures": ["LlavaNextForConditionalGeneration"]}, "LlavaNextForConditionalGeneration"),
+    ({"vision_config": {"model_type": "dinov2"}}, "vision_config.model_type 'dinov2'"),
+    ({"vision_feature_select_strategy": "cls_only"}, "vision_feature_select_strategy"),
+    ({"projector_hidden_act": "relu"}, "projector_hidden_act"),
+    ({"text_config": {"model_type": "gemma"}}, "text_config.model_type"),
+])
+def test_unsupported_folders_are_one_line_typed_errors(tmp_path, changes, field):
+    folder = make_llava_folder(tmp_path / "hf")
+    _edit_config(folder, **changes)
+    with pytest.raises(ConfigError, match=field.replace(".", r"\.").replace("[", r"\[")) as caught:
+        load_llava_folder(folder)
+    assert "\n" not in str(caught.value)
+
+
+def test_image_token_mismatch_is_an_error(tmp_path):
+    folder = make_llava_folder(tmp_path / "hf")
+    _edit_config(folder, image_token_index=5)
+    with pytest.raises(VledgeError, match="image_token_index"):
+        load_llava_folder(folder)
