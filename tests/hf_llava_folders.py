@@ -51,7 +51,7 @@ def make_llava_folder(folder: Path, tower: str = "clip", lm: str = "llama", seed
     else:
         vision_config = transformers.SiglipVisionConfig(**vision)
         image_processor = transformers.SiglipImageProcessor(size={"height": image_size, "width": image_size})
-    text = dict(vocab_size=backend.get_vocab_size(), hidden_size=64, intermediate_size=112, num_hidden_layers=2,
+    text = dict(vocab_size=backend.get_vocab_size(), hidden_size=64, initializer_range=0.1, intermediate_size=112, num_hidden_layers=2,
                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-5)
     if lm == "llama":
         text_config = transformers.LlamaConfig(**text, bos_token_id=backend.token_to_id("<s>"),
