@@ -149,7 +149,7 @@ def _umask() -> int:
 def _export_into(root: Path, checkpoint, ckpt_path: Path, options: ExportOptions, say: Progress) -> ExportResult:
     import torch
 
-    from vledge.export import quantize
+    from vledge.export import optimize, quantize
 
     model = checkpoint.build_model()
     tokenizer = checkpoint.tokenizer()
@@ -165,7 +165,7 @@ def _export_into(root: Path, checkpoint, ckpt_path: Path, options: ExportOptions
     for component, path in raw.items():
         check_graph(path)
         target = root / variant_filename(component, "fp32")
-        quantize.optimize_component(component, path, target)
+        optimize.optimize_component(component, path, target)
         variants[component]["fp32"] = variant_filename(component, "fp32")
     tokenizer.save(root / TOKENIZER_NAME)
 
