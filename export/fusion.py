@@ -11,13 +11,13 @@ matches the project's own exporter's pattern and verifies every fusion numerical
 from __future__ import annotations
 
 import logging
-import shutil
 from pathlib import Path
 
 import numpy as np
 
 from vledge.errors import QuantizationError
-from vledge.export.onnx_files import atomic_output, cpu_session, load_graph, source_graph, validate_graph
+from vledge.export.onnx_files import (atomic_output, copy_graph, cpu_session, load_graph, save_graph, source_graph,
+                                      validate_graph)
 
 log = logging.getLogger(__name__)
 
@@ -168,7 +168,7 @@ def fuse_attention(src: Path, dst: Path, num_heads: int | None = None, tolerance
     if not softmaxes:
         log.info("%s: no attention to fuse; copied unchanged", src.name)
         with atomic_output(Path(dst)) as out:
-            shutil.copyfile(src, out)
+            copy_graph(src, out, Path(dst))
         return Path(dst)
     heads = _num_heads(model, num_heads)
     g = _Graph(model.graph)
@@ -192,9 +192,7 @@ def fuse_attention(src: Path, dst: Path, num_heads: int | None = None, tolerance
         raise QuantizationError(f"{src}: attention tensors {sorted(missing)[:4]} are used outside the attention; "
                                 "cannot fuse")
     with atomic_output(Path(dst)) as out:
-        import onnx
-
-        onnx.save(model, str(out))
+        save_graph(model, out, Path(dst))
         validate_graph(out)
         _check_same_decoder(src, out, tolerance, Path(dst))
     log.info("fused %d attention layers in %s (%d heads)", len(softmaxes), src.name, heads)

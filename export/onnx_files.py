@@ -5,29 +5,45 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
-import os
-import tempfile
+import shutil
 from pathlib import Path
 from typing import Iterator
 
-from vledge.errors import QuantizationError
+from vledge.errors import OutputError, QuantizationError
+from vledge.files import atomic_path
 
 log = logging.getLogger(__name__)
 
 
 @contextlib.contextmanager
 def atomic_output(dst: Path) -> Iterator[Path]:
-    """A temporary path beside ``dst`` that replaces it only when the block succeeds: nothing half-written."""
-    dst = Path(dst)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    handle, name = tempfile.mkstemp(prefix=f".{dst.stem}.", suffix=".onnx", dir=dst.parent)
-    os.close(handle)
-    tmp = Path(name)
+    """A temporary ``.onnx`` path beside ``dst`` that replaces it only when the block succeeds (``vledge.files``)."""
     try:
-        yield tmp
-        os.replace(tmp, dst)
-    finally:
-        tmp.unlink(missing_ok=True)
+        Path(dst).parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"cannot write {dst}: {exc.strerror or exc}") from None
+    with atomic_path(dst, suffix=".onnx") as temp:
+        yield temp
+
+
+def save_graph(model, path: Path, label: Path) -> None:
+    """``onnx.save`` with a typed error: too large for one protobuf, or the disk refuses the write."""
+    import onnx
+
+    try:
+        onnx.save(model, str(path))
+    except OSError as exc:
+        raise OutputError(f"cannot write {label}: {exc.strerror or exc}") from None
+    except Exception as exc:  # protobuf's size limit and encoding errors have no common base class
+        raise QuantizationError(f"{label}: the graph cannot be saved: {exc}") from exc
+
+
+def copy_graph(src: Path, path: Path, label: Path) -> None:
+    """Copy an ONNX file, as an OutputError when the disk refuses."""
+    try:
+        shutil.copyfile(src, path)
+    except OSError as exc:
+        raise OutputError(f"cannot write {label}: {exc.strerror or exc}") from None
 
 
 _CHATTY_LOGGERS = ("onnxruntime.quantization", "onnxruntime.transformers")

@@ -27,7 +27,8 @@ from pathlib import Path
 import numpy as np
 
 from vledge.errors import QuantizationError
-from vledge.export.onnx_files import atomic_output, load_graph, op_types, quiet, source_graph, validate_graph
+from vledge.export.onnx_files import (atomic_output, copy_graph, load_graph, op_types, quiet, save_graph,
+                                      source_graph, validate_graph)
 from vledge.export.optimize import COMPONENTS
 
 __all__ = ["AVAILABLE", "CALIBRATION_METHODS", "COMPONENTS", "FP16_SAFE_LIMIT", "QuantizationError", "QuantizeOptions",
@@ -310,9 +311,7 @@ def quantize_decoder_q4(src: Path, dst: Path, block_size: int = 16, accuracy_lev
     except Exception as exc:
         raise QuantizationError(f"{src}: 4-bit quantization failed: {exc}") from exc
     with atomic_output(Path(dst)) as out:
-        import onnx
-
-        onnx.save(result, str(out))
+        save_graph(result, out, Path(dst))
         validate_graph(out)
     log.info("q4 decoder %s: %d MatMuls 4-bit (block %d, accuracy_level %d), kept %s as %s",
              Path(dst).name, len(candidates) - len(kept), block_size, accuracy_level, kept,
@@ -347,7 +346,6 @@ def _clamp_for_fp16(model) -> int:
 
 def convert_fp16(src: Path, dst: Path, keep_io_types: bool = True, op_block_list: list[str] | None = None) -> Path:
     """fp16 weights and compute with float32 inputs/outputs; runs on CPU (via inserted casts), fast on CUDA."""
-    import onnx
     from onnxruntime.transformers.float16 import convert_float_to_float16
     from onnxruntime.transformers.onnx_model import OnnxModel
 
@@ -364,7 +362,7 @@ def convert_fp16(src: Path, dst: Path, keep_io_types: bool = True, op_block_list
     except Exception as exc:
         raise QuantizationError(f"{src}: fp16 conversion failed: {exc}") from exc
     with atomic_output(Path(dst)) as out:
-        onnx.save(wrapped.model, str(out))
+        save_graph(wrapped.model, out, Path(dst))
         validate_graph(out)
     log.info("fp16 %s written (keep_io_types=%s)", Path(dst).name, keep_io_types)
     return Path(dst)
@@ -405,7 +403,7 @@ def quantize_component(component: str, precision: str, src: Path, dst: Path,
                     component, precision)
     if precision == "fp32":
         with atomic_output(Path(dst)) as out:
-            shutil.copyfile(src, out)
+            copy_graph(src, out, Path(dst))
             validate_graph(out)
         return Path(dst)
     if precision == "fp16":
