@@ -137,3 +137,50 @@ def test_image_token_mismatch_is_an_error(tmp_path):
     _edit_config(folder, image_token_index=5)
     with pytest.raises(VledgeError, match="image_token_index"):
         load_llava_folder(folder)
+
+
+@pytest.mark.slow
+def test_convert_then_train_init_runs(tmp_path, synth_data):
+    from click.testing import CliRunner
+
+    from vledge.cli import main
+
+    folder = make_llava_folder(tmp_path / "hf")
+    runner = CliRunner()
+    converted = runner.invoke(main, ["convert", str(folder), "-o", str(tmp_path / "ckpt.pt")])
+    assert converted.exit_code == 0, converted.output
+    again = runner.invoke(main, ["convert", str(folder), "-o", str(tmp_path / "ckpt.pt")])
+    assert again.exit_code == 1 and again.output.startswith("Error: OutputError:")
+    trained = runner.invoke(main, ["train", "--data", str(synth_data), "--preset", "tiny", "--init",
+                                   str(tmp_path / "ckpt.pt"), "--max-steps", "2", "--eval-every", "2",
+                                   "--threads", "1", "--out", str(tmp_path / "run")])
+    assert trained.exit_code == 0, trained.output
+    result = load_checkpoint(tmp_path / "run" / "ckpt.pt")
+    assert result.model_config.vision.backbone == "clip" and result.model_config.language.kind == "llama"
+    assert result.model_config.preprocess.interpolation == "bicubic_pil"
+
+
+@pytest.mark.slow
+def test_train_with_a_hf_vision_tower(tmp_path, synth_data):
+    from click.testing import CliRunner
+
+    from vledge.cli import main
+
+    torch.manual_seed(0)
+    tower = transformers.SiglipVisionModel(transformers.SiglipVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=8))
+    tower.save_pretrained(tmp_path / "tower")
+    transformers.SiglipImageProcessor(size={"height": 32, "width": 32}).save_pretrained(tmp_path / "tower")
+    result = CliRunner().invoke(main, [
+        "train", "--data", str(synth_data), "--preset", "tiny", "--vision-model", str(tmp_path / "tower"),
+        "--vision-token-reduction", "avg_pool_2x2", "--freeze", "vision", "--max-steps", "2", "--eval-every", "2",
+        "--threads", "1", "--out", str(tmp_path / "run")])
+    assert result.exit_code == 0, result.output
+    checkpoint = load_checkpoint(tmp_path / "run" / "ckpt.pt")
+    model = checkpoint.build_model()
+    assert model.num_image_tokens == 4  # 4x4 SigLIP patches pooled 2x2
+    pixels = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        expected = tower(pixels, output_hidden_states=True).hidden_states[-2]  # "full": every patch token
+        pooled = torch.nn.functional.avg_pool2d(expected.transpose(1, 2).reshape(1, 32, 4, 4), 2)
+        assert torch.allclose(model.vision(pixels), pooled.flatten(2).transpose(1, 2), atol=1e-5)

@@ -35,9 +35,17 @@ from vledge.cli.base import fail_cleanly, main
               help="Pretrained vision backbone weights (a local state-dict file).")
 @click.option("--freeze", multiple=True, type=click.Choice(["vision", "projector", "language"]),
               help="Keep this part fixed in every stage (repeatable), e.g. a pretrained vision encoder.")
+@click.option("--vision-model", type=click.Path(path_type=Path), default=None,
+              help="A local Hugging Face CLIPVisionModel / SiglipVisionModel folder as the vision encoder (its "
+                   "preprocessor_config.json sets the preprocessing), instead of the preset's.")
+@click.option("--vision-feature-layer", type=int, default=-2, show_default=True,
+              help="With --vision-model: the hidden layer whose tokens become visual tokens.")
+@click.option("--vision-token-reduction", type=click.Choice(["avg_pool_2x2", "pixel_shuffle_2x2"]), default=None,
+              help="With --vision-model: 4x fewer visual tokens by 2x2 average pooling or pixel shuffle.")
 @fail_cleanly
 def train(data_dir, preset, run_dir, stage, max_steps, minutes, batch_size, grad_accum, lr, eval_every, seed, threads,
-          precision, device, resume, init_ckpt, vision_weights, freeze) -> None:
+          precision, device, resume, init_ckpt, vision_weights, freeze, vision_model, vision_feature_layer,
+          vision_token_reduction) -> None:
     """Train a fusion model: align the projector on captions, then instruction-tune."""
     import dataclasses
 
@@ -51,6 +59,15 @@ def train(data_dir, preset, run_dir, stage, max_steps, minutes, batch_size, grad
                                       eval_every=eval_every, seed=seed, threads=threads, precision=precision).items()
                  if v is not None}
     train_config = dataclasses.replace(train_config, **overrides)
+    if vision_model is not None:
+        from vledge.errors import ConfigError
+        from vledge.hf.vision import tower_model_config
+
+        if vision_weights is not None:
+            raise ConfigError("--vision-model brings its own weights; --vision-weights cannot be combined with it")
+        vision, spec = tower_model_config(vision_model, vision_feature_layer, reduction=vision_token_reduction)
+        model_config = dataclasses.replace(model_config, vision=vision, preprocess=spec)
+        vision_weights = vision_model
     if resume and (overrides or minutes or stage or freeze or init_ckpt or vision_weights):
         click.echo("note: --resume continues with the run's saved configuration; the other options are ignored",
                    err=True)

@@ -194,7 +194,7 @@ def load_llava_folder(path: str | Path, context: int = 4096, backend: str = "pil
         lm.pop("lm_head.weight", None)
     lm = {name: tensor for name, tensor in lm.items() if not name.endswith(".rotary_emb.inv_freq")}
     check_weight_names(lm, llama_weight_names(language), folder)
-    adapted = adapt_tokenizer(folder)
+    adapted = adapt_tokenizer(folder, use_chat_template=False)
     tokenizer = adapted.tokenizer
     image_token_id = int(config["image_token_index"])
     if tokenizer.image_id != image_token_id:

@@ -111,3 +111,43 @@ def load_vision_tower(folder: str | Path, feature_layers: int | list[int] = -2, 
     with torch.device("meta"):
         skeleton = VisionTransformer(config)
     return config, vit_state_from_hf(tensors, prefix, skeleton, str(folder))
+
+
+def tower_model_config(folder: str | Path, feature_layers: int | list[int] = -2, select: str | None = None,
+                       reduction: str | None = None):
+    """(VisionConfig, PreprocessSpec) for training a fusion model on a local CLIP / SigLIP tower folder.
+
+    ``select`` defaults to "default" (drop the class token) for CLIP and "full" for SigLIP, which has
+    none; the preprocessing comes from the folder's preprocessor_config.json, else the family's defaults.
+    """
+    from vledge.config import VisionConfig
+    from vledge.hf.image_processor import preprocess_spec_from_hf
+
+    folder = Path(folder)
+    tower = tower_config_of(read_json(folder / "config.json", "vision tower config"), str(folder / "config.json"))
+    family = _TOWERS.get(tower.get("model_type"), ("clip", {}))[0]
+    vit = vit_config_from_hf(tower, feature_layers, select or ("default" if family == "clip" else "full"),
+                             where=str(folder / "config.json"), reduction=reduction)
+    processor = folder / "preprocessor_config.json"
+    if processor.is_file():
+        spec = preprocess_spec_from_hf(read_json(processor, "image processor config"), str(processor))
+    else:
+        size = vit.image_size
+        spec = preprocess_spec_from_hf({"image_processor_type": "CLIPImageProcessor", "size": {"shortest_edge": size},
+                                        "crop_size": {"height": size, "width": size}} if family == "clip" else
+                                       {"image_processor_type": "SiglipImageProcessor",
+                                        "size": {"height": size, "width": size}})
+    if spec.image_size != vit.image_size:
+        raise ConfigError(f"{processor}: the processor makes {spec.image_size} px images, the tower reads "
+                          f"{vit.image_size} px")
+    return VisionConfig(backbone=vit.family, vit=vit), spec
+
+
+def load_tower_weights(backbone: torch.nn.Module, folder: str | Path) -> None:
+    """A tower folder's weights into a VisionTransformer built from the same folder's config."""
+    config = backbone.config
+    loaded, state = load_vision_tower(folder, list(config.feature_layers), config.select,
+                                      reduction=config.reduction, post_norm=config.post_norm)
+    if loaded != config:
+        raise WeightsError(f"the vision tower in {folder} is not the one this model was configured with")
+    backbone.load_state_dict(state)

@@ -105,6 +105,15 @@ def load_vision_weights(encoder: VisionEncoder, path: str | Path | None = None) 
     Nothing is ever downloaded: an offline machine without the file gets a clear error at once.
     """
     config = encoder.config
+    if path is not None and Path(path).is_dir():  # a Hugging Face CLIP / SigLIP folder (--vision-model)
+        if not encoder.is_vit:
+            raise WeightsError(f"{path} is a folder: a Hugging Face vision tower needs a clip/siglip backbone "
+                               "(vledge train --vision-model PATH)")
+        from vledge.hf.vision import load_tower_weights
+
+        load_tower_weights(encoder.backbone, path)
+        log.info("loaded the vision tower from %s", path)
+        return
     if path is not None:
         path = Path(path)
         if not path.is_file():

@@ -142,6 +142,8 @@ class Trainer:
             self.budget = resume_from.train_state.get("budget")
             stage = resume_from.train_state.get("only_stage")
             freeze = tuple(resume_from.train_state.get("freeze", ()))
+        elif init is not None:  # the weights define the architecture (e.g. a converted LLaVA folder)
+            model_config = load_checkpoint(init).model_config
         self.freeze = freeze
         self.only_stage = stage
         self.train_config = train_config
