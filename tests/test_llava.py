@@ -34,7 +34,8 @@ def llava(request, tmp_path_factory):
     folder = make_llava_folder(root / "hf", tower=tower, lm=lm, select=select, seed=seed)
     ckpt = convert_llava(folder, root / "ckpt.pt")
     reference = transformers.LlavaForConditionalGeneration.from_pretrained(folder).eval()
-    processor = transformers.AutoProcessor.from_pretrained(folder)
+    # The Pillow backend: what vledge's default preprocessing spec reproduces exactly.
+    processor = transformers.AutoProcessor.from_pretrained(folder, backend="pil")
     return folder, ckpt, reference, processor
 
 
