@@ -23,7 +23,8 @@ CHATML_IMAGE_TEMPLATE = (
 
 
 def make_llava_folder(folder: Path, tower: str = "clip", lm: str = "llama", seed: int = 0, image_size: int = 32,
-                      patch_size: int = 8, feature_layer: int = -2, select: str = "default") -> Path:
+                      patch_size: int = 8, feature_layer: int = -2, select: str = "default",
+                      max_positions: int = 512) -> Path:
     """A LLaVA folder: 2-layer CLIP or SigLIP tower, 2-layer Llama or Qwen2 LM, processor and chat template."""
     import torch
     import transformers
@@ -52,7 +53,7 @@ def make_llava_folder(folder: Path, tower: str = "clip", lm: str = "llama", seed
         vision_config = transformers.SiglipVisionConfig(**vision)
         image_processor = transformers.SiglipImageProcessor(size={"height": image_size, "width": image_size})
     text = dict(vocab_size=backend.get_vocab_size(), hidden_size=64, initializer_range=0.1, intermediate_size=112, num_hidden_layers=2,
-                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-5)
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_positions, rms_norm_eps=1e-5)
     if lm == "llama":
         text_config = transformers.LlamaConfig(**text, bos_token_id=backend.token_to_id("<s>"),
                                                eos_token_id=backend.token_to_id("</s>"))

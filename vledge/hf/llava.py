@@ -27,6 +27,7 @@ from vledge.hf.vision import vit_config_from_hf, vit_state_from_hf
 log = logging.getLogger(__name__)
 
 ARCHITECTURE = "LlavaForConditionalGeneration"
+MIN_TEXT_POSITIONS = 64  # prompt and answer positions a model must have besides its image tokens
 # LlavaConfig's defaults, for keys a saved config.json leaves out.
 LLAVA_DEFAULTS = {"image_token_index": 32000, "projector_hidden_act": "gelu", "vision_feature_select_strategy":
                   "default", "vision_feature_layer": -2, "multimodal_projector_bias": True}
@@ -168,6 +169,9 @@ def load_llava_folder(path: str | Path, context: int = 4096, backend: str = "pil
                              config["vision_feature_select_strategy"], where=f"{where} vision_config")
     text_json = text_config_json(config["text_config"], where)
     language = llama_language_config(text_json, folder, context)
+    if vit.num_tokens + MIN_TEXT_POSITIONS > language.max_positions:
+        raise ConfigError(f"{where}: the vision tower's {vit.num_tokens} image tokens leave too little room in the "
+                          f"language model's {language.max_positions} positions (text_config.max_position_embeddings)")
     processor_json, processor_where = image_processor_config(folder)
     spec = preprocess_spec_from_hf(processor_json, processor_where, backend=backend)
     if spec.image_size != vit.image_size:
