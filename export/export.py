@@ -165,7 +165,7 @@ def _export_into(root: Path, checkpoint, ckpt_path: Path, options: ExportOptions
     for component, path in raw.items():
         check_graph(path)
         target = root / variant_filename(component, "fp32")
-        quantize.optimize_component(component, path, target)
+        quantize.optimize_component(component, path, target, language_kind=config.language.kind)
         variants[component]["fp32"] = variant_filename(component, "fp32")
     tokenizer.save(root / TOKENIZER_NAME)
 

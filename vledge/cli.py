@@ -125,9 +125,18 @@ def data_inspect(path: Path, split: str) -> None:
               help="Pretrained vision backbone weights (a local state-dict file).")
 @click.option("--freeze", multiple=True, type=click.Choice(["vision", "projector", "language"]),
               help="Keep this part fixed in every stage (repeatable), e.g. a pretrained vision encoder.")
+@click.option("--language-model", type=click.Path(path_type=Path), default=None,
+              help="A local Hugging Face folder of a Llama-family LM (Llama, Qwen2, Mistral, SmolLM2) to fine-tune.")
+@click.option("--lora", "lora_rank", type=click.IntRange(min=1), default=None,
+              help="Tune the pretrained LM through LoRA adapters of this rank (merged into ckpt.pt).")
+@click.option("--lora-alpha", type=click.FloatRange(min=0, min_open=True), default=16.0, show_default=True)
+@click.option("--lora-dropout", type=click.FloatRange(min=0, max=1, max_open=True), default=0.05, show_default=True)
+@click.option("--max-seq-len", type=click.IntRange(min=8), default=None,
+              help="Longest training sequence in tokens, visual tokens included (default: preset).")
 @_fail_cleanly
 def train(data_dir, preset, run_dir, stage, max_steps, minutes, batch_size, grad_accum, lr, eval_every, seed, threads,
-          precision, device, resume, init_ckpt, vision_weights, freeze) -> None:
+          precision, device, resume, init_ckpt, vision_weights, freeze, language_model, lora_rank, lora_alpha,
+          lora_dropout, max_seq_len) -> None:
     """Train a fusion model: align the projector on captions, then instruction-tune."""
     import dataclasses
 
@@ -138,10 +147,16 @@ def train(data_dir, preset, run_dir, stage, max_steps, minutes, batch_size, grad
 
     model_config, train_config = load_preset(preset)
     overrides = {k: v for k, v in dict(max_steps=max_steps, batch_size=batch_size, grad_accum=grad_accum, lr=lr,
-                                      eval_every=eval_every, seed=seed, threads=threads, precision=precision).items()
+                                      eval_every=eval_every, seed=seed, threads=threads, precision=precision,
+                                      max_seq_len=max_seq_len).items()
                  if v is not None}
     train_config = dataclasses.replace(train_config, **overrides)
-    if resume and (overrides or minutes or stage or freeze or init_ckpt or vision_weights):
+    lora = None
+    if lora_rank is not None:
+        from vledge.models.lora import LoRAOptions
+
+        lora = LoRAOptions(rank=lora_rank, alpha=lora_alpha, dropout=lora_dropout)
+    if resume and (overrides or minutes or stage or freeze or init_ckpt or vision_weights or language_model or lora):
         click.echo("note: --resume continues with the run's saved configuration; the other options are ignored",
                    err=True)
     bar = tqdm(total=train_config.max_steps, desc="train", unit="step", dynamic_ncols=True)
@@ -161,8 +176,7 @@ def train(data_dir, preset, run_dir, stage, max_steps, minutes, batch_size, grad
     try:
         result = run_training(data_dir, run_dir, model_config, train_config, stage=stage, minutes=minutes,
                               resume=resume, init=init_ckpt, vision_weights=vision_weights, freeze=tuple(freeze),
-                              device=device,
-                              on_event=on_event)
+                              device=device, on_event=on_event, language_model=language_model, lora=lora)
     except KeyboardInterrupt:
         bar.close()
         click.echo(f"interrupted; {run_dir / 'last.pt'} saved, continue with --resume", err=True)

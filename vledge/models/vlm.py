@@ -10,6 +10,7 @@ from torch import nn
 
 from vledge.config import ModelConfig
 from vledge.models.llama import LlamaLM
+from vledge.models.lora import lora_parameters
 from vledge.models.lstm import LSTMLM
 from vledge.models.projector import build_projector
 from vledge.models.transformer import TransformerLM
@@ -165,6 +166,7 @@ class VisionLanguageModel(nn.Module):
             "vision": list(self.vision.parameters()),
             "projector": list(self.projector.parameters())
             + ([self.image_positions] if self.image_positions is not None else []),
-            # dict.fromkeys: a tied LM head is the embedding matrix, listed once
-            "language": list(dict.fromkeys([*self.embed_tokens.parameters(), *self.language.parameters()])),
+            # With LoRA adapters only they train; dict.fromkeys lists a tied head (the embeddings) once.
+            "language": lora_parameters(self.language)
+            or list(dict.fromkeys([*self.embed_tokens.parameters(), *self.language.parameters()])),
         }

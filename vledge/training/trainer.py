@@ -34,6 +34,8 @@ from vledge.evaluation import evaluate
 from vledge.models.vision import load_vision_weights
 from vledge.models.vlm import IGNORE_INDEX, VisionLanguageModel
 from vledge.tokenizer import Tokenizer
+from vledge.models.lora import LoRAOptions
+from vledge.training import pretrained_lm
 from vledge.training.plot import plot_curves
 from vledge.training.schedule import learning_rate
 from vledge.training.vision_pretrain import load_projector_weights
@@ -123,6 +125,8 @@ class Trainer:
         freeze: tuple[str, ...] = (),
         device: str = "auto",
         on_event: Callable[[TrainEvent], None] | None = None,
+        language_model: Path | None = None,
+        lora: LoRAOptions | None = None,
     ) -> None:
         self.data, self.run_dir = Path(data), Path(run_dir)
         self.budget = minutes * 60.0 if minutes else None
@@ -131,6 +135,7 @@ class Trainer:
         self.device = self._pick_device(device)
         self.state = RunState()
         resume_from = None
+        self.loaded_lm = None
         if init is not None and vision_weights is not None:
             raise ConfigError("--init already holds vision weights; --vision-weights cannot be combined with it")
         if resume:
@@ -142,6 +147,12 @@ class Trainer:
             self.budget = resume_from.train_state.get("budget")
             stage = resume_from.train_state.get("only_stage")
             freeze = tuple(resume_from.train_state.get("freeze", ()))
+            lora = pretrained_lm.lora_options(resume_from.train_state.get("lora"))
+        else:
+            model_config, self.loaded_lm = pretrained_lm.prepare_language(
+                model_config, language_model, init, train_config.max_seq_len)
+        self.model_config = model_config  # the stages read whether the LM is pretrained
+        self.lora = lora
         self.freeze = freeze
         self.only_stage = stage
         self.train_config = train_config
@@ -152,7 +163,9 @@ class Trainer:
         self.bounds = _stage_bounds(self.stages)
         self.val_records = self._val_records(train_report)
         self.tokenizer = self._tokenizer(resume_from, init, model_config)
-        model_config = replace(model_config, language=replace(model_config.language, vocab_size=self.tokenizer.vocab_size))
+        # a pretrained LM may have more embedding rows than its tokenizer has tokens (Qwen2 pads them)
+        vocab_size = max(self.tokenizer.vocab_size, model_config.language.vocab_size)
+        model_config = replace(model_config, language=replace(model_config.language, vocab_size=vocab_size))
         self.model_config = model_config
         torch.manual_seed(train_config.seed)  # the same seed gives the same initial weights
         self.model = VisionLanguageModel(model_config, image_token_id=self.tokenizer.image_id)
@@ -160,12 +173,17 @@ class Trainer:
             self.model.load_state_dict(resume_from.state_dict)
         elif init is not None:
             self._load_init(init)
-        elif vision_weights is not None or model_config.vision.pretrained:
-            load_vision_weights(self.model.vision, vision_weights)
-            if vision_weights is not None:  # a file from `vledge pretrain-vision` also holds the projector
-                load_projector_weights(self.model.projector, vision_weights)
+        else:
+            if self.loaded_lm is not None:
+                pretrained_lm.load_language_weights(self.model, self.loaded_lm)
+            if vision_weights is not None or model_config.vision.pretrained:
+                load_vision_weights(self.model.vision, vision_weights)
+                if vision_weights is not None:  # a file from `vledge pretrain-vision` also holds the projector
+                    load_projector_weights(self.model.projector, vision_weights)
+        pretrained_lm.attach_lora(self.model, lora, resume_from.train_state.get("lora") if resume_from else None)
+        self.loaded_lm = None  # its weights are in the model now; do not keep a second copy
         self.model.to(self.device)
-        if model_config.language.kind == "transformer":
+        if model_config.language.has_kv_cache:
             limit = model_config.language.max_positions
             if train_config.max_seq_len > limit:
                 raise ConfigError(f"max_seq_len {train_config.max_seq_len} exceeds the model's {limit} positions")
@@ -188,7 +206,8 @@ class Trainer:
         """Drop frozen parts from every stage, and stages whose tasks the data does not have."""
         usable = []
         for stage in stages:
-            trainable = tuple(part for part in stage.trainable if part not in freeze)
+            trainable = tuple(part for part in pretrained_lm.stage_trainable(stage, self.model_config)
+                              if part not in freeze)
             if not trainable:
                 log.warning("stage %s trains nothing once %s are frozen: skipped", stage.name, ", ".join(freeze))
                 continue
@@ -251,6 +270,8 @@ class Trainer:
             return resume_from.tokenizer()
         if init is not None:
             return load_checkpoint(init).tokenizer()
+        if self.loaded_lm is not None:
+            return self.loaded_lm.tokenizer
         template = config.prompt
         texts = [template.system, template.user, template.assistant]
         texts += [template.answer_prefix + t.answer for r in self.train_records for t in r.turns]
@@ -516,13 +537,13 @@ class Trainer:
 
     def _save(self, path: Path, optimizer, metrics: dict | None = None) -> None:
         train_state = {"run": vars(self.state).copy(), "budget": self.budget, "only_stage": self.only_stage,
-                       "freeze": list(self.freeze)}
+                       "freeze": list(self.freeze), "lora": pretrained_lm.lora_record(self.model, self.lora)}
         if optimizer is not None:
             train_state["optimizer"] = optimizer.state_dict()
         save_checkpoint(path, Checkpoint(
             model_config=self.model_config,
             tokenizer_json=self.tokenizer.to_json(),
-            state_dict={k: v.detach().cpu() for k, v in self.model.state_dict().items()},
+            state_dict=pretrained_lm.saved_weights(self.model),
             train_config=self.train_config,
             train_state=train_state,
             metrics=metrics or {},
