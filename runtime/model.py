@@ -197,6 +197,7 @@ class VisionLanguageRuntime:
             "spin": config.spin,
             "strict": config.strict,
             "prefix_cache_tokens": len(self.prefix_ids) if self.prefix_cache else 0,
+            "fast_binding": self.graphs.fast_binding,
             "onnxruntime": ort.__version__,
         }
 
