@@ -1,6 +1,6 @@
 """Attention fusion for Llama-family decoders (grouped-query attention with rotary embeddings).
 
-The built-in transformer's fusion (``quantize.fuse_attention``) matches its own exporter's
+The built-in transformer's fusion (``fusion.fuse_attention``) matches its own exporter's
 pattern; a Llama layer differs (rotary embeddings, key/value heads repeated for the query heads).
 """
 

@@ -92,18 +92,18 @@ def _language_weights(state):
 @pytest.mark.slow
 def test_align_freezes_the_lm_and_lora_is_merged_into_the_checkpoint(lm_folders, synth_data, tmp_path):
     from vledge.models.hf_folder import load_pretrained_lm
-    from vledge.models.lora import LoRAOptions
-    from vledge.training.trainer import train
+    from vledge.training.trainer import RunOptions, train
 
     source = _language_weights(load_pretrained_lm(lm_folders["llama"]).state_dict)
     model_config, train_config = tiny_configs(max_steps=4, eval_every=4, eval_samples=0, batch_size=4)
-    aligned = train(synth_data, tmp_path / "align", model_config, train_config, stage="align",
-                    language_model=lm_folders["llama"])
+    aligned = train(synth_data, tmp_path / "align", model_config, train_config,
+                    RunOptions(stage="align", language_model=lm_folders["llama"]))
     state = load_checkpoint(aligned.best_checkpoint).state_dict
     assert all(torch.equal(state[k], v) for k, v in source.items())  # align keeps the LM fixed
 
-    tuned = train(synth_data, tmp_path / "lora", model_config, train_config, stage="instruct",
-                  init=aligned.best_checkpoint, lora=LoRAOptions(rank=4, alpha=8.0, dropout=0.0))
+    tuned = train(synth_data, tmp_path / "lora", model_config, train_config,
+                  RunOptions(stage="instruct", init=aligned.best_checkpoint, lora_rank=4, lora_alpha=8.0,
+                             lora_dropout=0.0))
     checkpoint = load_checkpoint(tuned.best_checkpoint)
     assert not [k for k in checkpoint.state_dict if "lora" in k]  # adapters merged: a plain model
     merged = checkpoint.state_dict

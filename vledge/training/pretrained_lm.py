@@ -68,30 +68,21 @@ def load_language_weights(model: nn.Module, lm: PretrainedLM) -> None:
                               f"unexpected {result.unexpected_keys}")
 
 
-def attach_lora(model: nn.Module, options: LoRAOptions | None, saved: dict[str, Any] | None = None) -> None:
-    """Adapters on the LM's projections; ``saved`` (a resumed run's) restores them exactly."""
+def attach_lora(model: nn.Module, options: LoRAOptions | None, adapters: dict[str, Any] | None = None) -> None:
+    """Adapters on the LM's projections; ``adapters`` (a resumed run's) restore them exactly."""
     if options is None:
         return
     if model.config.language.kind != "llama":
         raise ConfigError("LoRA adapters need a pretrained language model (--language-model)")
     count = add_lora(model.language, options)
-    if saved is not None:
-        unmerge_into(model, saved["adapters"])
+    if adapters:
+        unmerge_into(model, adapters)
     log.info("LoRA rank %d (alpha %g, dropout %g) on %d layers", options.rank, options.alpha, options.dropout, count)
 
 
-def lora_record(model: nn.Module, options: LoRAOptions | None) -> dict[str, Any] | None:
-    if options is None:
-        return None
-    return {"rank": options.rank, "alpha": options.alpha, "dropout": options.dropout,
-            "targets": list(options.targets), "adapters": {k: v.detach().cpu() for k, v in adapter_state(model).items()}}
-
-
-def lora_options(record: dict[str, Any] | None) -> LoRAOptions | None:
-    if not record:
-        return None
-    return LoRAOptions(rank=int(record["rank"]), alpha=float(record["alpha"]), dropout=float(record["dropout"]),
-                       targets=tuple(record["targets"]))
+def lora_adapters(model: nn.Module) -> dict[str, Any]:
+    """The adapters alone (empty without LoRA), for resuming a run whose checkpoints hold merged weights."""
+    return {k: v.detach().cpu() for k, v in adapter_state(model).items()}
 
 
 def saved_weights(model: nn.Module) -> dict[str, Any]:
