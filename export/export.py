@@ -45,7 +45,7 @@ from vledge.manifest import (
     sha256_of,
     variant_filename,
 )
-from vledge.prompt import prefix_ids
+from vledge.prompt import CAPTION_PROMPT, prefix_ids
 
 log = logging.getLogger(__name__)
 
@@ -143,7 +143,7 @@ def _export_into(root: Path, checkpoint, ckpt_path: Path, options: ExportOptions
     for component, path in raw.items():
         check_graph(path)
         target = root / variant_filename(component, "fp32")
-        optimize.optimize_component(component, path, target)
+        optimize.optimize_component(component, path, target, language_kind=config.language.kind)
         variants[component]["fp32"] = variant_filename(component, "fp32")
     tokenizer.save(root / TOKENIZER_NAME)
 
@@ -312,7 +312,7 @@ def _manifest(checkpoint, ckpt_path: Path, tokenizer, model, variants, root: Pat
         tensors=tensor_names(model),
         variants={c: dict(v) for c, v in variants.items()},
         files=_hash_files(root),
-        generation={"max_new_tokens": 32, "caption_prompt": "Describe the image briefly.", "temperature": 0.0,
+        generation={"max_new_tokens": 32, "caption_prompt": CAPTION_PROMPT, "temperature": 0.0,
                     "eos_token_id": tokenizer.eos_id, "pad_token_id": tokenizer.pad_id},
         provenance={
             "checkpoint": ckpt_path.name,

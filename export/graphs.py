@@ -17,7 +17,6 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from vledge.models.transformer import attention_bias
 from vledge.models.vlm import VisionLanguageModel
 
 log = logging.getLogger(__name__)
@@ -68,22 +67,20 @@ class EmbedTokensGraph(nn.Module):
 
 
 class TransformerDecoderGraph(nn.Module):
-    """Flat past/present tensors in and out; logits for the last position only (prefill needs no more)."""
+    """Flat past/present tensors in and out; logits for the last position only (prefill needs no more).
+
+    Serves every LM with a KV cache (the built-in transformer, the Llama family): each one's
+    forward takes ``last_only``.
+    """
 
     def __init__(self, model: VisionLanguageModel) -> None:
         super().__init__()
         self.lm = model.language
 
     def forward(self, inputs_embeds, attention_mask, position_ids, *past_flat):
-        lm = self.lm
-        x = inputs_embeds + lm.wpe(position_ids)
-        mask = attention_bias(attention_mask, inputs_embeds.shape[1], x.dtype)
-        presents = []
-        for index, block in enumerate(lm.blocks):
-            x, (key, value) = block(x, mask, (past_flat[2 * index], past_flat[2 * index + 1]))
-            presents += [key, value]
-        logits = lm.lm_head(lm.ln_f(x[:, -1:]))
-        return (logits, *presents)
+        past = [(past_flat[2 * index], past_flat[2 * index + 1]) for index in range(len(past_flat) // 2)]
+        logits, presents = self.lm(inputs_embeds, attention_mask, position_ids, past, last_only=True)
+        return (logits, *[tensor for pair in presents for tensor in pair])
 
 
 class LSTMDecoderGraph(nn.Module):
@@ -135,7 +132,8 @@ def export_graphs(model: VisionLanguageModel, out_dir: Path, opset: int = DEFAUL
         decoder_names = names["decoder_model_merged"]
         if model.is_transformer:
             lang = model.config.language
-            past_tensors = [torch.randn(batch, lang.heads, past, lang.head_dim) for _ in range(2 * lang.layers)]
+            past_tensors = [torch.randn(batch, lang.key_value_heads, past, lang.head_dim)
+                            for _ in range(2 * lang.layers)]
             mask = torch.ones(batch, past + seq, dtype=torch.long)
             positions = torch.arange(past, past + seq).expand(batch, seq).contiguous()
             axes = {"inputs_embeds": {0: "batch", 1: "sequence"},

@@ -101,12 +101,19 @@ def optimize_graph(src: Path, dst: Path, level: str = "basic") -> Path:
 
 
 
-def optimize_component(component: str, src: Path, dst: Path, level: str = "basic", fuse: bool = True) -> Path:
-    """The recommended offline optimisation of one graph: ``level`` for all, attention fusion for the decoder."""
+def optimize_component(component: str, src: Path, dst: Path, level: str = "basic", fuse: bool = True,
+                       language_kind: str | None = None) -> Path:
+    """The recommended offline optimisation of one graph: ``level`` for all, attention fusion for the decoder
+    (the fusion that fits ``language_kind``'s attention; the built-in transformer's by default)."""
     if component not in COMPONENTS:
         raise QuantizationError(f"unknown component {component!r}; choose from {COMPONENTS}")
     optimize_graph(src, dst, level)
     if fuse and component == "decoder_model_merged":
-        fuse_attention(dst, dst)
+        if language_kind == "llama":
+            from vledge.export.fusion_llama import fuse_llama_attention
+
+            fuse_llama_attention(dst, dst)
+        else:
+            fuse_attention(dst, dst)
     return Path(dst)
 

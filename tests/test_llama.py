@@ -183,3 +183,14 @@ def test_missing_tokenizer_is_a_tokenizer_error(broken):
     (broken / "tokenizer.json").unlink()
     with pytest.raises(TokenizerError, match="no tokenizer.json"):
         load_pretrained_lm(broken)
+
+
+def test_new_tokens_take_unused_padding_rows_unchanged(tmp_path):
+    from safetensors.torch import load_file
+
+    folder = make_lm_folder(tmp_path / "padded", "qwen2", tied=True, extra_rows=5)
+    pretrained = load_pretrained_lm(folder)
+    original = load_file(str(folder / "model.safetensors"))["model.embed_tokens.weight"]
+    assert pretrained.tokenizer.image_id < original.shape[0]  # Qwen2-style padding rows hold the new token
+    assert pretrained.config.vocab_size == original.shape[0]
+    assert torch.equal(pretrained.state_dict["embed_tokens.weight"], original)

@@ -98,8 +98,13 @@ class Manifest:
             "vision_backbone": self.model_config.vision.backbone,
             "projector": self.model_config.projector.kind,
         }
-        if language.kind == "transformer":
-            numbers.update(heads=language.heads, head_dim=language.head_dim, max_positions=language.max_positions)
+        if language.has_kv_cache:
+            numbers.update(heads=language.heads, kv_heads=language.key_value_heads, head_dim=language.head_dim,
+                           max_positions=language.max_positions)
+        if language.kind == "llama":
+            numbers.update(rope_theta=language.rope_theta, rope_scaling=language.rope_scaling,
+                           intermediate=language.intermediate, tie_embeddings=language.tie_embeddings,
+                           source_architecture=(language.source or {}).get("architecture"))
         return numbers
 
     def to_dict(self) -> dict[str, Any]:

@@ -30,7 +30,7 @@ from vledge.cli.base import fail_cleanly, main
 @click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda | cuda:N")
 @click.option("--resume", is_flag=True, help="Continue RUN/last.pt exactly.")
 @click.option("--init", "init_ckpt", type=click.Path(path_type=Path), default=None,
-              help="Start from this checkpoint's weights and tokenizer (e.g. the align stage's ckpt.pt).")
+              help="Start from this checkpoint's weights, tokenizer and model configuration (e.g. the align stage's ckpt.pt, or one from vledge convert).")
 @click.option("--vision-weights", type=click.Path(path_type=Path), default=None,
               help="Pretrained vision backbone weights (a local state-dict file).")
 @click.option("--freeze", multiple=True, type=click.Choice(["vision", "projector", "language"]),
@@ -42,21 +42,31 @@ from vledge.cli.base import fail_cleanly, main
               help="With --vision-model: the hidden layer whose tokens become visual tokens.")
 @click.option("--vision-token-reduction", type=click.Choice(["avg_pool_2x2", "pixel_shuffle_2x2"]), default=None,
               help="With --vision-model: 4x fewer visual tokens by 2x2 average pooling or pixel shuffle.")
+@click.option("--language-model", type=click.Path(path_type=Path), default=None,
+              help="A local Hugging Face folder of a Llama-family LM (Llama, Qwen2, Mistral, SmolLM2) to fine-tune.")
+@click.option("--lora", "lora_rank", type=click.IntRange(min=1), default=None,
+              help="Tune the pretrained LM through LoRA adapters of this rank (merged into ckpt.pt).")
+@click.option("--lora-alpha", type=click.FloatRange(min=0, min_open=True), default=16.0, show_default=True)
+@click.option("--lora-dropout", type=click.FloatRange(min=0, max=1, max_open=True), default=0.05, show_default=True)
+@click.option("--max-seq-len", type=click.IntRange(min=8), default=None,
+              help="Longest training sequence in tokens, visual tokens included (default: preset).")
 @fail_cleanly
 def train(data_dir, preset, run_dir, stage, max_steps, minutes, batch_size, grad_accum, lr, eval_every, seed, threads,
           precision, device, resume, init_ckpt, vision_weights, freeze, vision_model, vision_feature_layer,
-          vision_token_reduction) -> None:
+          vision_token_reduction, language_model, lora_rank, lora_alpha, lora_dropout, max_seq_len) -> None:
     """Train a fusion model: align the projector on captions, then instruction-tune."""
     import dataclasses
 
     from tqdm import tqdm
 
     from vledge.config import preset as load_preset
+    from vledge.training.trainer import RunOptions
     from vledge.training.trainer import train as run_training
 
     model_config, train_config = load_preset(preset)
     overrides = {k: v for k, v in dict(max_steps=max_steps, batch_size=batch_size, grad_accum=grad_accum, lr=lr,
-                                      eval_every=eval_every, seed=seed, threads=threads, precision=precision).items()
+                                      eval_every=eval_every, seed=seed, threads=threads, precision=precision,
+                                      max_seq_len=max_seq_len).items()
                  if v is not None}
     train_config = dataclasses.replace(train_config, **overrides)
     if vision_model is not None:
@@ -68,9 +78,13 @@ def train(data_dir, preset, run_dir, stage, max_steps, minutes, batch_size, grad
         vision, spec = tower_model_config(vision_model, vision_feature_layer, reduction=vision_token_reduction)
         model_config = dataclasses.replace(model_config, vision=vision, preprocess=spec)
         vision_weights = vision_model
-    if resume and (overrides or minutes or stage or freeze or init_ckpt or vision_weights):
+    if resume and (overrides or minutes or stage or freeze or init_ckpt or vision_weights or language_model
+                   or lora_rank):
         click.echo("note: --resume continues with the run's saved configuration; the other options are ignored",
                    err=True)
+    options = RunOptions(stage=stage, minutes=minutes, freeze=tuple(freeze), init=init_ckpt,
+                         vision_weights=vision_weights, device=device, language_model=language_model,
+                         lora_rank=lora_rank, lora_alpha=lora_alpha, lora_dropout=lora_dropout)
     bar = tqdm(total=train_config.max_steps, desc="train", unit="step", dynamic_ncols=True)
 
     def on_event(event) -> None:
@@ -86,9 +100,7 @@ def train(data_dir, preset, run_dir, stage, max_steps, minutes, batch_size, grad
         bar.refresh()
 
     try:
-        result = run_training(data_dir, run_dir, model_config, train_config, stage=stage, minutes=minutes,
-                              resume=resume, init=init_ckpt, vision_weights=vision_weights, freeze=tuple(freeze),
-                              device=device,
+        result = run_training(data_dir, run_dir, model_config, train_config, options, resume=resume,
                               on_event=on_event)
     except KeyboardInterrupt:
         bar.close()

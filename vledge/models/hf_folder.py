@@ -217,14 +217,15 @@ def to_fusion_names(hf_state: Mapping[str, torch.Tensor], tied: bool) -> dict[st
     return state
 
 
-def grow_rows(matrix: torch.Tensor, rows: int, new_ids: Iterable[int], original_rows: int) -> torch.Tensor:
-    """``matrix`` with at least ``rows`` rows; rows of new tokens set to the mean of the original rows."""
-    mean = matrix[:original_rows].mean(dim=0)
-    grown = torch.cat([matrix, mean.expand(max(0, rows - matrix.shape[0]), -1)]) if rows > matrix.shape[0] else matrix
-    grown = grown.clone()
-    for token_id in new_ids:
-        grown[token_id] = mean
-    return grown
+def grow_rows(matrix: torch.Tensor, rows: int) -> torch.Tensor:
+    """``matrix`` grown to ``rows`` rows, each new row the mean of the existing ones.
+
+    A new token whose id falls inside the matrix (Qwen2 pads its vocabulary with unused rows)
+    keeps that row as it is, so every logit of the original vocabulary stays exactly the LM's.
+    """
+    if rows <= matrix.shape[0]:
+        return matrix
+    return torch.cat([matrix, matrix.mean(dim=0).expand(rows - matrix.shape[0], -1)])
 
 
 def load_pretrained_lm(path: str | Path, context: int = 2048) -> PretrainedLM:
@@ -252,9 +253,9 @@ def load_pretrained_lm(path: str | Path, context: int = 2048) -> PretrainedLM:
     adapted = adapt_tokenizer(folder)
     original = config.vocab_size
     rows = max(original, adapted.tokenizer.vocab_size)
-    hf_state["model.embed_tokens.weight"] = grow_rows(embed, rows, adapted.added_ids, original)
+    hf_state["model.embed_tokens.weight"] = grow_rows(embed, rows)
     if not config.tie_embeddings:
-        hf_state["lm_head.weight"] = grow_rows(hf_state["lm_head.weight"], rows, adapted.added_ids, original)
+        hf_state["lm_head.weight"] = grow_rows(hf_state["lm_head.weight"], rows)
     from dataclasses import replace
 
     config = replace(config, vocab_size=rows, source=source_record(folder, config_json, files))

@@ -91,11 +91,15 @@ class TransformerLM(nn.Module):
         attention_mask: torch.Tensor,
         position_ids: torch.Tensor,
         past_key_values: list[KV] | None = None,
+        last_only: bool = False,
     ) -> tuple[torch.Tensor, list[KV]]:
+        """Logits [B, S, vocab] (or [B, 1, vocab] with ``last_only``) and one (key, value) per block."""
         x = self.drop(inputs_embeds + self.wpe(position_ids))
         mask = attention_bias(attention_mask, inputs_embeds.shape[1], x.dtype)
         presents = []
         for index, block in enumerate(self.blocks):
             x, present = block(x, mask, past_key_values[index] if past_key_values is not None else None)
             presents.append(present)
+        if last_only:
+            x = x[:, -1:]
         return self.lm_head(self.ln_f(x)), presents
