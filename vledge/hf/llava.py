@@ -204,11 +204,14 @@ def load_llava_folder(path: str | Path, context: int = 4096, backend: str = "pil
     if tokenizer.image_id != image_token_id:
         raise ConfigError(f"{where}: image_token_index is {image_token_id}, but the tokenizer's <image> token has id "
                           f"{tokenizer.image_id}")
+    embed = lm["model.embed_tokens.weight"]
+    if tuple(embed.shape) != (language.vocab_size, language.hidden):
+        raise WeightsError(f"{folder}: embed_tokens is {tuple(embed.shape)}, text_config says "
+                           f"({language.vocab_size}, {language.hidden})")
     rows = max(language.vocab_size, tokenizer.vocab_size)
-    original = language.vocab_size
-    lm["model.embed_tokens.weight"] = grow_rows(lm["model.embed_tokens.weight"], rows, adapted.added_ids, original)
+    lm["model.embed_tokens.weight"] = grow_rows(embed, rows)
     if not language.tie_embeddings:
-        lm["lm_head.weight"] = grow_rows(lm["lm_head.weight"], rows, adapted.added_ids, original)
+        lm["lm_head.weight"] = grow_rows(lm["lm_head.weight"], rows)
     state.update(to_fusion_names(lm, language.tie_embeddings))
     source = source_record(folder, config, files)
     language = replace(language, vocab_size=rows, source=source)
