@@ -96,14 +96,14 @@ def tower_config_of(config: Mapping, where: str) -> Mapping:
 def load_vision_tower(folder: str | Path, feature_layers: int | list[int] = -2, select: str = "default",
                       **options) -> tuple[ViTConfig, dict[str, torch.Tensor]]:
     """A local ``CLIPVisionModel`` / ``SiglipVisionModel`` folder -> (ViTConfig, state dict for VisionTransformer)."""
-    from vledge.hf.folder import read_safetensors
+    from vledge.models.hf_folder import local_folder, read_safetensors, weight_files
     from vledge.models.vit import VisionTransformer
 
-    folder = Path(folder)
+    folder = local_folder(folder, "vision tower")
     config = vit_config_from_hf(tower_config_of(read_json(folder / "config.json", "vision tower config"),
                                                 str(folder / "config.json")),
                                 feature_layers, select, where=str(folder / "config.json"), **options)
-    tensors = read_safetensors(folder)
+    tensors = read_safetensors(weight_files(folder))
     prefix = next((p for p in ("vision_model.", "model.vision_model.", "") if any(k.startswith(p + "embeddings.")
                                                                                 for k in tensors)), None)
     if prefix is None:
