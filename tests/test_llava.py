@@ -133,6 +133,23 @@ def test_unsupported_folders_are_one_line_typed_errors(tmp_path, changes, field)
     assert "\n" not in str(caught.value)
 
 
+def test_cli_names_an_anyres_folder_in_one_line(tmp_path):
+    from click.testing import CliRunner
+
+    from vledge.cli import main
+
+    folder = make_llava_folder(tmp_path / "hf")
+    _edit_config(folder, image_grid_pinpoints=[[32, 64]])
+    for command in (["convert", str(folder), "-o", str(tmp_path / "ckpt.pt")],
+                    ["export", str(folder), "-o", str(tmp_path / "model")]):
+        result = CliRunner().invoke(main, command)
+        assert result.exit_code == 1
+        last = result.output.strip().splitlines()[-1]  # after the export's progress lines, if any
+        assert last.startswith("Error: ConfigError:") and "image_grid_pinpoints" in last
+        assert "Traceback" not in result.output
+    assert not (tmp_path / "ckpt.pt").exists() and not (tmp_path / "model").exists()
+
+
 def test_image_token_mismatch_is_an_error(tmp_path):
     folder = make_llava_folder(tmp_path / "hf")
     _edit_config(folder, image_token_index=5)
