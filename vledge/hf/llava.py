@@ -77,6 +77,8 @@ def read_llava_config(folder: Path) -> dict[str, Any]:
         shown = ", ".join(architectures) or f"model_type {config.get('model_type')!r}"
         raise ConfigError(f"{folder}/config.json: architectures {shown} is not supported; vledge converts "
                           f"{ARCHITECTURE} folders")
+    if "image_token_index" not in config and config.get("image_token_id") is not None:  # the newer spelling
+        config = {**config, "image_token_index": config["image_token_id"]}
     config = {**LLAVA_DEFAULTS, **{k: v for k, v in config.items() if v is not None}}
     if config["projector_hidden_act"] != "gelu":
         raise ConfigError(f"{folder}/config.json: projector_hidden_act {config['projector_hidden_act']!r} is not "
@@ -249,13 +251,28 @@ def is_llava_folder(path: str | Path) -> bool:
                                          or str(config.get("model_type", "")).startswith("llava"))
 
 
+def check_fusion_state(model_config: ModelConfig, state: Mapping[str, torch.Tensor], image_token_id: int,
+                       folder: Path) -> None:
+    """WeightsError unless ``state`` has exactly the fusion model's tensors and shapes (checked on a meta model)."""
+    from vledge.models.vlm import VisionLanguageModel
+
+    with torch.device("meta"):
+        skeleton = VisionLanguageModel(model_config, image_token_id=image_token_id)
+    expected = {name: tuple(tensor.shape) for name, tensor in skeleton.state_dict().items()}
+    found = {name: tuple(tensor.shape) for name, tensor in state.items()}
+    wrong = sorted(name for name in expected.keys() & found.keys() if expected[name] != found[name])
+    missing, unexpected = sorted(expected.keys() - found.keys()), sorted(found.keys() - expected.keys())
+    if wrong or missing or unexpected:
+        raise WeightsError(f"{folder}: the converted weights do not fit the model: missing {missing}, unexpected "
+                           f"{unexpected}, other shapes {wrong}")
+
+
 def convert_llava(path: str | Path, out: str | Path, context: int = 4096, backend: str = "pil") -> Path:
-    """Write a LLaVA folder as a vledge ``ckpt.pt`` (atomically); the model is built once to check the weights fit."""
+    """Write a LLaVA folder as a vledge ``ckpt.pt`` (atomically), its weights checked against the model first."""
     from vledge.checkpoint import Checkpoint, save_checkpoint
 
     imported = load_llava_folder(path, context=context, backend=backend)
+    check_fusion_state(imported.model_config, imported.state_dict, imported.image_token_id, Path(path))
     checkpoint = Checkpoint(model_config=imported.model_config, tokenizer_json=imported.tokenizer_json,
                             state_dict=imported.state_dict)
-    model = checkpoint.build_model()  # CheckpointError if anything does not fit
-    checkpoint.state_dict = {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
     return save_checkpoint(out, checkpoint)
