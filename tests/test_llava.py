@@ -202,3 +202,39 @@ def test_train_with_a_hf_vision_tower(tmp_path, synth_data):
         expected = tower(pixels, output_hidden_states=True).hidden_states[-2]  # "full": every patch token
         pooled = torch.nn.functional.avg_pool2d(expected.transpose(1, 2).reshape(1, 32, 4, 4), 2)
         assert torch.allclose(model.vision(pixels), pooled.flatten(2).transpose(1, 2), atol=1e-5)
+
+
+LLAVA_HF_TEMPLATE = (  # llava-hf/llava-1.5's own, with transformers' {% generation %} block
+    "{% for message in messages %}{% if message['role'] != 'system' %}{{ message['role'].upper() + ': '}}{% endif %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>\n' }}{% endfor %}"
+    "{% if message['role'] != 'assistant' %}{% for content in message['content'] | selectattr('type', 'equalto', "
+    "'text') %}{{ content['text'] + ' '}}{% endfor %}{% else %}{% for content in message['content'] | "
+    "selectattr('type', 'equalto', 'text') %}{% generation %}{{ content['text'] + ' '}}{% endgeneration %}"
+    "{% endfor %}{% endif %}{% endfor %}{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+)
+
+
+@pytest.mark.parametrize("name", ["llava-hf", "llava", "chatml", "chatml-system"])
+def test_chat_template_pieces_rebuild_the_rendered_prompt(name):
+    from hf_llava_folders import CHATML_IMAGE_TEMPLATE, LLAVA_CHAT_TEMPLATE
+
+    from vledge.hf.llava_prompt import _render, prompt_from_template
+
+    template, eos = {
+        "llava-hf": (LLAVA_HF_TEMPLATE, "</s>"), "llava": (LLAVA_CHAT_TEMPLATE, "</s>"),
+        "chatml": (CHATML_IMAGE_TEMPLATE, "<|im_end|>"),
+        "chatml-system": ("{{ '<|im_start|>system\nBe brief.<|im_end|>\n' }}" + CHATML_IMAGE_TEMPLATE, "<|im_end|>"),
+    }[name]
+    p = prompt_from_template(template, "", eos)
+
+    def message(role, text, image=False):
+        return {"role": role, "content": ([{"type": "image"}] if image else []) + [{"type": "text", "text": text}]}
+
+    opened = _render(template, [message("user", "Q?", image=True)], True, "", eos)
+    assert p.system + p.user + "<image>" + p.image_separator + "Q?" + p.assistant == opened
+    if eos.startswith("<|"):  # ChatML ends every turn with its end token, as vledge's training does
+        full = _render(template, [message("user", "Q?", image=True), message("assistant", "A."),
+                                  message("user", "R?"), message("assistant", "B.")], False, "", eos)
+        rebuilt = (p.system + p.user + "<image>" + p.image_separator + "Q?" + p.assistant + p.answer_prefix + "A."
+                   + eos + p.turn_separator + p.user + "R?" + p.assistant + p.answer_prefix + "B." + eos)
+        assert rebuilt == full[:full.rindex(eos) + len(eos)]  # a conversation ends at its last end token

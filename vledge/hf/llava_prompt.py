@@ -95,11 +95,11 @@ def prompt_from_template(template: str, bos_token: str, eos_token: str, image_to
     if full.startswith(opened) and all(full.count(marker) == 1 for marker in (ANSWER_1, QUESTION_2)):
         answer_prefix = full[len(opened):full.index(ANSWER_1)]
         between = full[full.index(ANSWER_1) + len(ANSWER_1):full.index(QUESTION_2)]
+        if eos_token and between.startswith(eos_token):  # vledge writes the end-of-turn token itself
+            between = between[len(eos_token):]
         user = _common_suffix(head, between) or head
         system = head[:len(head) - len(user)]
         turn_separator = between[:len(between) - len(user)] if between.endswith(user) else ""
-        if eos_token and turn_separator.startswith(eos_token):
-            turn_separator = turn_separator[len(eos_token):]
     else:
         log.warning("the chat template's multi-turn layout is unclear; using its single-turn pieces")
     return PromptTemplate(system=system, user=user, assistant=assistant, answer_prefix=answer_prefix,
