@@ -194,3 +194,44 @@ def test_new_tokens_take_unused_padding_rows_unchanged(tmp_path):
     assert pretrained.tokenizer.image_id < original.shape[0]  # Qwen2-style padding rows hold the new token
     assert pretrained.config.vocab_size == original.shape[0]
     assert torch.equal(pretrained.state_dict["embed_tokens.weight"], original)
+
+
+def test_lora_starts_at_the_base_model_and_merges_to_what_it_computes():
+    from vledge.config import LanguageConfig
+    from vledge.models.lora import LoRAOptions, add_lora, lora_parameters, merge_lora, merged_state_dict
+
+    config = LanguageConfig(kind="llama", hidden=32, layers=1, heads=4, kv_heads=2, intermediate=48, vocab_size=50)
+    torch.manual_seed(0)
+    base = LlamaLM(config).eval()
+    x, mask, positions = torch.randn(2, 5, 32), torch.ones(2, 5, dtype=torch.long), torch.arange(5).expand(2, 5)
+    before, _ = base(x, mask, positions)
+    add_lora(base, LoRAOptions(rank=4, alpha=8.0, dropout=0.0))
+    assert torch.allclose(base(x, mask, positions)[0], before, atol=1e-6)  # B starts at zero
+    assert len(lora_parameters(base)) == 2 * 7 and not [n for n, _ in base.named_parameters() if "proj.weight" in n]
+    with torch.no_grad():
+        for parameter in lora_parameters(base):
+            parameter.normal_(std=0.1)
+    adapted, _ = base(x, mask, positions)
+    assert not torch.allclose(adapted, before, atol=1e-3)
+    state = merged_state_dict(base)
+    plain = LlamaLM(config).eval()
+    plain.load_state_dict(state)  # plain names only: loads into a model without adapters
+    assert torch.allclose(plain(x, mask, positions)[0], adapted, atol=1e-5)
+    merge_lora(base)
+    assert torch.allclose(base(x, mask, positions)[0], adapted, atol=1e-5)
+
+
+def test_cli_names_a_bad_language_model_in_one_line(broken, synth_data, tmp_path):
+    from click.testing import CliRunner
+
+    from vledge.cli import main
+
+    (broken / "model.safetensors").rename(broken / "pytorch_model.bin")
+    result = CliRunner().invoke(main, ["train", "--data", str(synth_data), "--preset", "tiny", "--language-model",
+                                       str(broken), "--out", str(tmp_path / "r")])
+    assert result.exit_code == 1
+    assert result.output.count("Error: WeightsError: ") == 1 and "safe_serialization=True" in result.output
+    assert "Traceback" not in result.output
+    result = CliRunner().invoke(main, ["train", "--data", str(synth_data), "--preset", "tiny", "--lora", "4",
+                                       "--out", str(tmp_path / "r2")])
+    assert result.exit_code == 1 and "Error: ConfigError: LoRA adapters need a pretrained language model" in result.output
