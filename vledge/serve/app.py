@@ -14,6 +14,7 @@ from pathlib import Path
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from vledge import __version__
@@ -113,11 +114,15 @@ def create_app(model, options: ServeOptions | None = None) -> FastAPI:
         return _model_card(state)
 
     @app.post(CHAT_PATH, response_model=None)
-    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+    async def chat_completions(request: Request) -> Response:
         arrived = time.perf_counter()
         if not state.ready:
             raise RequestError("the model is still warming up; retry shortly", status=503, code="not_ready",
                                retry_after_s=options.retry_after_s)
+        try:  # JSON whatever the Content-Type says (curl -d sends a form type)
+            body = ChatCompletionRequest.model_validate_json(await request.body())
+        except ValidationError as exc:
+            raise RequestValidationError(exc.errors()) from None
         chat = chat_request(body, options.max_new_tokens_limit)
         data = image_bytes(chat.image_url, options.max_image_bytes)
         pixels = await asyncio.to_thread(image_pixels, model.preprocessor, data)
@@ -188,10 +193,10 @@ async def _until(waiting: asyncio.Future, watcher: asyncio.Task, deadline: float
     if waiting in done:
         return waiting.result()
     if watcher in done:
-        job.cancel("disconnected")
+        state.scheduler.cancel(job, "disconnected")
         state.metrics.cancelled.labels(reason="disconnected").inc()
         raise _ClientGone
-    job.cancel("deadline")
+    state.scheduler.cancel(job, "deadline")
     state.metrics.cancelled.labels(reason="deadline").inc()
     raise RequestError(f"no answer within the server's {state.options.request_timeout_s:g} s deadline", status=504,
                        code="deadline_exceeded")
@@ -240,14 +245,14 @@ async def _stream(first, job: Job, state: ServerState, reply_id: str, prompt_tok
             try:
                 event = await asyncio.wait_for(job.events.get(), max(deadline - time.perf_counter(), 0))
             except asyncio.TimeoutError:
-                job.cancel("deadline")
+                state.scheduler.cancel(job, "deadline")
                 state.metrics.cancelled.labels(reason="deadline").inc()
                 event = RequestError(f"no answer within the server's {state.options.request_timeout_s:g} s "
                                      "deadline", status=504, code="deadline_exceeded")
         yield "data: [DONE]\n\n"
     finally:
         if not job.future.done() and job.cancelled is None:
-            job.cancel("disconnected")
+            state.scheduler.cancel(job, "disconnected")
             state.metrics.cancelled.labels(reason="disconnected").inc()
             state.metrics.requests.labels(status="499").inc()
 

@@ -134,18 +134,25 @@ class Scheduler:
 
     @property
     def depth(self) -> int:
-        return len(self._waiting)
+        """Jobs waiting for a batch (not counting those given up)."""
+        return sum(1 for job in self._waiting if job.cancelled is None)
+
+    def cancel(self, job: Job, reason: str) -> None:
+        """Give ``job`` up: dropped if still waiting, its row no longer counted if running."""
+        job.cancel(reason)
+        self.metrics.queue_depth.set(self.depth)
+        self._arrived.set()  # a window waiting on this job ends now
 
     def submit(self, job: Job) -> None:
         """Queue ``job``, or refuse it with 429 when the queue is full."""
         if self._closed:
             raise RequestError("the server is shutting down", status=503, code="shutting_down",
                                retry_after_s=self.options.retry_after_s)
-        if len(self._waiting) >= self.options.max_queue:
+        if self.depth >= self.options.max_queue:
             raise RequestError(f"the server's queue is full ({self.options.max_queue} requests waiting); retry "
                                "later", status=429, code="queue_full", retry_after_s=self.options.retry_after_s)
         self._waiting.append(job)
-        self.metrics.queue_depth.set(len(self._waiting))
+        self.metrics.queue_depth.set(self.depth)
         self._arrived.set()
 
     async def _run(self) -> None:
@@ -154,9 +161,14 @@ class Scheduler:
             while not self._waiting:
                 self._arrived.clear()
                 await self._arrived.wait()
+            while self._waiting and self._waiting[0].cancelled is not None:
+                self._waiting.popleft()  # given up while waiting: the next job's window starts now
+            self.metrics.queue_depth.set(len(self._waiting))
+            if not self._waiting:
+                continue
             first = self._waiting[0]
             if self.options.batching and window > 0:
-                while self._compatible_waiting(first) < self.options.max_batch:
+                while self._compatible_waiting(first) < self.options.max_batch and first.cancelled is None:
                     left = first.enqueued_at + window - time.perf_counter()
                     if left <= 0:
                         break
@@ -165,6 +177,8 @@ class Scheduler:
                         await asyncio.wait_for(self._arrived.wait(), left)
                     except asyncio.TimeoutError:
                         break
+                if first.cancelled is not None:
+                    continue
             jobs = self._take_batch()
             if not jobs:
                 continue
