@@ -293,10 +293,15 @@ def test_bad_requests_get_their_status_and_the_server_keeps_serving(model, image
 
 def test_full_queue_gets_429_deadline_504_and_disconnect_cancels(model, images):
     body = json.dumps(chat_body(data_url(images[6].read_bytes()))).encode()
-    # A long batch window holds requests in the queue, so its depth is known when the next one arrives.
+    # The batch window is waited out while another request is still arriving: a client that sends half its
+    # body holds a long window open, so the queue's depth is known when the next request comes.
     with running(model, max_batch=8, batch_window_ms=3000, max_queue=2, request_timeout_s=1.5,
                  retry_after_s=2) as base:
         url = f"{base}/v1/chat/completions"
+        port = int(base.rsplit(":", 1)[1])
+        slow = socket.create_connection(("127.0.0.1", port))
+        slow.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     + f"Content-Length: {len(body)}\r\n\r\n".encode() + body[: len(body) // 2])
 
         def depth() -> int:
             return httpx.get(f"{base}/health").json()["queue_depth"]
@@ -314,7 +319,7 @@ def test_full_queue_gets_429_deadline_504_and_disconnect_cancels(model, images):
                 assert_openai_error(future.result(), 504, "deadline_exceeded")
         assert metric(base, "vledge_serve_cancelled_total", reason="deadline") == 2
 
-        raw = socket.create_connection(("127.0.0.1", int(base.rsplit(":", 1)[1])))
+        raw = socket.create_connection(("127.0.0.1", port))
         raw.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                     + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
         for _ in range(300):
@@ -327,6 +332,7 @@ def test_full_queue_gets_429_deadline_504_and_disconnect_cancels(model, images):
                 break
             time.sleep(0.02)
         assert metric(base, "vledge_serve_cancelled_total", reason="disconnected") == 1
+        slow.close()
         for _ in range(300):
             if depth() == 0:
                 break

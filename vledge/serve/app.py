@@ -16,6 +16,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from vledge import __version__
 from vledge.errors import RequestError
@@ -119,19 +120,23 @@ def create_app(model, options: ServeOptions | None = None) -> FastAPI:
         if not state.ready:
             raise RequestError("the model is still warming up; retry shortly", status=503, code="not_ready",
                                retry_after_s=options.retry_after_s)
-        try:  # JSON whatever the Content-Type says (curl -d sends a form type)
-            body = ChatCompletionRequest.model_validate_json(await request.body())
-        except ValidationError as exc:
-            raise RequestValidationError(exc.errors()) from None
-        chat = chat_request(body, options.max_new_tokens_limit)
-        data = image_bytes(chat.image_url, options.max_image_bytes)
-        pixels = await asyncio.to_thread(image_pixels, model.preprocessor, data)
-        state.metrics.observe_stage("preprocess", time.perf_counter() - arrived)
-        prompt = chat.question or model.caption_prompt
-        job = Job(pixels=pixels, prompt=prompt, max_tokens=chat.max_tokens, temperature=chat.temperature,
-                  top_p=chat.top_p, seed=chat.seed, stop=chat.stop, loop=asyncio.get_running_loop(),
-                  stream=chat.stream, enqueued_at=time.perf_counter())
-        state.scheduler.submit(job)
+        with state.scheduler.arrival():
+            try:  # JSON whatever the Content-Type says (curl -d sends a form type)
+                body = ChatCompletionRequest.model_validate_json(await request.body())
+            except ClientDisconnect:
+                state.metrics.requests.labels(status="499").inc()
+                return Response(status_code=499)
+            except ValidationError as exc:
+                raise RequestValidationError(exc.errors()) from None
+            chat = chat_request(body, options.max_new_tokens_limit)
+            data = image_bytes(chat.image_url, options.max_image_bytes)
+            pixels = await asyncio.to_thread(image_pixels, model.preprocessor, data)
+            state.metrics.observe_stage("preprocess", time.perf_counter() - arrived)
+            prompt = chat.question or model.caption_prompt
+            job = Job(pixels=pixels, prompt=prompt, max_tokens=chat.max_tokens, temperature=chat.temperature,
+                      top_p=chat.top_p, seed=chat.seed, stop=chat.stop, loop=asyncio.get_running_loop(),
+                      stream=chat.stream, enqueued_at=time.perf_counter())
+            state.scheduler.submit(job)
         deadline = arrived + options.request_timeout_s
         reply_id = f"chatcmpl-{uuid.uuid4().hex}"
         prompt_tokens = state.prompt_tokens(prompt)

@@ -2,7 +2,8 @@
 
 Small models are overhead-bound, so eight rows cost little more than one. The scheduler runs on the
 server's event loop and hands each batch to one worker thread (ONNX Runtime releases the GIL, so the
-loop keeps accepting and preprocessing requests meanwhile). Requests are grouped by what must be equal
+loop keeps accepting and preprocessing requests meanwhile). The window is only waited out while another request is
+being read or preprocessed (one that could join); a lone request runs at once. Requests are grouped by what must be equal
 within one ``generate`` call (sampling settings, stop strings); each row keeps its own ``max_tokens``:
 its tokens past that are not used, and once every row of a batch has its answer (own limit, stop token,
 stop string, cancelled) the generation is ended early through the ``on_token`` callback.
@@ -11,6 +12,7 @@ stop string, cancelled) the generation is ended early through the ``on_token`` c
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import threading
@@ -112,6 +114,7 @@ class Scheduler:
         self._arrived = asyncio.Event()
         self._task: asyncio.Task | None = None
         self._closed = False
+        self.arriving = 0  # requests being read or preprocessed: the batch window waits only for those
         self._tokenizer = model.tokenizer
 
     # ------------------------------------------------------------------ event-loop side
@@ -136,6 +139,16 @@ class Scheduler:
     def depth(self) -> int:
         """Jobs waiting for a batch (not counting those given up)."""
         return sum(1 for job in self._waiting if job.cancelled is None)
+
+    @contextlib.contextmanager
+    def arrival(self):
+        """Marks a request on its way to :meth:`submit`; while none is, a batch does not wait for more."""
+        self.arriving += 1
+        try:
+            yield
+        finally:
+            self.arriving -= 1
+            self._arrived.set()
 
     def cancel(self, job: Job, reason: str) -> None:
         """Give ``job`` up: dropped if still waiting, its row no longer counted if running."""
@@ -168,7 +181,8 @@ class Scheduler:
                 continue
             first = self._waiting[0]
             if self.options.batching and window > 0:
-                while self._compatible_waiting(first) < self.options.max_batch and first.cancelled is None:
+                while (self._compatible_waiting(first) < self.options.max_batch and first.cancelled is None
+                       and self.arriving > 0):
                     left = first.enqueued_at + window - time.perf_counter()
                     if left <= 0:
                         break
