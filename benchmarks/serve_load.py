@@ -5,7 +5,7 @@
 
 For each mode (``batched``: ``--max-batch`` and ``--batch-window-ms``; ``unbatched``: ``--max-batch 1``) a
 real ``vledge serve`` process is started on a free 127.0.0.1 port and warmed up; then for each client count
-N, N clients (asyncio + httpx, one connection each) send chat completions back to back for ``--seconds``
+N, the modes one after the other (interleaved, as the machine's load drifts), N clients (asyncio streams, one keep-alive HTTP/1.1 connection each) send chat completions back to back for ``--seconds``
 (each client sends its next request when its answer arrives; greedy, ``max_tokens`` fixed) after a short
 untimed warm-up round. Requests cycle through the images (base64 data URLs, encoded once). Reported per
 (mode, N): captions/s (answers that arrived inside the window / window), latency p50/p90/p99 in ms, errors
@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import contextlib
 import json
 import os
 import platform
@@ -103,44 +104,80 @@ class Server:
             self.process.kill()
 
 
-async def _load(base: str, bodies: list[bytes], clients: int, seconds: float, warmup_requests: int) -> dict:
-    url = f"{base}/v1/chat/completions"
-    headers = {"Content-Type": "application/json"}
+class _Connection:
+    """One keep-alive HTTP/1.1 connection on asyncio streams: a client cheap enough not to steal the server's CPU."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+
+    async def post(self, path: str, body: bytes) -> tuple[int, bytes]:
+        if self.writer is None:
+            self.reader, self.writer = await asyncio.open_connection("127.0.0.1", self.port)
+        self.writer.write(f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                          f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+        await self.writer.drain()
+        head = await self.reader.readuntil(b"\r\n\r\n")
+        status = int(head.split(b" ", 2)[1])
+        length = 0
+        for line in head.split(b"\r\n")[1:]:
+            name, _, value = line.partition(b":")
+            if name.strip().lower() == b"content-length":
+                length = int(value)
+        payload = await self.reader.readexactly(length)
+        if b"connection: close" in head.lower():
+            await self.close()
+        return status, payload
+
+    async def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            with contextlib.suppress(OSError):
+                await self.writer.wait_closed()
+        self.reader = self.writer = None
+
+
+async def _load(port: int, bodies: list[bytes], clients: int, seconds: float, warmup_requests: int) -> dict:
+    path = "/v1/chat/completions"
     latencies: list[float] = []
     tokens: list[int] = []
     errors: dict[str, int] = {}
-    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
-    async with httpx.AsyncClient(limits=limits, timeout=120) as client:
-        async def one(index: int) -> tuple[float, int | None, str | None]:
-            started = time.perf_counter()
-            try:
-                response = await client.post(url, content=bodies[index % len(bodies)], headers=headers)
-            except httpx.HTTPError as exc:
-                return time.perf_counter() - started, None, type(exc).__name__
-            elapsed = time.perf_counter() - started
-            if response.status_code != 200:
-                return elapsed, None, str(response.status_code)
-            return elapsed, response.json()["usage"]["completion_tokens"], None
+    connections = [_Connection(port) for _ in range(clients)]
 
-        await asyncio.gather(*(one(i) for i in range(max(warmup_requests, clients))))  # untimed
-        begin = time.perf_counter()
-        end = begin + seconds
+    async def one(connection: _Connection, index: int) -> tuple[float, int | None, str | None]:
+        started = time.perf_counter()
+        try:
+            status, payload = await connection.post(path, bodies[index % len(bodies)])
+        except (OSError, asyncio.IncompleteReadError, ValueError) as exc:
+            await connection.close()
+            return time.perf_counter() - started, None, type(exc).__name__
+        elapsed = time.perf_counter() - started
+        if status != 200:
+            return elapsed, None, str(status)
+        return elapsed, json.loads(payload)["usage"]["completion_tokens"], None
 
-        async def worker(number: int) -> None:
-            index = number
-            while time.perf_counter() < end:
-                elapsed, count, error = await one(index)
-                index += clients
-                if time.perf_counter() > end:  # answers after the window are not counted
-                    break
-                if error is not None:
-                    errors[error] = errors.get(error, 0) + 1
-                else:
-                    latencies.append(elapsed)
-                    tokens.append(count)
+    await asyncio.gather(*(one(connections[i % clients], i) for i in range(max(warmup_requests, clients))))
+    begin = time.perf_counter()
+    end = begin + seconds
 
-        await asyncio.gather(*(worker(n) for n in range(clients)))
-        window = time.perf_counter() - begin
+    async def worker(number: int) -> None:
+        index = number
+        while time.perf_counter() < end:
+            elapsed, count, error = await one(connections[number], index)
+            index += clients
+            if time.perf_counter() > end:  # answers after the window are not counted
+                break
+            if error is not None:
+                errors[error] = errors.get(error, 0) + 1
+            else:
+                latencies.append(elapsed)
+                tokens.append(count)
+
+    await asyncio.gather(*(worker(n) for n in range(clients)))
+    window = time.perf_counter() - begin
+    for connection in connections:
+        await connection.close()
     ms = np.asarray(latencies) * 1e3
     return {
         "clients": clients, "seconds": round(window, 2), "captions": len(latencies),
@@ -174,11 +211,14 @@ def main() -> None:
               "model": str(args.model), "max_tokens": args.max_tokens, "precision": args.precision,
               "batch_window_ms": args.batch_window_ms, "rows": []}
     modes = {"batched": args.max_batch, "unbatched": 1}
-    for mode in args.modes.split(","):
-        with Server(args, modes[mode]) as server:
-            for clients in args.clients:
+    chosen = args.modes.split(",")
+    with contextlib.ExitStack() as stack:
+        servers = {mode: stack.enter_context(Server(args, modes[mode])) for mode in chosen}
+        for clients in args.clients:  # modes interleaved per client count: the machine's load drifts
+            for mode in chosen:
+                server = servers[mode]
                 before = _batch_stats(server.base)
-                row = asyncio.run(_load(server.base, bodies, clients, args.seconds, warmup_requests=8))
+                row = asyncio.run(_load(server.port, bodies, clients, args.seconds, warmup_requests=8))
                 after = _batch_stats(server.base)
                 batches = after[1] - before[1]
                 row.update(mode=mode, max_batch=modes[mode],
@@ -197,7 +237,7 @@ def _table(report: dict) -> str:
     lines = ["| mode | clients | captions/s | × 1 client | p50 ms | p90 ms | p99 ms | errors | rows/batch |",
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     single = {row["mode"]: row["captions_per_s"] for row in report["rows"] if row["clients"] == 1}
-    for row in report["rows"]:
+    for row in sorted(report["rows"], key=lambda r: (r["mode"], r["clients"])):
         base = single.get(row["mode"])
         ratio = f"{row['captions_per_s'] / base:.2f}" if base else "-"
         lines.append(f"| {row['mode']} | {row['clients']} | {row['captions_per_s']:.1f} | {ratio} | "
