@@ -194,7 +194,7 @@ class _Binder:
         return self.binding.get_outputs()
 
 
-class TransformerSteps:
+class OrtTransformerSteps:
     """Prefill a left-padded batch (optionally after a cached prefix), then one token per row per step.
 
     The keys and values stay ONNX Runtime values between steps (IO binding: each step's ``present``
@@ -325,7 +325,7 @@ class TransformerSteps:
         self._owners = [owner for _, owner in pairs]
 
 
-class LSTMSteps:
+class OrtLSTMSteps:
     """Rows are prefilled one by one (an LSTM has no mask to hide padding), then decoded as a batch.
 
     The state stays in ONNX Runtime values between decode steps (IO binding), like the KV cache.

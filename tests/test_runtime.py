@@ -509,13 +509,13 @@ def test_public_binding_path_gives_the_same_results(kind, tiny_model_dir, tiny_l
 def test_decode_steps_past_the_planned_capacity(fp32, synth_data):
     """The attention-mask buffer is sized for max_new_tokens; stepping further grows it, same logits."""
     from vledge.prompt import question_ids
-    from vledge.runtime.decoder import TransformerSteps
+    from vledge.runtime.decoder import OrtTransformerSteps
 
     embeds = fp32.embed_images(_images(synth_data, 2, start=90))
     prompts = [question_ids(fp32.tokenizer, fp32.manifest.prompt, q) for q in QUESTIONS[:2]]
     small, _ = fp32.prefill(embeds, prompts, GenerationOptions(max_new_tokens=2))
     large, _ = fp32.prefill(embeds, prompts, GenerationOptions(max_new_tokens=40))
-    assert isinstance(small, TransformerSteps)
+    assert isinstance(small, OrtTransformerSteps)
     tokens = np.random.default_rng(0).integers(5, fp32.tokenizer.vocab_size, size=(12, 2))
     for step, row_tokens in enumerate(tokens):
         np.testing.assert_array_equal(small.step(row_tokens), large.step(row_tokens), err_msg=f"step {step}")
