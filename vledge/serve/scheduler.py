@@ -25,10 +25,10 @@ from typing import Any
 import numpy as np
 
 from vledge.errors import RequestError
+from vledge.generation import cut_at_stop
 from vledge.runtime import GenerationOptions, Timings
 from vledge.serve.metrics import ServerMetrics
 from vledge.serve.options import ServeOptions
-from vledge.serve.text import cut_at_stop
 
 log = logging.getLogger(__name__)
 

@@ -1,25 +1,10 @@
-"""Answer text from token ids: stop strings cut, and the pieces a stream may show before the answer is final."""
+"""Streaming text: the pieces a stream may show before the answer is final."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-
-def cut_at_stop(text: str, stops: Sequence[str]) -> tuple[str, bool]:
-    """``text`` up to the earliest stop string, and whether one was found."""
-    cut = min((text.find(stop) for stop in stops if stop and stop in text), default=-1)
-    return (text[:cut], True) if cut >= 0 else (text, False)
-
-
-def partial_stop(text: str, stops: Sequence[str]) -> int:
-    """Length of the longest end of ``text`` that could be the start of a stop string (held back in a stream)."""
-    longest = 0
-    for stop in stops:
-        for size in range(min(len(stop) - 1, len(text)), longest, -1):
-            if text.endswith(stop[:size]):
-                longest = size
-                break
-    return longest
+from vledge.generation import cut_at_stop, partial_stop
 
 
 class StreamText:
