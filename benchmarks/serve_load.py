@@ -9,8 +9,10 @@ N, the modes one after the other (interleaved, as the machine's load drifts), N 
 (each client sends its next request when its answer arrives; greedy, ``max_tokens`` fixed) after a short
 untimed warm-up round. Requests cycle through the images (base64 data URLs, encoded once). Reported per
 (mode, N): captions/s (answers that arrived inside the window / window), latency p50/p90/p99 in ms, errors
-(any non-200 or transport failure), mean rows per batch (from the server's ``/metrics``) and mean tokens
-per answer. The clients share the machine with the server: ``uptime`` before and after is recorded.
+(any non-200 or transport failure), and from the server's ``/metrics``: mean rows per batch, mean ms a
+request waited in the queue and mean ms of its batch's generation (vision + prefill + decode). The queue
+wait bounds what continuous batching (rows joining between decode steps) could save. Mean tokens per
+answer are in the JSON. The clients share the machine with the server: ``uptime`` before and after is recorded.
 """
 
 from __future__ import annotations
@@ -61,14 +63,28 @@ def _bodies(image_dir: Path, count: int, max_tokens: int) -> list[bytes]:
     return bodies
 
 
-def _batch_stats(base: str) -> tuple[float, float]:
-    """(sum, count) of the server's batch-size histogram."""
+def _server_stats(base: str) -> dict[str, float]:
+    """Sums and counts of the server's batch-size and per-stage histograms (from /metrics)."""
     values = {}
     for line in httpx.get(f"{base}/metrics", timeout=10).text.splitlines():
-        for name in ("vledge_serve_batch_size_sum", "vledge_serve_batch_size_count"):
-            if line.startswith(name + " "):
-                values[name] = float(line.split()[-1])
-    return values.get("vledge_serve_batch_size_sum", 0.0), values.get("vledge_serve_batch_size_count", 0.0)
+        if line.startswith(("vledge_serve_batch_size_sum", "vledge_serve_batch_size_count",
+                            "vledge_serve_stage_seconds_sum", "vledge_serve_stage_seconds_count")):
+            name, value = line.rsplit(" ", 1)
+            values[name] = float(value)
+    return values
+
+
+def _means(before: dict[str, float], after: dict[str, float]) -> dict[str, float | None]:
+    """Mean rows per batch, and mean ms per request in each stage, between two snapshots."""
+    def mean(name: str, labels: str = "", scale: float = 1.0) -> float | None:
+        count = after.get(f"{name}_count{labels}", 0) - before.get(f"{name}_count{labels}", 0)
+        total = after.get(f"{name}_sum{labels}", 0) - before.get(f"{name}_sum{labels}", 0)
+        return total / count * scale if count else None
+
+    out = {"mean_batch_rows": mean("vledge_serve_batch_size")}
+    for stage in ("queue", "preprocess", "vision", "prefill", "decode"):
+        out[f"{stage}_ms"] = mean("vledge_serve_stage_seconds", f'{{stage="{stage}"}}', 1e3)
+    return out
 
 
 class Server:
@@ -217,12 +233,9 @@ def main() -> None:
         for clients in args.clients:  # modes interleaved per client count: the machine's load drifts
             for mode in chosen:
                 server = servers[mode]
-                before = _batch_stats(server.base)
+                before = _server_stats(server.base)
                 row = asyncio.run(_load(server.port, bodies, clients, args.seconds, warmup_requests=8))
-                after = _batch_stats(server.base)
-                batches = after[1] - before[1]
-                row.update(mode=mode, max_batch=modes[mode],
-                           mean_batch_rows=(after[0] - before[0]) / batches if batches else None)
+                row.update(mode=mode, max_batch=modes[mode], **_means(before, _server_stats(server.base)))
                 report["rows"].append(row)
                 print(f"{mode:9s} clients={clients:3d} {row['captions_per_s']:7.1f} captions/s  "
                       f"p50 {row['p50_ms']:7.1f}  p90 {row['p90_ms']:7.1f}  p99 {row['p99_ms']:7.1f} ms  "
@@ -234,15 +247,17 @@ def main() -> None:
 
 
 def _table(report: dict) -> str:
-    lines = ["| mode | clients | captions/s | × 1 client | p50 ms | p90 ms | p99 ms | errors | rows/batch |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    lines = ["| mode | clients | captions/s | × 1 client | p50 ms | p90 ms | p99 ms | errors | rows/batch "
+             "| queue ms | generate ms |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     single = {row["mode"]: row["captions_per_s"] for row in report["rows"] if row["clients"] == 1}
     for row in sorted(report["rows"], key=lambda r: (r["mode"], r["clients"])):
         base = single.get(row["mode"])
         ratio = f"{row['captions_per_s'] / base:.2f}" if base else "-"
+        generate = sum(row[f"{stage}_ms"] or 0 for stage in ("vision", "prefill", "decode"))
         lines.append(f"| {row['mode']} | {row['clients']} | {row['captions_per_s']:.1f} | {ratio} | "
                      f"{row['p50_ms']:.1f} | {row['p90_ms']:.1f} | {row['p99_ms']:.1f} | {row['errors']} | "
-                     f"{row['mean_batch_rows'] or 0:.2f} |")
+                     f"{row['mean_batch_rows'] or 0:.2f} | {row['queue_ms'] or 0:.1f} | {generate:.1f} |")
     lines.append(f"\nuptime before: {report['uptime_before']}\nuptime after: {report['uptime_after']}")
     return "\n".join(lines)
 

@@ -257,7 +257,8 @@ def test_bad_requests_get_their_status_and_the_server_keeps_serving(model, image
         auth = {"Authorization": "Bearer k3y"}
 
         def post(body, **kwargs):
-            return httpx.post(url, json=body, headers=auth, timeout=60, **kwargs)
+            return httpx.post(url, json=body, headers=auth, timeout=60, **kwargs) if body is not None else \
+                httpx.post(url, headers=auth, timeout=60, **kwargs)
 
         assert_openai_error(httpx.post(url, json=good), 401, "missing_api_key")
         wrong = httpx.post(url, json=good, headers={"Authorization": "Bearer k3z"})
@@ -270,7 +271,10 @@ def test_bad_requests_get_their_status_and_the_server_keeps_serving(model, image
         assert_openai_error(post(chat_body("https://example.com/cat.png")), 400, "remote_image_url")
         assert_openai_error(post(chat_body("data:text/plain;base64,aGk=")), 400, "invalid_image")
         assert_openai_error(post(chat_body(data_url(os.urandom(40 << 10)))), 413, "image_too_large")
-        assert_openai_error(post(chat_body(data_url(os.urandom(80 << 10)))), 413, "body_too_large")
+        big = json.dumps(chat_body(data_url(os.urandom(80 << 10)))).encode()
+        assert_openai_error(post(None, content=big), 413, "body_too_large")  # Content-Length over the limit
+        chunked = httpx.post(url, content=iter([big[:40000], big[40000:]]), headers=auth, timeout=60)
+        assert_openai_error(chunked, 413, "body_too_large")  # no Content-Length: counted as it arrives
         two = chat_body(data_url(images[5].read_bytes()))
         two["messages"][0]["content"].append(two["messages"][0]["content"][0])
         assert_openai_error(post(two), 400, "too_many_images")

@@ -21,7 +21,7 @@ from starlette.requests import ClientDisconnect
 from vledge import __version__
 from vledge.errors import RequestError
 from vledge.prompt import question_ids
-from vledge.serve.guard import RequestGuard
+from vledge.serve.guard import BODY_TOO_LARGE, RequestGuard
 from vledge.serve.images import image_bytes, image_pixels
 from vledge.serve.metrics import ServerMetrics
 from vledge.serve.options import ServeOptions
@@ -124,6 +124,8 @@ def create_app(model, options: ServeOptions | None = None) -> FastAPI:
             try:  # JSON whatever the Content-Type says (curl -d sends a form type)
                 body = ChatCompletionRequest.model_validate_json(await request.body())
             except ClientDisconnect:
+                if BODY_TOO_LARGE in request.scope:
+                    raise RequestError(request.scope[BODY_TOO_LARGE], status=413, code="body_too_large") from None
                 state.metrics.requests.labels(status="499").inc()
                 return Response(status_code=499)
             except ValidationError as exc:
