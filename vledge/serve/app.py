@@ -217,8 +217,10 @@ async def _stream(first, job: Job, state: ServerState, reply_id: str, prompt_tok
 
     def chunk(delta: Delta, finish_reason: str | None = None) -> str:
         body = ChatCompletionChunk(id=reply_id, created=created, model=state.model_name,
-                                   choices=[ChunkChoice(delta=delta, finish_reason=finish_reason)])
-        return f"data: {body.model_dump_json(exclude_none=False)}\n\n"
+                                   choices=[ChunkChoice(delta=delta, finish_reason=finish_reason)]).model_dump()
+        body["choices"][0]["delta"] = delta.model_dump(exclude_none=True)  # as OpenAI: only the fields it carries
+        del body["usage"]
+        return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
 
     event = first
     try:
