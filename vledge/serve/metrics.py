@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 STAGES = ("queue", "preprocess", "vision", "prefill", "decode")
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -13,7 +12,7 @@ _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 class ServerMetrics:
     """Counters, gauges and histograms named ``vledge_serve_*``; :meth:`render` gives the text exposition."""
 
-    content_type = CONTENT_TYPE_LATEST
+    content_type = "text/plain; version=0.0.4; charset=utf-8"  # the text format generate_latest writes
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
