@@ -281,6 +281,8 @@ def test_bad_requests_get_their_status_and_the_server_keeps_serving(model, image
         audio = chat_body(data_url(images[5].read_bytes()))
         audio["messages"][0]["content"].append({"type": "input_audio", "input_audio": {"data": "", "format": "wav"}})
         assert_openai_error(post(audio), 400, "unsupported_content_part")
+        long_question = chat_body(data_url(images[5].read_bytes()), "is it red? " * 400)
+        assert_openai_error(post(long_question), 400, "prompt_too_long")
         assert_openai_error(post({**good, "n": 2}), 400, "unsupported_parameter")
         assert_openai_error(post({**good, "max_tokens": 10_000}), 400, "max_tokens_too_large")
         assert_openai_error(post({**good, "temperature": -1}), 400, "invalid_request")

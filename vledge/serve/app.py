@@ -60,7 +60,9 @@ class ServerState:
         self.ready = False
         self.model_name = options.model_name or Path(model.info()["model_dir"]).name or "vledge"
         self.created = int(time.time())
-        self.image_tokens = int(model.info()["architecture"]["image_tokens"])
+        architecture = model.info()["architecture"]
+        self.image_tokens = int(architecture["image_tokens"])
+        self.max_positions = architecture.get("max_positions")  # None: no limit (LSTM)
 
     async def warm_up(self) -> None:
         await asyncio.to_thread(self.model.warmup)
@@ -71,6 +73,18 @@ class ServerState:
     def prompt_tokens(self, prompt: str) -> int:
         """Tokens the model reads: the templated question with the image token replaced by the visual tokens."""
         return len(question_ids(self.model.tokenizer, self.model.manifest.prompt, prompt)) - 1 + self.image_tokens
+
+
+    def token_room(self, prompt_tokens: int, max_tokens: int) -> int:
+        """``max_tokens`` lowered to the positions the prompt leaves, as the model does for a request alone."""
+        if self.max_positions is None:
+            return max_tokens
+        room = int(self.max_positions) - prompt_tokens
+        if room < 1:
+            raise RequestError(f"the prompt takes {prompt_tokens} positions (image tokens included) of the "
+                               f"model's {self.max_positions}; ask a shorter question", code="prompt_too_long",
+                               param="messages")
+        return min(max_tokens, room)
 
 
 def create_app(model, options: ServeOptions | None = None) -> FastAPI:
@@ -135,13 +149,14 @@ def create_app(model, options: ServeOptions | None = None) -> FastAPI:
             pixels = await asyncio.to_thread(image_pixels, model.preprocessor, data)
             state.metrics.observe_stage("preprocess", time.perf_counter() - arrived)
             prompt = chat.question or model.caption_prompt
-            job = Job(pixels=pixels, prompt=prompt, max_tokens=chat.max_tokens, temperature=chat.temperature,
-                      top_p=chat.top_p, seed=chat.seed, stop=chat.stop, loop=asyncio.get_running_loop(),
-                      stream=chat.stream, enqueued_at=time.perf_counter())
+            prompt_tokens = state.prompt_tokens(prompt)
+            job = Job(pixels=pixels, prompt=prompt, max_tokens=state.token_room(prompt_tokens, chat.max_tokens),
+                      temperature=chat.temperature, top_p=chat.top_p, seed=chat.seed, stop=chat.stop,
+                      loop=asyncio.get_running_loop(), stream=chat.stream, positions=prompt_tokens,
+                      enqueued_at=time.perf_counter())
             state.scheduler.submit(job)
         deadline = arrived + options.request_timeout_s
         reply_id = f"chatcmpl-{uuid.uuid4().hex}"
-        prompt_tokens = state.prompt_tokens(prompt)
         watcher = asyncio.create_task(_disconnected(request))
         try:
             if not chat.stream:

@@ -55,6 +55,7 @@ class Job:
     stop: tuple[str, ...]
     loop: asyncio.AbstractEventLoop
     stream: bool = False
+    positions: int = 0  # the prompt's length in model positions (image tokens included)
     enqueued_at: float = field(default_factory=time.perf_counter)
     number: int = field(default_factory=lambda: next(_job_numbers))
     future: asyncio.Future = field(init=False)
@@ -116,6 +117,8 @@ class Scheduler:
         self._closed = False
         self.arriving = 0  # requests being read or preprocessed: the batch window waits only for those
         self._tokenizer = model.tokenizer
+        # Left-padded rows share the longest prompt's positions: a batch must leave every row its own room.
+        self._max_positions = model.info()["architecture"].get("max_positions")
 
     # ------------------------------------------------------------------ event-loop side
 
@@ -218,7 +221,7 @@ class Scheduler:
                 continue
             if group is None:
                 group = job.group
-            if job.group == group and len(batch) < self.options.max_batch:
+            if job.group == group and len(batch) < self.options.max_batch and self._fits(batch, job):
                 batch.append(job)
                 self.metrics.observe_stage("queue", now - job.enqueued_at)
             else:
@@ -226,6 +229,12 @@ class Scheduler:
         self._waiting = kept
         self.metrics.queue_depth.set(len(kept))
         return batch
+
+    def _fits(self, batch: list[Job], job: Job) -> bool:
+        if not batch or self._max_positions is None:
+            return True
+        rows = [*batch, job]
+        return max(r.positions for r in rows) + max(r.max_tokens for r in rows) <= self._max_positions
 
     # ------------------------------------------------------------------ worker-thread side
 
