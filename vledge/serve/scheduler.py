@@ -1,10 +1,10 @@
 """Request batching: requests that arrive within the batch window share one batched generation.
 
-Small models are overhead-bound, so eight rows cost little more than one. The scheduler runs on the
-server's event loop and hands each batch to one worker thread (ONNX Runtime releases the GIL, so the
-loop keeps accepting and preprocessing requests meanwhile). The window is only waited out while another request is
-being read or preprocessed (one that could join); a lone request runs at once. Requests are grouped by what must be equal
-within one ``generate`` call (sampling settings, stop strings); each row keeps its own ``max_tokens``:
+Small models are overhead-bound, so eight rows cost little more than one. The scheduler runs in one
+thread of its own (ONNX Runtime releases the GIL, so the event loop keeps accepting and preprocessing
+requests meanwhile). The window is only waited out while another request is being read or preprocessed
+(one that could join); a lone request runs at once. Requests are grouped by what must be equal within one
+``generate`` call (sampling settings, stop strings); each row keeps its own ``max_tokens``:
 its tokens past that are not used, and once every row of a batch has its answer (own limit, stop token,
 stop string, cancelled) the generation is ended early through the ``on_token`` callback.
 """
@@ -105,16 +105,20 @@ class _BatchSettled(Exception):
 
 
 class Scheduler:
-    """Gathers jobs into batches and runs them, one batch at a time, in a worker thread."""
+    """Gathers jobs into batches and runs them, one batch at a time, in a thread of its own.
+
+    The thread takes the next batch as soon as one ends, without waiting for the event loop (which may be
+    busy answering the last batch's clients and reading the next requests).
+    """
 
     def __init__(self, model, options: ServeOptions, metrics: ServerMetrics) -> None:
         self.model = model
         self.options = options
         self.metrics = metrics
         self._waiting: deque[Job] = deque()
-        self._arrived = asyncio.Event()
-        self._task: asyncio.Task | None = None
+        self._changed = threading.Condition()  # guards _waiting, _closed and arriving
         self._closed = False
+        self._thread: threading.Thread | None = None
         self.arriving = 0  # requests being read or preprocessed: the batch window waits only for those
         self._tokenizer = model.tokenizer
         # Left-padded rows share the longest prompt's positions: a batch must leave every row its own room.
@@ -123,88 +127,102 @@ class Scheduler:
     # ------------------------------------------------------------------ event-loop side
 
     def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._run(), name="vledge-scheduler")
+        self._thread = threading.Thread(target=self._work, name="vledge-batch", daemon=True)
+        self._thread.start()
 
     async def stop(self) -> None:
-        self._closed = True
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-        for job in self._waiting:
+        with self._changed:
+            self._closed = True
+            left = list(self._waiting)
+            self._waiting.clear()
+            self._changed.notify_all()
+        for job in left:
             job._resolve(RequestError("the server is shutting down", status=503, code="shutting_down",
                                       retry_after_s=self.options.retry_after_s))
-        self._waiting.clear()
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join, 30)
 
     @property
     def depth(self) -> int:
         """Jobs waiting for a batch (not counting those given up)."""
+        with self._changed:
+            return self._depth()
+
+    def _depth(self) -> int:
         return sum(1 for job in self._waiting if job.cancelled is None)
 
     @contextlib.contextmanager
     def arrival(self):
         """Marks a request on its way to :meth:`submit`; while none is, a batch does not wait for more."""
-        self.arriving += 1
+        with self._changed:
+            self.arriving += 1
         try:
             yield
         finally:
-            self.arriving -= 1
-            self._arrived.set()
+            with self._changed:
+                self.arriving -= 1
+                self._changed.notify_all()
 
     def cancel(self, job: Job, reason: str) -> None:
         """Give ``job`` up: dropped if still waiting, its row no longer counted if running."""
-        job.cancel(reason)
-        self.metrics.queue_depth.set(self.depth)
-        self._arrived.set()  # a window waiting on this job ends now
+        with self._changed:
+            job.cancel(reason)
+            self.metrics.queue_depth.set(self._depth())
+            self._changed.notify_all()  # a window waiting on this job ends now
 
     def submit(self, job: Job) -> None:
         """Queue ``job``, or refuse it with 429 when the queue is full."""
-        if self._closed:
-            raise RequestError("the server is shutting down", status=503, code="shutting_down",
-                               retry_after_s=self.options.retry_after_s)
-        if self.depth >= self.options.max_queue:
-            raise RequestError(f"the server's queue is full ({self.options.max_queue} requests waiting); retry "
-                               "later", status=429, code="queue_full", retry_after_s=self.options.retry_after_s)
-        self._waiting.append(job)
-        self.metrics.queue_depth.set(self.depth)
-        self._arrived.set()
+        with self._changed:
+            if self._closed:
+                raise RequestError("the server is shutting down", status=503, code="shutting_down",
+                                   retry_after_s=self.options.retry_after_s)
+            if self._depth() >= self.options.max_queue:
+                raise RequestError(f"the server's queue is full ({self.options.max_queue} requests waiting); "
+                                   "retry later", status=429, code="queue_full",
+                                   retry_after_s=self.options.retry_after_s)
+            self._waiting.append(job)
+            self.metrics.queue_depth.set(self._depth())
+            self._changed.notify_all()
 
-    async def _run(self) -> None:
-        window = self.options.batch_window_ms / 1e3
+    # ------------------------------------------------------------------ batch thread
+
+    def _work(self) -> None:
         while True:
-            while not self._waiting:
-                self._arrived.clear()
-                await self._arrived.wait()
+            jobs = self._next_batch()
+            if jobs is None:
+                return
+            try:
+                if jobs:
+                    self._run_batch(jobs)
+            except Exception as exc:  # _run_batch answers its jobs itself; the thread must never die
+                log.exception("batch of %d failed", len(jobs))
+                for job in jobs:
+                    self._resolve(job, RequestError(f"generation failed: {exc}", status=500,
+                                                    code="generation_failed"))
+
+    def _next_batch(self) -> list[Job] | None:
+        """The next batch to run ([] to look again), or None once the scheduler is stopped."""
+        window = self.options.batch_window_ms / 1e3
+        with self._changed:
             while self._waiting and self._waiting[0].cancelled is not None:
                 self._waiting.popleft()  # given up while waiting: the next job's window starts now
-            self.metrics.queue_depth.set(len(self._waiting))
+            self.metrics.queue_depth.set(self._depth())
+            if self._closed:
+                return None
             if not self._waiting:
-                continue
+                self._changed.wait()
+                return []
             first = self._waiting[0]
             if self.options.batching and window > 0:
                 while (self._compatible_waiting(first) < self.options.max_batch and first.cancelled is None
-                       and self.arriving > 0):
+                       and self.arriving > 0 and not self._closed):
                     left = first.enqueued_at + window - time.perf_counter()
                     if left <= 0:
                         break
-                    self._arrived.clear()
-                    try:
-                        await asyncio.wait_for(self._arrived.wait(), left)
-                    except asyncio.TimeoutError:
-                        break
-                if first.cancelled is not None:
-                    continue
-            jobs = self._take_batch()
-            if not jobs:
-                continue
-            try:
-                await asyncio.to_thread(self._run_batch, jobs)
-            except Exception as exc:  # _run_batch resolves every job itself; this is a last resort
-                log.exception("batch of %d failed", len(jobs))
-                for job in jobs:
-                    job._resolve(RequestError(f"generation failed: {exc}", status=500, code="generation_failed"))
+                    self._changed.wait(left)
+                if first.cancelled is not None or self._closed:
+                    return []
+            return self._take_batch()
 
     def _compatible_waiting(self, first: Job) -> int:
         return sum(1 for job in self._waiting if job.group == first.group and job.cancelled is None)
@@ -217,7 +235,7 @@ class Scheduler:
         now = time.perf_counter()
         while self._waiting:
             job = self._waiting.popleft()
-            if job.cancelled is not None or job.future.done():
+            if job.cancelled is not None:
                 continue
             if group is None:
                 group = job.group
