@@ -37,6 +37,7 @@ def load(
     verify: bool = True,
     spin: bool = True,
     prefix_cache: bool = True,
+    fast_binding: bool = True,
 ) -> VisionLanguageRuntime:
     """Open a model directory written by ``vledge export``: verify it, pick variants, start sessions.
 
@@ -47,6 +48,8 @@ def load(
     that cannot be met raises ProviderError. ``strict`` also fails when heavy nodes of a graph would
     run on the CPU under a GPU provider. ``threads``: intra-op threads per session (None: ONNX
     Runtime's default); ``spin`` off saves CPU when several processes share the cores.
+    ``fast_binding`` off binds the decode loop's inputs and outputs through ONNX Runtime's public
+    ``IOBinding`` API only (slower per token; on by default, it falls back by itself when it fails).
     """
     wanted = _wanted_precisions(precision)
     if isinstance(providers, (list, tuple)) and not providers:
@@ -77,7 +80,7 @@ def load(
         language_kind=language.kind, layers=language.layers,
         heads=language.heads if language.kind == "transformer" else 0,
         head_dim=language.head_dim if language.kind == "transformer" else 0, hidden=language.hidden,
-        device=device, device_id=device_id, vocab_size=int(language.vocab_size),
+        device=device, device_id=device_id, vocab_size=int(language.vocab_size), fast_binding=fast_binding,
     )
     _check_io(graphs, manifest, root)
     graphs.token_table()  # read the token embeddings once now rather than in the first caption

@@ -197,6 +197,7 @@ class VisionLanguageRuntime:
             "spin": config.spin,
             "strict": config.strict,
             "prefix_cache_tokens": len(self.prefix_ids) if self.prefix_cache else 0,
+            "fast_binding": self.graphs.fast_binding,
             "onnxruntime": ort.__version__,
         }
 
@@ -228,7 +229,7 @@ class VisionLanguageRuntime:
         prompts = self._prompt_list(prompts, pixel_values.shape[0])
         ids = [question_ids(self.tokenizer, self.manifest.prompt, prompt) for prompt in prompts]
         return generation.generate_from_pixels(self, pixel_values, ids, self._options(options), stop_strings,
-                                               on_token, timings)
+                                               on_token, timings=timings)
 
     def generate_from_embeds(
         self,

@@ -200,19 +200,16 @@ def generate(
     return results
 
 
-def generate_from_pixels(
-    engine: Engine,
-    pixel_values: np.ndarray,
-    prompt_ids: Sequence[Sequence[int]],
-    options: GenerationOptions,
-    stop_strings: Sequence[str] | str = (),
-    on_token: TokenCallback | None = None,
-    timings: Timings | None = None,
-) -> list[GenerationResult]:
-    """:func:`generate` from preprocessed pixels [N, 3, S, S]: the vision encoder runs first (timed)."""
+def generate_from_pixels(engine: Engine, pixel_values: np.ndarray, prompt_ids: Sequence[Sequence[int]],
+                         options: GenerationOptions, *args, timings: Timings | None = None,
+                         **kwargs) -> list[GenerationResult]:
+    """:func:`generate` from preprocessed pixels [N, 3, S, S]: the vision encoder runs first (timed).
+
+    The other arguments (``stop_strings``, ``on_token``) are :func:`generate`'s.
+    """
     timings = timings or Timings()
     tick = time.perf_counter()
     image_embeds = engine.encode_images(pixel_values)
     timings.vision_ms = (time.perf_counter() - tick) * 1e3
-    return generate(engine, image_embeds, prompt_ids, options, stop_strings, on_token, timings)
+    return generate(engine, image_embeds, prompt_ids, options, *args, timings=timings, **kwargs)
 
