@@ -218,15 +218,28 @@ def test_32_concurrent_requests_get_the_answers_they_get_alone(model, images, ba
         expected.append((result.text, len(result.token_ids)))
     batches_before = metric(batching_server, "vledge_serve_batch_size_count")
 
-    def ask(case):
-        image, question, max_tokens = case
+    def ask(numbered):
+        number, (image, question, max_tokens) = numbered
         body = chat_body(data_url(image.read_bytes(), "image/jpeg"), question, max_tokens=max_tokens)
-        return httpx.post(f"{batching_server}/v1/chat/completions", json=body, timeout=120)
+        url = f"{batching_server}/v1/chat/completions"
+        if number % 2 == 0:
+            response = httpx.post(url, json=body, timeout=120)
+            assert response.status_code == 200, response.text
+            answer = response.json()
+            return answer["choices"][0]["message"]["content"], answer["usage"]["completion_tokens"]
+        pieces, usage = [], None  # every other request streams: each row streams its own tokens
+        body.update(stream=True, stream_options={"include_usage": True})
+        with httpx.stream("POST", url, json=body, timeout=120) as response:
+            assert response.status_code == 200
+            for line in response.iter_lines():
+                if line.startswith("data: ") and line != "data: [DONE]":
+                    chunk = json.loads(line[6:])
+                    pieces += [c["delta"].get("content", "") for c in chunk["choices"]]
+                    usage = chunk.get("usage") or usage
+        return "".join(pieces), usage["completion_tokens"]
 
     with ThreadPoolExecutor(32) as pool:
-        responses = list(pool.map(ask, cases))
-    assert [r.status_code for r in responses] == [200] * 32
-    got = [(r.json()["choices"][0]["message"]["content"], r.json()["usage"]["completion_tokens"]) for r in responses]
+        got = list(pool.map(ask, enumerate(cases)))
     assert got == expected
     assert metric(batching_server, "vledge_serve_batch_size_count") - batches_before < 32  # rows shared batches
 
