@@ -377,3 +377,16 @@ def test_stream_text_joins_to_the_final_text(model, images):
     pieces = [text.add(token) for token in result.token_ids]
     pieces.append(text.finish(result.text))
     assert "".join(pieces) == result.text
+
+
+def test_lstm_model_is_served_like_the_runtime(tiny_lstm_model_dir, images):
+    import vledge.runtime
+
+    lstm = vledge.runtime.load(tiny_lstm_model_dir, precision="fp32", threads=1)
+    with running(lstm, max_batch=4, batch_window_ms=20) as base:
+        bodies = [chat_body(data_url(image.read_bytes()), max_tokens=12) for image in images[:4]]
+        with ThreadPoolExecutor(4) as pool:
+            answers = list(pool.map(lambda body: httpx.post(f"{base}/v1/chat/completions", json=body,
+                                                            timeout=60).json(), bodies))
+    assert [a["choices"][0]["message"]["content"] for a in answers] == [
+        alone(lstm, image, max_tokens=12).text for image in images[:4]]
