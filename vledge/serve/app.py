@@ -87,8 +87,9 @@ class ServerState:
         return min(max_tokens, room)
 
 
-def create_app(model, options: ServeOptions | None = None) -> FastAPI:
-    """The ASGI app for ``model`` (a loaded ``vledge.runtime`` model); run it with uvicorn."""
+def create_app(model, options: ServeOptions | None = None) -> RequestGuard:
+    """The ASGI app for ``model`` (a loaded ``vledge.runtime`` model): the FastAPI routes (``.app``) behind
+    the API-key and body-size guard. Run it with uvicorn, or any ASGI server that runs the lifespan."""
     options = options or ServeOptions()
     state = ServerState(model, options)
 
