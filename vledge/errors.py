@@ -49,3 +49,7 @@ class ExportError(VledgeError):
 
 class SourceError(VledgeError):
     """A camera, video file, stream URL or image folder cannot be opened or stops delivering frames."""
+
+
+class BatchError(VledgeError):
+    """A bulk captioning run cannot go on: a worker process died, or the Ray cluster cannot run it."""
