@@ -261,8 +261,8 @@ def test_tables_and_path_lists_with_prompts(tiny_model_dir, synth_data, tmp_path
 def test_bad_options_and_mismatched_resume_are_refused(tiny_model_dir, image_folder, tmp_path):
     from vledge.bulk import BatchOptions, run_batch
 
-    with pytest.raises(ConfigError, match="--prompt and --prompt-column"):
-        BatchOptions(model_dir=tiny_model_dir, input="x", output="o", prompt="a", prompt_column="b")
+    with pytest.raises(ConfigError, match="--prompt is empty"):
+        BatchOptions(model_dir=tiny_model_dir, input="x", output="o", prompt=" ")
     with pytest.raises(ConfigError, match="--ray-address needs --engine ray"):
         BatchOptions(model_dir=tiny_model_dir, input="x", output="o", ray_address="auto")
     with pytest.raises(ConfigError, match="applies to a Parquet or CSV table"):

@@ -59,8 +59,6 @@ class BatchOptions:
             raise ConfigError(f"unknown engine {self.engine!r}; choose one of {', '.join(ENGINES)}")
         if self.ray_address is not None and self.engine != "ray":
             raise ConfigError("--ray-address needs --engine ray")
-        if self.prompt is not None and self.prompt_column is not None:
-            raise ConfigError("give at most one of --prompt and --prompt-column")
         if self.prompt is not None and not self.prompt.strip():
             raise ConfigError("--prompt is empty")
         if self.output_format is None:
