@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
 from vledge.bulk.schema import COLUMNS, SCHEMA_VERSION, rows_to_arrow
 from vledge.errors import ConfigError
+from vledge.files import atomic_path, write_json
 
 log = logging.getLogger(__name__)
 
@@ -73,13 +73,12 @@ class OutputFolder:
         return done
 
     def commit(self, rows: list[dict[str, Any]]) -> Path:
-        """Write one part atomically: a temporary file, flushed to disk, then renamed into place."""
+        """Write one part atomically (vledge.files: a temporary file, flushed to disk, renamed into place)."""
         first = min(row["index"] for row in rows)
         final = self.root / f"part-{first:010d}{self.suffix}"
         if final.exists():
             raise ConfigError(f"{final} exists already: input {first} would be written twice")
-        temporary = self.root / f".{final.name}.tmp"
-        try:
+        with atomic_path(final) as temporary:
             if self.output_format == "parquet":
                 import pyarrow.parquet as pq
 
@@ -89,18 +88,10 @@ class OutputFolder:
                     for row in rows:
                         handle.write(json.dumps({name: row.get(name) for name in COLUMNS}, ensure_ascii=False))
                         handle.write("\n")
-            _fsync(temporary)
-            os.replace(temporary, final)
-        except BaseException:
-            temporary.unlink(missing_ok=True)
-            raise
         return final
 
     def write_manifest(self, run: dict[str, Any]) -> None:
-        temporary = self.root / f".{RUN_MANIFEST}.tmp"
-        temporary.write_text(json.dumps(run, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-        _fsync(temporary)
-        os.replace(temporary, self.manifest_path)
+        write_json(self.manifest_path, run, ensure_ascii=False)
 
     def read_manifest(self) -> dict[str, Any]:
         try:
@@ -138,7 +129,3 @@ class OutputFolder:
         except Exception as exc:  # noqa: BLE001 - any unreadable part stops the resume with its name
             raise ConfigError(f"cannot read the committed part {part}: {exc}") from None
 
-
-def _fsync(path: Path) -> None:
-    with open(path, "rb") as handle:
-        os.fsync(handle.fileno())
