@@ -288,3 +288,28 @@ def test_bad_options_and_mismatched_resume_are_refused(tiny_model_dir, image_fol
     with pytest.raises(ConfigError, match="cannot resume .* inputs"):
         run_batch(again)
     assert len(_read_rows(tmp_path / "out.jsonl")) == 2
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("engine", ["local", "ray"])
+def test_a_model_the_workers_cannot_load_stops_with_its_typed_error(engine, tiny_model_dir, image_folder, tmp_path,
+                                                                    request):
+    """A tampered graph is found by each worker's load; the run stops with ModelDirError, no traceback."""
+    if engine == "ray":
+        request.getfixturevalue("local_ray")
+    tampered = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, tampered)
+    graph = tampered / "onnx" / "decoder_model_merged.onnx"
+    data = bytearray(graph.read_bytes())
+    data[-10] ^= 0xFF
+    graph.write_bytes(bytes(data))
+    output = tmp_path / "out.parquet"
+    result = CliRunner().invoke(_cli(), ["batch", "--engine", engine, "--model", str(tampered), "--input",
+                                         str(image_folder), "--output", str(output), "--workers", "2",
+                                         "--threads-per-worker", "1", "--precision", "fp32"])
+    assert result.exit_code == 1, result.output
+    last = result.output.strip().splitlines()[-1]
+    assert last.startswith("Error: ModelDirError:") and "decoder_model_merged.onnx" in last
+    if engine == "local":  # (Ray forwards its workers' own logs, tracebacks included, to this process)
+        assert "Traceback" not in result.output
+    assert not list(output.glob("part-*"))

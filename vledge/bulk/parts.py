@@ -44,7 +44,8 @@ class OutputFolder:
         """Start the folder for ``run`` (or check it continues the recorded run); the indices done so far."""
         if self.root.exists() and not self.root.is_dir():
             raise ConfigError(f"--output {self.root} is a file; batch output is a folder of parts")
-        existing = self.root.is_dir() and any(self.root.iterdir())
+        # A folder holding only the manifest of a run that wrote nothing has nothing to keep.
+        existing = self.root.is_dir() and any(p.name != RUN_MANIFEST for p in self.root.iterdir())
         if existing and not resume:
             raise ConfigError(f"--output {self.root} already exists and is not empty: pass --resume to continue "
                               "that run, or choose another folder")

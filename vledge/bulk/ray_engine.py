@@ -12,16 +12,19 @@ cluster, whose workers need vledge installed and the images readable at the same
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from vledge import errors
 from vledge.bulk.inputs import InputItem
 from vledge.bulk.rows import RowCaptioner, WorkerSettings
-from vledge.errors import BatchError, ConfigError
+from vledge.errors import BatchError, ConfigError, VledgeError
 
 log = logging.getLogger(__name__)
 
 INSTALL_HINT = "pip install 'vledge[ray]'"
+_RAISED = re.compile(r"^vledge\.errors\.(\w+): (.+)$", re.MULTILINE)  # the last line of a remote traceback
 
 
 def import_ray():
@@ -69,6 +72,10 @@ def caption_on_ray(settings: WorkerSettings, chunks: Sequence[Sequence[InputItem
     context = ray.data.DataContext.get_current()
     saved = context.enable_progress_bars, context.print_on_execution_start
     context.enable_progress_bars, context.print_on_execution_start = False, False
+    ray_data_log = logging.getLogger("ray.data")
+    saved_level = ray_data_log.level
+    if not log.isEnabledFor(logging.INFO):  # vledge reports failures itself; -v shows Ray Data's own log
+        ray_data_log.setLevel(logging.CRITICAL)
     try:
         _check_resources(ray, workers, settings.threads, gpus_per_worker)
         dataset = ray.data.from_arrow([_block(chunk) for chunk in chunks])
@@ -77,13 +84,41 @@ def caption_on_ray(settings: WorkerSettings, chunks: Sequence[Sequence[InputItem
                                         batch_size=None, batch_format="pyarrow",
                                         compute=ray.data.ActorPoolStrategy(size=workers),
                                         num_cpus=settings.threads, **gpu_request)
-        for block in captioned.iter_batches(batch_size=None, batch_format="pyarrow"):
+        blocks = iter(captioned.iter_batches(batch_size=None, batch_format="pyarrow"))
+        while True:
+            try:
+                block = next(blocks)
+            except StopIteration:
+                break
+            except Exception as exc:  # noqa: BLE001 - Ray wraps what failed in an actor; unwrap or name it
+                raise _unwrap(exc) from None
             if block.num_rows:
                 on_rows(block.to_pylist())
     finally:
         context.enable_progress_bars, context.print_on_execution_start = saved
+        ray_data_log.setLevel(saved_level)
         if started_here:
             ray.shutdown()
+
+
+def _unwrap(exc: BaseException) -> VledgeError:
+    """The vledge error an actor raised (Ray wraps it, e.g. a ModelDirError while loading), or a BatchError."""
+    seen = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, VledgeError) and type(current).__module__.startswith("vledge."):
+            return current
+        current = getattr(current, "cause", None) or current.__cause__ or current.__context__
+    # An actor that died in its constructor reaches here as text only (ActorDiedError keeps no cause).
+    named = _RAISED.findall(str(exc))
+    if named:
+        kind = getattr(errors, named[-1][0], None)
+        if isinstance(kind, type) and issubclass(kind, VledgeError):
+            return kind(named[-1][1].strip())
+    first_line = next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+    return BatchError(f"the Ray job failed ({type(exc).__name__}): {first_line.strip()}; "
+                      "the parts written so far are kept: rerun with --resume to finish")
 
 
 def _block(chunk: Sequence[InputItem]):
