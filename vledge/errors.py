@@ -73,3 +73,7 @@ class RequestError(VledgeError):
         self.code = code
         self.param = param
         self.retry_after_s = retry_after_s
+
+
+class BatchError(VledgeError):
+    """A bulk captioning run cannot go on: a worker process died, or the Ray cluster cannot run it."""
