@@ -121,8 +121,16 @@ def worker(engine: str, threads: int, path: str | None, steps: int) -> dict:
         session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
         for name, feeds in cases.items():
             results[name] = _time(lambda feeds=feeds: session.run(["logits"], feeds), steps)
-    results["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    results["peak_rss_mb"] = peak_rss_mb()
     return results
+
+
+def peak_rss_mb() -> float:
+    """This process's own peak resident memory (VmHWM; ru_maxrss would carry the parent's over exec)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def main() -> None:

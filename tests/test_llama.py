@@ -235,3 +235,14 @@ def test_cli_names_a_bad_language_model_in_one_line(broken, synth_data, tmp_path
     result = CliRunner().invoke(main, ["train", "--data", str(synth_data), "--preset", "tiny", "--lora", "4",
                                        "--out", str(tmp_path / "r2")])
     assert result.exit_code == 1 and "Error: ConfigError: LoRA adapters need a pretrained language model" in result.output
+
+
+def test_training_and_inference_attention_paths_agree(folders):
+    pretrained, module = vledge_lm(folders["qwen2-untied-llama3"])
+    embed = pretrained.state_dict["embed_tokens.weight"]
+    ids, mask = left_padded_batch(pad_id=0)
+    positions = position_ids_from_mask(mask)
+    with torch.no_grad():
+        grouped, _ = module(embed[ids], mask, positions)  # the grouped path (what export traces)
+    repeated, _ = module(embed[ids], mask, positions)  # grad enabled: the repeated SDPA path
+    assert (grouped - repeated.detach()).abs()[mask.bool()].max() < 1e-5
