@@ -5,7 +5,8 @@
 Builds the language model with SmolLM2-135M's config (hidden 576, 30 layers, 9 heads, 3 key/value
 heads, MLP 1536, vocab 49152, tied embeddings, rope_theta 100000) and random weights (seed 0),
 exports the merged decoder the way ``vledge export`` does (``export_graphs`` + ``optimize_component``
-+ ``quantize_component`` for int8 and q4, the exporter's defaults: LM head float), then measures,
++ ``quantize_component``: int8 with the LM head float, q4 with the LM head 8-bit as the exporter makes
+it for a Llama-family LM, and ``q4-float-head`` with the head float32), then measures,
 each engine and thread count in its own process (so peak RSS is that engine's alone):
 
 * decode: one new token over a past of 64 and of 512 positions (median / p90 ms over ``--steps``
@@ -55,14 +56,14 @@ def export_decoders(work: Path) -> dict[str, Path]:
     from vledge.export import optimize, quantize
     from vledge.export.graphs import export_graphs
 
-    paths = {name: work / f"decoder_{name}.onnx" for name in ("fp32", "int8", "q4")}
+    paths = {name: work / f"decoder_{name}.onnx" for name in ("fp32", "int8", "q4", "q4-float-head")}
     if all(p.exists() for p in paths.values()):
         return paths
     raw = export_graphs(build_model(), work / "raw")["decoder_model_merged"]
     optimize.optimize_component("decoder_model_merged", raw, paths["fp32"], language_kind="llama")
-    for precision in ("int8", "q4"):
-        quantize.quantize_component("decoder_model_merged", precision, paths["fp32"], paths[precision],
-                                    language_kind="llama")
+    for name, precision, keep_bits in (("int8", "int8", None), ("q4", "q4", 8), ("q4-float-head", "q4", None)):
+        quantize.quantize_component("decoder_model_merged", precision, paths["fp32"], paths[name],
+                                    options=quantize.QuantizeOptions(keep_bits=keep_bits), language_kind="llama")
     return paths
 
 
@@ -150,7 +151,7 @@ def main() -> None:
     start = time.perf_counter()
     paths = export_decoders(work)
     print(f"exported in {time.perf_counter() - start:.0f} s to {work}", file=sys.stderr)
-    engines = [("pytorch", "-")] + [(f"ort-{p}", str(paths[p])) for p in ("fp32", "int8", "q4")]
+    engines = [("pytorch", "-")] + [(f"ort-{p}", str(paths[p])) for p in ("fp32", "int8", "q4", "q4-float-head")]
     rows = []
     for threads in [int(t) for t in args.threads.split(",")]:
         for engine, path in engines:
@@ -165,12 +166,12 @@ def main() -> None:
             print(f"done {engine} x{threads}", file=sys.stderr)
     report = {"config": SMOLLM2_135M, "machine": platform.platform(), "cpus": os.cpu_count(),
               "load_average": os.getloadavg(), "rows": rows}
-    print(f"{'engine':<10} {'thr':>3} {'decode@64 ms':>13} {'tok/s':>7} {'decode@512 ms':>14} {'tok/s':>7} "
+    print(f"{'engine':<18} {'thr':>3} {'decode@64 ms':>13} {'tok/s':>7} {'decode@512 ms':>14} {'tok/s':>7} "
           f"{'prefill128 ms':>14} {'RSS MB':>7} {'file MB':>8} {'x torch@512':>11}")
     torch_ms = {r["threads"]: r["decode_past512"]["median_ms"] for r in rows if r["engine"] == "pytorch"}
     for r in rows:
         d64, d512 = r["decode_past64"]["median_ms"], r["decode_past512"]["median_ms"]
-        print(f"{r['engine']:<10} {r['threads']:>3} {d64:>13.2f} {1000 / d64:>7.1f} {d512:>14.2f} {1000 / d512:>7.1f} "
+        print(f"{r['engine']:<18} {r['threads']:>3} {d64:>13.2f} {1000 / d64:>7.1f} {d512:>14.2f} {1000 / d512:>7.1f} "
               f"{r[f'prefill_{PREFILL}']['median_ms']:>14.1f} {r['peak_rss_mb']:>7.0f} "
               f"{(r['file_mb'] or 0):>8.1f} {torch_ms[r['threads']] / d512:>11.2f}")
     if args.json:

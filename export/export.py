@@ -166,7 +166,10 @@ def _export_into(root: Path, checkpoint, ckpt_path: Path, options: ExportOptions
                           + "; ".join(problems))
 
     skipped: dict[str, str] = {}
-    qoptions = quantize.QuantizeOptions(calibration_method=options.calibration_method)
+    # A pretrained LM's head is vocab x hidden (49152 x 576 for SmolLM2-135M): in float32 it is as large as all its
+    # 4-bit layers together and dominates a q4 decode step, so q4 stores it 8-bit there (PERFORMANCE.md: int8 or float).
+    qoptions = quantize.QuantizeOptions(calibration_method=options.calibration_method,
+                                        keep_bits=8 if config.language.kind == "llama" else None)
     for precision in options.precisions:
         for component in COMPONENTS:
             if precision not in quantize.AVAILABLE.get(component, ()):

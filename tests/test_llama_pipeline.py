@@ -113,3 +113,28 @@ def test_align_freezes_the_lm_and_lora_is_merged_into_the_checkpoint(lm_folders,
     assert torch.equal(merged["embed_tokens.weight"], source["embed_tokens.weight"])
     model = checkpoint.build_model()  # loads with no adapter code at all
     assert model.language.layers[0].self_attn.q_proj.__class__ is torch.nn.Linear
+
+
+@pytest.mark.slow
+def test_an_interrupted_lora_run_resumes_its_adapters(lm_folders, synth_data, tmp_path):
+    from vledge.training.trainer import RunOptions, train
+
+    model_config, train_config = tiny_configs(max_steps=6, eval_every=100, eval_samples=0, log_every=1, batch_size=4)
+    options = RunOptions(stage="instruct", language_model=lm_folders["qwen2"], lora_rank=4, lora_dropout=0.0)
+    straight = train(synth_data, tmp_path / "straight", model_config, train_config, options)
+
+    def interrupt(event):
+        if event.kind == "step" and event.step == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(synth_data, tmp_path / "broken", model_config, train_config, options, on_event=interrupt)
+    assert load_checkpoint(tmp_path / "broken" / "last.pt").train_state["lora_adapters"]
+    resumed = train(synth_data, tmp_path / "broken", model_config, train_config, resume=True)
+    assert resumed.steps == straight.steps == 6
+
+    def losses(run):
+        lines = (run / "metrics.jsonl").read_text().splitlines()
+        return [row["loss"] for row in map(json.loads, lines) if row.get("kind") == "train"]
+
+    assert losses(tmp_path / "broken") == pytest.approx(losses(tmp_path / "straight"), rel=1e-4)
