@@ -17,6 +17,7 @@ from typing import Any
 from vledge.checkpoint import file_sha256 as sha256_of
 from vledge.config import ModelConfig, PreprocessSpec, PromptTemplate, from_dict
 from vledge.errors import ConfigError, ModelDirError
+from vledge.external_data import external_data_locations
 
 log = logging.getLogger(__name__)
 
@@ -153,65 +154,6 @@ class Manifest:
 # --------------------------------------------------------------------------- reading
 
 
-def external_data_locations(onnx_path: Path) -> list[str]:
-    """Every external-data ``location`` an ONNX file names, read without the onnx package.
-
-    The runtime has no onnx dependency, so this walks the protobuf wire format: ModelProto.graph (7)
-    -> GraphProto.initializer (5) / node (1) attributes, TensorProto.external_data (13) entries with
-    key "location". Subgraphs are not used by vledge graphs and are not followed.
-    """
-    data = onnx_path.read_bytes()
-    locations: list[str] = []
-
-    def varint(buf: bytes, pos: int) -> tuple[int, int]:
-        shift = result = 0
-        while True:
-            if pos >= len(buf):
-                raise ModelDirError(f"{onnx_path.name} is not a valid ONNX file (truncated varint)")
-            byte = buf[pos]
-            pos += 1
-            result |= (byte & 0x7F) << shift
-            if not byte & 0x80:
-                return result, pos
-            shift += 7
-
-    def fields(buf: bytes):
-        pos = 0
-        while pos < len(buf):
-            key, pos = varint(buf, pos)
-            number, wire = key >> 3, key & 7
-            if wire == 0:
-                _, pos = varint(buf, pos)
-                yield number, None
-            elif wire == 1:
-                pos += 8
-            elif wire == 5:
-                pos += 4
-            elif wire == 2:
-                length, pos = varint(buf, pos)
-                if pos + length > len(buf):
-                    raise ModelDirError(f"{onnx_path.name} is not a valid ONNX file (field overruns the file)")
-                yield number, buf[pos:pos + length]
-                pos += length
-            else:
-                raise ModelDirError(f"{onnx_path.name} is not a valid ONNX file (wire type {wire})")
-
-    def tensor_locations(tensor: bytes) -> None:
-        for number, value in fields(tensor):
-            if number == 13 and value is not None:  # StringStringEntryProto external_data
-                entry = {n: v for n, v in fields(value) if v is not None}
-                if entry.get(1) == b"location" and 2 in entry:
-                    locations.append(entry[2].decode("utf-8", "replace"))
-
-    for number, graph in fields(data):
-        if number != 7 or graph is None:
-            continue
-        for g_number, item in fields(graph):
-            if g_number == 5 and item is not None:
-                tensor_locations(item)
-    return locations
-
-
 def read_manifest(model_dir: str | Path, verify: bool = True) -> Manifest:
     """Open a model directory; with ``verify`` every listed file is hashed and checked."""
     root = Path(model_dir)
@@ -239,6 +181,8 @@ def read_manifest(model_dir: str | Path, verify: bool = True) -> Manifest:
             raise ModelDirError(f"model directory {root} is missing {relative}")
         if verify:
             verify_file(root, relative, entry, set(manifest.files))
+        elif relative.endswith(".onnx"):  # unhashed, but what ONNX Runtime would read must still be listed
+            check_external_data(root, relative, set(manifest.files))
     return manifest
 
 
@@ -256,12 +200,17 @@ def verify_file(root: Path, relative: str, entry: FileEntry, listed: set[str] | 
     if sha256_of(path) != entry.sha256:
         raise ModelDirError(f"{relative} in {root} does not match its sha256 in {MANIFEST_NAME}: the file was modified")
     if relative.endswith(".onnx"):
-        parent = PurePosixPath(relative).parent
-        for location in external_data_locations(path):
-            if PurePosixPath(location).is_absolute() or ".." in PurePosixPath(location).parts:
-                raise ModelDirError(f"{relative} references external data outside the model directory: {location!r}")
-            resolved = str(parent / location)
-            resolve_inside(root, resolved)
-            if listed is not None and resolved not in listed:
-                raise ModelDirError(f"{relative} references external data {resolved!r} that the manifest does not hash")
+        check_external_data(root, relative, listed)
     return path
+
+
+def check_external_data(root: Path, relative: str, listed: set[str] | None) -> None:
+    """Every tensor the graph keeps in another file names a file inside ``root`` that the manifest hashes."""
+    parent = PurePosixPath(relative).parent
+    for location in external_data_locations(resolve_inside(root, relative)):
+        if PurePosixPath(location).is_absolute() or ".." in PurePosixPath(location).parts:
+            raise ModelDirError(f"{relative} references external data outside the model directory: {location!r}")
+        resolved = str(parent / location)
+        resolve_inside(root, resolved)
+        if listed is not None and resolved not in listed:
+            raise ModelDirError(f"{relative} references external data {resolved!r} that the manifest does not hash")
