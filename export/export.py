@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from vledge.checkpoint import file_sha256, load_checkpoint
+from vledge.leftovers import clean_stale, temp_prefix
 from vledge.errors import ConfigError, ExportError, VledgeError
 from vledge.export.graphs import DEFAULT_OPSET, check_graph, export_graphs, tensor_names
 from vledge.export.parity import (
@@ -111,7 +112,8 @@ def export(ckpt: str | Path, out_dir: str | Path | None = None, options: ExportO
     if out_dir.exists() and not options.force:
         raise ExportError(f"{out_dir} already exists; pass --force to replace it")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.export-", dir=out_dir.parent))
+    clean_stale(out_dir.parent, out_dir.name, tag="export-")  # the staging folders of killed exports
+    staging = Path(tempfile.mkdtemp(prefix=temp_prefix(out_dir.name, "export-"), dir=out_dir.parent))
     try:
         result = _export_into(staging, checkpoint, ckpt, options, say)
         _move_into_place(staging, out_dir)

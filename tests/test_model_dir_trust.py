@@ -158,3 +158,112 @@ def test_an_unlisted_file_behind_a_constant_node_never_reaches_onnx_runtime(tiny
     _rehash(copy, "onnx/embed_tokens.onnx")  # the attacker rewrites the manifest too; the data file stays unlisted
     with pytest.raises(ModelDirError, match="sneaky.data"):
         load(copy, precision="fp32", providers="cpu", threads=1, verify=verify)
+
+
+def _edit_manifest(model_dir, change) -> None:
+    manifest_path = model_dir / MANIFEST_NAME
+    manifest = json.loads(manifest_path.read_text())
+    change(manifest)
+    manifest_path.write_text(json.dumps(manifest))
+
+
+def _put(*keys_and_value):
+    *keys, value = keys_and_value
+
+    def change(manifest):
+        target = manifest
+        for key in keys[:-1]:
+            target = target[key]
+        target[keys[-1]] = value
+    return change
+
+
+MALFORMED = {
+    "variants_a_list": _put("variants", ["onnx/vision_encoder.onnx"]),
+    "variants_a_string": _put("variants", "onnx"),
+    "variant_a_list": _put("variants", "vision_encoder", ["onnx/vision_encoder.onnx"]),
+    "variant_path_a_number": _put("variants", "embed_tokens", "fp32", 7),
+    "variant_unknown_precision": _put("variants", "embed_tokens", "fp8", "onnx/embed_tokens.onnx"),
+    "variants_missing_a_graph": lambda m: m["variants"].pop("embed_tokens"),
+    "files_a_list": _put("files", []),
+    "file_size_text": lambda m: next(iter(m["files"].values())).__setitem__("size", "12"),
+    "file_size_negative": lambda m: next(iter(m["files"].values())).__setitem__("size", -1),
+    "file_sha_not_hex": lambda m: next(iter(m["files"].values())).__setitem__("sha256", "z" * 64),
+    "special_token_text": _put("special_tokens", "eos", "2"),
+    "special_token_missing": lambda m: m["special_tokens"].pop("image"),
+    "special_token_beyond_vocab": _put("special_tokens", "eos", 10**6),
+    "prefix_ids_a_string": _put("prefix_ids", "1 2 3"),
+    "prefix_id_negative": _put("prefix_ids", [1, -4]),
+    "tensors_a_number": _put("tensors", 3),
+    "tensor_outputs_empty": _put("tensors", "decoder_model_merged", "outputs", []),
+    "selected_a_list": _put("selected", ["cpu"]),
+    "selected_unknown_precision": _put("selected", "cpu", "decoder_model_merged", "int3"),
+    "generation_a_list": _put("generation", [32]),
+    "generation_max_tokens_negative": _put("generation", "max_new_tokens", -1),
+    "generation_prompt_a_number": _put("generation", "caption_prompt", 5),
+    "image_tokens_text": _put("architecture", "image_tokens", "16"),
+    "architecture_disagrees": _put("architecture", "vocab_size", 999),
+    "model_config_heads_zero": _put("model_config", "language", "heads", 0),
+    "model_config_hidden_text": _put("model_config", "language", "hidden", "32"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(MALFORMED))
+def test_a_malformed_manifest_is_one_typed_error_naming_the_field(tiny_model_dir, tmp_path, name):
+    from vledge.runtime import load
+
+    copy = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, copy)
+    _edit_manifest(copy, MALFORMED[name])
+    with pytest.raises(ModelDirError, match="vledge.json") as caught:
+        load(copy, precision="fp32", providers="cpu", threads=1, verify=False)
+    assert "Error" not in type(caught.value.__context__).__name__ or caught.value.__suppress_context__
+
+
+def _set_vocab(vocab: int):
+    def change(manifest):
+        manifest["model_config"]["language"]["vocab_size"] = vocab
+        manifest["architecture"]["vocab_size"] = vocab
+    return change
+
+
+def _set_hidden(hidden: int):
+    def change(manifest):
+        manifest["model_config"]["language"]["hidden"] = hidden
+        manifest["architecture"]["hidden"] = hidden
+        manifest["architecture"]["head_dim"] = hidden // manifest["model_config"]["language"]["heads"]
+    return change
+
+
+def _swap_graph(model_dir, component: str, replacement: str):
+    def change(manifest):
+        manifest["variants"][component]["fp32"] = f"onnx/{replacement}.onnx"
+    return change
+
+
+MISMATCHED = {
+    "decoder_wider_than_manifest": (_set_vocab, "logits"),
+    "hidden_narrower_than_graphs": (_set_hidden, "hidden"),
+    "outputs_renamed": (lambda _: _put("tensors", "decoder_model_merged", "outputs", ["scores"]), "outputs"),
+    "decoder_is_the_vision_encoder": (lambda _: lambda m: m["variants"]["decoder_model_merged"].__setitem__(
+        "fp32", "onnx/vision_encoder.onnx"), "decoder_model_merged"),
+    "fewer_layers_than_graph": (lambda _: _put("model_config", "language", "layers", 1), "layers"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(MISMATCHED))
+def test_graphs_that_disagree_with_the_manifest_are_refused_before_anything_runs(tiny_model_dir, tmp_path, name):
+    from vledge.runtime import load
+
+    copy = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, copy)
+    make, words = MISMATCHED[name]
+    manifest = json.loads((copy / MANIFEST_NAME).read_text())
+    vocab = manifest["model_config"]["language"]["vocab_size"]
+    hidden = manifest["model_config"]["language"]["hidden"]
+    change = make(vocab - 5 if name.startswith("decoder_wider") else hidden // 2)
+    _edit_manifest(copy, change)
+    if name == "fewer_layers_than_graph":
+        _edit_manifest(copy, _put("architecture", "layers", 1))
+    with pytest.raises(ModelDirError, match=words):
+        load(copy, precision="fp32", providers="cpu", threads=1, verify=False)

@@ -20,6 +20,7 @@ from typing import Any
 
 from vledge.config import ModelConfig, PreprocessSpec, TrainConfig, from_dict, to_dict
 from vledge.errors import CheckpointError, ConfigError
+from vledge.leftovers import clean_stale, temp_prefix
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +83,8 @@ def save_checkpoint(path: str | Path, checkpoint: Checkpoint) -> Path:
         "train_state": checkpoint.train_state,
         "metrics": checkpoint.metrics,
     }
-    handle, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    clean_stale(path.parent, path.name, suffix=".tmp")  # the temp files of saves that were killed
+    handle, temp_name = tempfile.mkstemp(prefix=temp_prefix(path.name), suffix=".tmp", dir=path.parent)
     os.close(handle)
     try:
         torch.save(payload, temp_name)

@@ -18,6 +18,7 @@ from vledge.checkpoint import file_sha256 as sha256_of
 from vledge.config import ModelConfig, PreprocessSpec, PromptTemplate, from_dict
 from vledge.errors import ConfigError, ModelDirError
 from vledge.external_data import external_data_locations
+from vledge.manifest_schema import COMPONENTS, PRECISIONS, validate_manifest
 
 log = logging.getLogger(__name__)
 
@@ -25,8 +26,6 @@ FORMAT = "vledge-model"
 FORMAT_VERSION = 1
 MANIFEST_NAME = "vledge.json"
 TOKENIZER_NAME = "tokenizer.json"
-COMPONENTS = ("vision_encoder", "embed_tokens", "decoder_model_merged")
-PRECISIONS = ("fp32", "fp16", "int8", "q4")
 
 
 def variant_filename(component: str, precision: str) -> str:
@@ -132,9 +131,10 @@ class Manifest:
             raise ModelDirError(
                 f"{source} has format version {data.get('format_version')!r}; this vledge reads {FORMAT_VERSION}"
             )
+        validate_manifest(data, source)
         try:
             files = {name: FileEntry(sha256=str(e["sha256"]), size=int(e["size"])) for name, e in data["files"].items()}
-            return cls(
+            manifest = cls(
                 model_config=from_dict(ModelConfig, data["model_config"]),
                 special_tokens={k: int(v) for k, v in data["special_tokens"].items()},
                 prefix_ids=[int(i) for i in data["prefix_ids"]],
@@ -149,6 +149,25 @@ class Manifest:
             )
         except (KeyError, TypeError, ValueError, AttributeError, ConfigError) as exc:
             raise ModelDirError(f"{source} is malformed: {type(exc).__name__}: {exc}") from None
+        manifest.check_consistent(data.get("architecture", {}), source)
+        return manifest
+
+    def check_consistent(self, architecture: dict[str, Any], source: str) -> None:
+        """Numbers stated twice must agree, and every token id must exist in the vocabulary."""
+        for key, value in self.architecture().items():
+            if key in architecture and architecture[key] != value:
+                raise ModelDirError(f"{source} is malformed: architecture.{key} is {architecture[key]!r}, "
+                                    f"model_config says {value!r}")
+        vocab = self.model_config.language.vocab_size
+        if vocab < 1:
+            raise ModelDirError(f"{source} is malformed: model_config.language.vocab_size must be set, got {vocab}")
+        named = {f"special_tokens.{k}": v for k, v in self.special_tokens.items()}
+        named.update({f"prefix_ids[{i}]": v for i, v in enumerate(self.prefix_ids)})
+        named.update({f"generation.{k}": self.generation[k] for k in ("eos_token_id", "pad_token_id")
+                      if k in self.generation})
+        for where, token in named.items():
+            if token >= vocab:
+                raise ModelDirError(f"{source} is malformed: {where} is {token}, beyond the vocabulary of {vocab}")
 
 
 # --------------------------------------------------------------------------- reading

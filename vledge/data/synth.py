@@ -34,6 +34,7 @@ import numpy as np
 from vledge import __version__
 from vledge.data.records import Turn
 from vledge.errors import ConfigError, DataError
+from vledge.leftovers import clean_stale, temp_prefix
 
 log = logging.getLogger(__name__)
 
@@ -705,7 +706,8 @@ def generate_dataset(
     if workers < 1:
         raise ConfigError(f"workers must be at least 1, got {workers}")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
+    clean_stale(out_dir.parent, out_dir.name, suffix=".tmp")  # the folders of killed runs
+    tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(out_dir.name), suffix=".tmp", dir=out_dir.parent))
     try:
         (tmp / "images").mkdir()
         id_width = max(6, len(str(options.size - 1)))
