@@ -41,8 +41,8 @@ def load_rgb(source: str | Path | bytes) -> Image.Image:
     name = "<bytes>" if isinstance(source, (bytes, bytearray)) else str(source)
     try:
         handle = io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else open(source, "rb")
-    except OSError as exc:
-        raise ImageError(f"cannot open image {name}: {exc.strerror or exc}") from None
+    except (OSError, ValueError) as exc:  # ValueError: a NUL or a lone surrogate in the name
+        raise ImageError(f"cannot open image {name}: {getattr(exc, 'strerror', None) or exc}") from None
     try:
         with handle, Image.open(handle) as image:
             if image.width * image.height > MAX_PIXELS:
