@@ -10,10 +10,8 @@ from __future__ import annotations
 import datetime
 import json
 import logging
-import os
 import platform
 import shutil
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -22,10 +20,12 @@ from pathlib import Path
 import numpy as np
 
 from vledge.checkpoint import file_sha256, load_checkpoint
-from vledge.leftovers import clean_stale, temp_prefix
-from vledge.errors import ConfigError, ExportError, VledgeError
+from vledge.errors import ConfigError, ExportError, OutputError, VledgeError
 from vledge.export.graphs import DEFAULT_OPSET, check_graph, export_graphs, tensor_names
 from vledge.export.parity import (
+    FP32_ATOL,
+    FP32_MIN_TOKEN_AGREEMENT,
+    FP32_RTOL,
     ParitySamples,
     Reference,
     VariantParity,
@@ -35,6 +35,7 @@ from vledge.export.parity import (
     torch_reference,
 )
 from vledge.export.report import write_parity_markdown
+from vledge.files import atomic_directory, write_json
 from vledge.manifest import (
     COMPONENTS,
     MANIFEST_NAME,
@@ -111,47 +112,22 @@ def export(ckpt: str | Path, out_dir: str | Path | None = None, options: ExportO
     out_dir = Path(out_dir) if out_dir is not None else ckpt.parent / "model"
     if out_dir.exists() and not options.force:
         raise ExportError(f"{out_dir} already exists; pass --force to replace it")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    clean_stale(out_dir.parent, out_dir.name, tag="export-")  # the staging folders of killed exports
-    staging = Path(tempfile.mkdtemp(prefix=temp_prefix(out_dir.name, "export-"), dir=out_dir.parent))
     try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"cannot write the model directory {out_dir}: {exc.strerror or exc}") from None
+    with atomic_directory(out_dir, tag="export-") as staging:
         result = _export_into(staging, checkpoint, ckpt, options, say)
-        _move_into_place(staging, out_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     result.model_dir = out_dir
     result.seconds = time.perf_counter() - started
     say(f"wrote {out_dir} in {result.seconds:.1f} s")
     return result
 
 
-def _move_into_place(staging: Path, out_dir: Path) -> None:
-    if out_dir.exists():
-        old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-        os.replace(out_dir, old)
-        try:
-            os.replace(staging, out_dir)
-        except BaseException:
-            os.replace(old, out_dir)
-            raise
-        shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
-    else:
-        os.replace(staging, out_dir)
-    mode = 0o777 & ~_umask()
-    os.chmod(out_dir, mode)  # mkdtemp makes it private; a model directory is an ordinary folder
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def _export_into(root: Path, checkpoint, ckpt_path: Path, options: ExportOptions, say: Progress) -> ExportResult:
     import torch
 
-    from vledge.export import quantize
+    from vledge.export import optimize, quantize
 
     model = checkpoint.build_model()
     tokenizer = checkpoint.tokenizer()
@@ -167,7 +143,7 @@ def _export_into(root: Path, checkpoint, ckpt_path: Path, options: ExportOptions
     for component, path in raw.items():
         check_graph(path)
         target = root / variant_filename(component, "fp32")
-        quantize.optimize_component(component, path, target)
+        optimize.optimize_component(component, path, target)
         variants[component]["fp32"] = variant_filename(component, "fp32")
     tokenizer.save(root / TOKENIZER_NAME)
 
@@ -231,7 +207,7 @@ def _export_into(root: Path, checkpoint, ckpt_path: Path, options: ExportOptions
         "reference": {"engine": "pytorch", "accuracy": reference.accuracy, "questions": len(samples)},
         "variants": {label: p.to_dict() for label, p in parity.items()},
         "not_measured": skipped,
-        "tolerance": {"atol": 1e-4, "rtol": 1e-4},
+        "tolerance": {"atol": FP32_ATOL, "rtol": FP32_RTOL, "min_token_agreement": FP32_MIN_TOKEN_AGREEMENT},
         "max_accuracy_drop": options.max_accuracy_drop,
         "data": str(options.data) if options.data else "built-in synthetic scenes (fresh seed)",
     }
@@ -374,8 +350,5 @@ def _hash_files(root: Path) -> dict[str, FileEntry]:
 
 
 def _write_manifest(root: Path, manifest: Manifest) -> None:
-    text = json.dumps(manifest.to_dict(), indent=2, sort_keys=False)
-    temp = root / f".{MANIFEST_NAME}.tmp"
-    temp.write_text(text + "\n", encoding="utf-8")
-    os.replace(temp, root / MANIFEST_NAME)
+    write_json(root / MANIFEST_NAME, manifest.to_dict(), indent=2)
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import copy
 import logging
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -95,12 +94,6 @@ class LSTMDecoderGraph(nn.Module):
     def forward(self, inputs_embeds, past_hidden, past_cell):
         output, (hidden, cell) = self.lm.lstm(inputs_embeds, (past_hidden, past_cell))
         return self.lm.lm_head(output[:, -1:]), hidden, cell
-
-
-@dataclass
-class ExportedGraph:
-    name: str
-    path: Path
 
 
 def _export(module: nn.Module, args: tuple, path: Path, inputs: list[str], outputs: list[str],

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from vledge.export.parity import Reference, VariantParity
+from vledge.files import write_text
 from vledge.manifest import Manifest
 
 
@@ -60,4 +61,4 @@ def write_parity_markdown(path: Path, manifest: Manifest, parity: dict[str, Vari
     if skipped:
         lines += ["", "## Not made or not measured here", ""]
         lines += [f"- {label}: {why}" for label, why in skipped.items()]
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    write_text(path, "\n".join(lines) + "\n")

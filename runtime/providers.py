@@ -288,10 +288,6 @@ class Placement:
 
     by_provider: dict[str, Counter] = field(default_factory=dict)
 
-    def heavy_on_cpu(self) -> list[str]:
-        cpu = self.by_provider.get("CPUExecutionProvider", Counter())
-        return sorted(op for op in cpu if op in HEAVY_OPS)
-
     def to_dict(self) -> dict[str, dict[str, int]]:
         return {provider: dict(sorted(counts.items())) for provider, counts in self.by_provider.items()}
 

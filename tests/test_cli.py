@@ -83,3 +83,22 @@ def test_eval_skips_questions_whose_image_is_unreadable(tiny_run, synth_data, tm
     assert report["skipped_unreadable"] == questions_of_first
     total = sum(len(r["conversations"]) // 2 for r in records)
     assert report["counts"]["overall"] == total - questions_of_first
+
+
+def test_caption_with_an_exported_model_runs_with_torch_blocked(tiny_model_dir, synth_data):
+    from vledge.decoding import GenerationOptions
+    from vledge.runtime import load
+
+    image = sorted((synth_data / "images").iterdir())[0]
+    code = (
+        "import sys; sys.modules['torch'] = None; sys.modules['torchvision'] = None\n"
+        "from vledge.cli import main\n"
+        f"main(['caption', '--model', {str(tiny_model_dir)!r}, {str(image)!r}, '--provider', 'cpu', "
+        "'--threads', '1', '--max-new-tokens', '6', '--jsonl'], standalone_mode=False)\n"
+        "assert not any(n == 'torch' or n.startswith('torch.') for n, m in sys.modules.items() if m)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    line = json.loads(done.stdout.strip().splitlines()[-1])
+    expected = load(tiny_model_dir, providers="cpu", threads=1).caption(image, GenerationOptions(max_new_tokens=6))
+    assert line["image"] == str(image) and line["token_ids"] == expected.token_ids

@@ -124,6 +124,10 @@ def test_manifest_records_everything_a_runtime_needs(tiny_model_dir, tiny_run):
     assert fp32["generation"]["token_agreement"] == 1.0
     assert (tiny_model_dir / "parity.md").read_text().count("| fp32 |") == 1
     assert not list(tiny_model_dir.parent.glob(".*export*")), "no staging folder may remain"
+    from vledge.export.parity import FP32_ATOL, FP32_MIN_TOKEN_AGREEMENT, FP32_RTOL
+
+    assert data["parity"]["tolerance"] == {"atol": FP32_ATOL, "rtol": FP32_RTOL,
+                                           "min_token_agreement": FP32_MIN_TOKEN_AGREEMENT}
 
 
 def test_every_quantized_variant_is_measured(tiny_model_dir):
@@ -301,3 +305,67 @@ def test_tracing_leaves_the_reference_model_untouched(norm, tmp_path):
     assert changed == []
     session = ort.InferenceSession(str(paths["vision_encoder"]), providers=["CPUExecutionProvider"])
     np.testing.assert_allclose(session.run(None, {"pixel_values": pixels.numpy()})[0], expected, atol=1e-5, rtol=1e-4)
+
+
+def _modes(root: Path) -> tuple[set[int], set[int]]:
+    """(file modes, folder modes) of everything under ``root``, ``root`` itself included."""
+    files, folders = set(), {root.stat().st_mode & 0o777}
+    for path in root.rglob("*"):
+        (folders if path.is_dir() else files).add(path.stat().st_mode & 0o777)
+    return files, folders
+
+
+@pytest.mark.parametrize("umask, file_mode, folder_mode", [(0o022, 0o644, 0o755), (0o077, 0o600, 0o700)])
+def test_export_writes_ordinary_modes_under_the_umask(tiny_run, synth_data, tmp_path, umask, file_mode,
+                                                      folder_mode):
+    """A model directory copied to a server must be readable by its service user (umask 022: 0644/0755)."""
+    previous = os.umask(umask)
+    try:
+        out = export_tiny(tiny_run, synth_data, tmp_path / "model",
+                          quantize=("int8",) if umask == 0o022 else ("none",), parity_samples=8).model_dir
+    finally:
+        os.umask(previous)
+    files, folders = _modes(out)
+    assert any(path.suffix == ".onnx" for path in out.rglob("*"))
+    assert files == {file_mode}, sorted(oct(mode) for mode in files)
+    assert folders == {folder_mode}, sorted(oct(mode) for mode in folders)
+
+
+def _obeying_file_modes():
+    """preexec_fn for a child that obeys file modes even as root: it drops CAP_DAC_OVERRIDE and
+    CAP_DAC_READ_SEARCH from its bounding set, so the program it runs starts without them. None when not root."""
+    import ctypes
+
+    if os.geteuid() != 0:
+        return None
+    libc = ctypes.CDLL(None, use_errno=True)
+
+    def drop() -> None:
+        for capability in (1, 2):  # CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH
+            if libc.prctl(24, capability, 0, 0, 0) != 0:  # PR_CAPBSET_DROP
+                raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP) failed")
+
+    return drop
+
+
+def test_an_unreadable_graph_is_a_model_dir_error_naming_it(tiny_model_dir, synth_data, tmp_path):
+    import subprocess
+    import sys
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    graph = read_manifest(model).variants["decoder_model_merged"]["fp32"]
+    os.chmod(model / graph, 0)
+    try:
+        done = subprocess.run([sys.executable, "-m", "vledge", "caption", "--model", str(model), "--precision",
+                               "fp32", str(_images(synth_data, 1)[0])], capture_output=True, text=True, timeout=300,
+                              preexec_fn=_obeying_file_modes())
+    except subprocess.SubprocessError as exc:
+        if os.geteuid() == 0:
+            pytest.skip(f"cannot drop root's file-permission override here ({exc})")
+        raise
+    finally:
+        os.chmod(model / graph, 0o644)
+    assert done.returncode != 0
+    assert "Traceback" not in done.stderr, done.stderr
+    assert "Error: ModelDirError:" in done.stderr and graph in done.stderr, done.stderr

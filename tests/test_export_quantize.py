@@ -18,8 +18,10 @@ onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 torch = pytest.importorskip("torch")
 
+from vledge.errors import QuantizationError  # noqa: E402
+from vledge.export import fusion, onnx_files, optimize  # noqa: E402
 from vledge.export import quantize as q  # noqa: E402
-from vledge.export.quantize import QuantizationError, QuantizeOptions  # noqa: E402
+from vledge.export.quantize import QuantizeOptions  # noqa: E402
 
 VOCAB = 320
 
@@ -189,32 +191,32 @@ def test_reduce_range_follows_vnni(tmp_path):
 def test_optimize_graph_is_portable_and_exact(exported, tmp_path, level):
     paths, _ = exported
     src = paths["decoder_model_merged"]
-    out = q.optimize_graph(src, tmp_path / "decoder.onnx", level)
+    out = optimize.optimize_graph(src, tmp_path / "decoder.onnx", level)
     assert len(_ops(out)) < len(_ops(src))
-    assert not q.non_portable_ops(q.op_types(onnx.load(str(out))))
+    assert not optimize.non_portable_ops(onnx_files.op_types(onnx.load(str(out))))
     reference, candidate = _decode(src), _decode(out)
     _same_interface(reference, candidate)
     np.testing.assert_allclose(_logits(candidate), _logits(reference), rtol=1e-4, atol=1e-5)
-    vision = q.optimize_graph(paths["vision_encoder"], tmp_path / "vision.onnx", level)
+    vision = optimize.optimize_graph(paths["vision_encoder"], tmp_path / "vision.onnx", level)
     pixels = np.random.default_rng(1).uniform(-1, 1, (2, 3, 32, 32)).astype(np.float32)
     np.testing.assert_allclose(_session(vision).run(None, {"pixel_values": pixels})[0],
                                _session(paths["vision_encoder"]).run(None, {"pixel_values": pixels})[0],
                                rtol=1e-4, atol=1e-5)
     with pytest.raises(QuantizationError, match="unknown optimisation level 'all'"):
-        q.optimize_graph(src, tmp_path / "all.onnx", "all")
+        optimize.optimize_graph(src, tmp_path / "all.onnx", "all")
 
 
 def test_non_portable_ops_are_named():
-    assert q.non_portable_ops({"MatMul", "com.microsoft:SkipLayerNormalization"}) == set()
-    assert q.non_portable_ops({"com.microsoft:FusedGemm", "QLinearConv", "com.microsoft.nchwc:Conv"}) == {
+    assert optimize.non_portable_ops({"MatMul", "com.microsoft:SkipLayerNormalization"}) == set()
+    assert optimize.non_portable_ops({"com.microsoft:FusedGemm", "QLinearConv", "com.microsoft.nchwc:Conv"}) == {
         "com.microsoft:FusedGemm", "QLinearConv", "com.microsoft.nchwc:Conv"}
 
 
 def test_fuse_attention_replaces_each_layer(tiny, tmp_path):
     paths, config = tiny
     src = paths["decoder_model_merged"]
-    basic = q.optimize_graph(src, tmp_path / "basic.onnx")
-    fused = q.fuse_attention(basic, tmp_path / "fused.onnx")
+    basic = optimize.optimize_graph(src, tmp_path / "basic.onnx")
+    fused = fusion.fuse_attention(basic, tmp_path / "fused.onnx")
     ops = _ops(fused)
     assert ops.count("MultiHeadAttention") == config.language.layers
     assert "Softmax" not in ops and len(ops) < len(_ops(basic)) * 0.6
@@ -224,18 +226,18 @@ def test_fuse_attention_replaces_each_layer(tiny, tmp_path):
         for name in want:
             np.testing.assert_allclose(got[name], want[name], rtol=1e-4, atol=1e-5, err_msg=name)
     # the raw export (unoptimised) fuses too, and optimize_component chains both steps
-    assert _ops(q.fuse_attention(src, tmp_path / "raw.onnx")).count("MultiHeadAttention") == config.language.layers
-    both = q.optimize_component("decoder_model_merged", src, tmp_path / "both.onnx")
+    assert _ops(fusion.fuse_attention(src, tmp_path / "raw.onnx")).count("MultiHeadAttention") == config.language.layers
+    both = optimize.optimize_component("decoder_model_merged", src, tmp_path / "both.onnx")
     assert _ops(both) == ops
     # a fusion that does not reproduce the source (wrong head count) is refused and nothing is written
     with pytest.raises(QuantizationError, match="differs from"):
-        q.fuse_attention(basic, tmp_path / "wrong.onnx", num_heads=1)
+        fusion.fuse_attention(basic, tmp_path / "wrong.onnx", num_heads=1)
     assert not (tmp_path / "wrong.onnx").exists()
 
 
 def test_fuse_attention_copies_lstm(tiny_lstm, tmp_path):
     paths, _ = tiny_lstm
-    out = q.fuse_attention(paths["decoder_model_merged"], tmp_path / "d.onnx")
+    out = fusion.fuse_attention(paths["decoder_model_merged"], tmp_path / "d.onnx")
     assert out.read_bytes() == paths["decoder_model_merged"].read_bytes()
 
 
@@ -248,7 +250,7 @@ def test_decoder_variants_track_fp32(exported, tmp_path, precision, min_cosine, 
     paths, config = exported
     if precision == "q4" and config.language.kind == "lstm":
         pytest.skip("q4 is refused for LSTM decoders (test_q4_refuses_lstm)")
-    src = q.optimize_component("decoder_model_merged", paths["decoder_model_merged"], tmp_path / "opt.onnx")
+    src = optimize.optimize_component("decoder_model_merged", paths["decoder_model_merged"], tmp_path / "opt.onnx")
     out = q.quantize_component("decoder_model_merged", precision, src, tmp_path / f"decoder_{precision}.onnx")
     reference, candidate = _decode(paths["decoder_model_merged"]), _decode(out)
     _same_interface(reference, candidate)
@@ -372,7 +374,7 @@ def test_fp16_runs_on_cpu_with_float32_io_and_safe_mask(exported, tmp_path):
         if array.dtype == np.float16 and array.size:
             assert np.isfinite(array).all() and np.abs(array).max() <= q.FP16_SAFE_LIMIT
     with pytest.raises(QuantizationError, match="optimise the fp32 graph"):
-        q.optimize_graph(out, tmp_path / "again.onnx")
+        optimize.optimize_graph(out, tmp_path / "again.onnx")
 
 
 def test_fp16_clamps_the_attention_mask_fill(tiny, tmp_path):
@@ -381,3 +383,32 @@ def test_fp16_clamps_the_attention_mask_fill(tiny, tmp_path):
     model = onnx.load(str(paths["decoder_model_merged"]))
     assert q._clamp_for_fp16(model) >= 1
     assert q._clamp_for_fp16(model) == 0  # idempotent
+
+
+def test_quantize_options_are_frozen_and_validated_when_made():
+    import dataclasses
+
+    options = QuantizeOptions()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        options.block_size = 32
+    cases = [
+        ({"calibration_method": "median"}, "unknown calibration method 'median'"),
+        ({"block_size": 24}, "block_size must be a power of two of at least 16, got 24"),
+        ({"block_size": 8}, "block_size must be a power of two"),
+        ({"accuracy_level": 5}, "accuracy_level must be 0-4, got 5"),
+        ({"keep_bits": 4}, "keep_bits must be None"),
+        ({"keep_float": "lm_head"}, "keep_float must be a tuple"),
+        ({"per_channel": "yes"}, "per_channel must be True, False or None"),
+        ({"calibration_batch_size": 0}, "batch_size must be at least 1, got 0"),
+    ]
+    for fields, message in cases:
+        with pytest.raises(QuantizationError, match=message):
+            QuantizeOptions(**fields)
+    assert QuantizeOptions(block_size=64, keep_bits=8, accuracy_level=0).block_size == 64
+
+
+def test_quantization_errors_are_export_errors():
+    from vledge.errors import ExportError, VledgeError
+
+    assert issubclass(QuantizationError, ExportError) and issubclass(QuantizationError, VledgeError)
+    assert q.QuantizationError is QuantizationError

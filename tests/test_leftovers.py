@@ -72,13 +72,13 @@ def test_only_stale_leftovers_of_the_same_target_are_removed(tmp_path, tiny_run)
 @pytest.mark.slow
 def test_a_killed_exports_staging_folder_is_removed_by_the_next_export(tmp_path, tiny_run, synth_data):
     dead, alive = _dead_pid(), os.getppid()
-    stale = tmp_path / f".model.export-{dead}-abcd1234"
-    (stale / "onnx").mkdir(parents=True)
-    (stale / "onnx" / "vision_encoder.onnx").write_bytes(b"partial")
+    for stale in (tmp_path / f".model.export-{dead}-abcd1234.tmp", tmp_path / f".model.export-{dead}-wxyz9876"):
+        (stale / "onnx").mkdir(parents=True)
+        (stale / "onnx" / "vision_encoder.onnx").write_bytes(b"partial")
     legacy = tmp_path / ".model.export-k3j9x0aa"
     legacy.mkdir()
     _age(legacy, 3600)
-    busy = tmp_path / f".model.export-{alive}-abcd1234"
+    busy = tmp_path / f".model.export-{alive}-abcd1234.tmp"
     busy.mkdir()
     other = tmp_path / f".other.export-{dead}-abcd1234"
     other.mkdir()

@@ -24,8 +24,8 @@ import pytest
 
 from vledge.config import PreprocessSpec
 from vledge.errors import ImageError
-from vledge.runtime import preprocess as runtime_preprocess
 from vledge.runtime.preprocess import ImagePreprocessor, decode_image
+from vledge.runtime.resampling import clear_weight_cache
 
 SIZES = (32, 48, 224)
 MODES = ("shortest_edge_center_crop", "squash")
@@ -427,7 +427,7 @@ def test_pixel_limit_is_read_from_the_header_before_decoding(monkeypatch, fmt):
     def no_decoding(*args, **kwargs):
         raise AssertionError("cv2.imdecode must not run for an image over the pixel limit")
 
-    monkeypatch.setattr(runtime_preprocess.cv2, "imdecode", no_decoding)
+    monkeypatch.setattr(cv2, "imdecode", no_decoding)
     data = _bombs()[fmt]
     with pytest.raises(ImageError, match=r"60000x60000 pixels, over the limit of 64000000") as caught:
         decode_image(data)
@@ -439,7 +439,7 @@ def test_pixel_limit_is_configurable_and_inclusive(photos, monkeypatch):
     assert decode_image(hopper, max_pixels=307200).shape == (600, 512, 3)
     with pytest.raises(ImageError, match="512x600 pixels, over the limit of 307199"):
         ImagePreprocessor(PreprocessSpec(), max_pixels=307199).preprocess(hopper)
-    monkeypatch.setattr(runtime_preprocess.cv2, "imdecode", None)  # would fail if reached
+    monkeypatch.setattr(cv2, "imdecode", None)  # would fail if reached
     with pytest.raises(ImageError, match="over the limit of 1000"):
         decode_image(hopper, max_pixels=1000)
 
@@ -448,7 +448,7 @@ def test_cv2_errors_become_image_errors(monkeypatch, photos):
     def broken(*args, **kwargs):
         raise cv2.error("OpenCV(5.0.0) decoder exploded")
 
-    monkeypatch.setattr(runtime_preprocess.cv2, "imdecode", broken)
+    monkeypatch.setattr(cv2, "imdecode", broken)
     data = photos["grace_hopper.jpg"]
     with pytest.raises(ImageError, match=rf"cannot decode image <{len(data)} bytes>: OpenCV.*exploded"):
         decode_image(data)
@@ -506,7 +506,7 @@ def test_one_preprocessor_serves_many_threads(photos):
     preprocessor = ImagePreprocessor(PreprocessSpec(image_size=48, interpolation="bicubic"))
     sources = [photos[name] for name in ("grace_hopper.jpg", "portrait_crop.png", "logo2.png", "small_crop.png")] * 3
     expected = [preprocessor(source) for source in sources]
-    runtime_preprocess._plan.cache_clear()  # let the threads race to fill the weight cache
+    clear_weight_cache()  # let the threads race to fill the weight cache
     barrier = threading.Barrier(4)
 
     def work(source):

@@ -82,7 +82,7 @@ def test_existing_output_needs_overwrite_and_is_replaced_only_when_done(tmp_path
     def broken(*args, **kwargs):
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(synth, "_record", broken)
+    monkeypatch.setattr(synth.dataset, "_record", broken)
     with pytest.raises(RuntimeError):
         generate_dataset(out, SynthOptions(size=5, seed=1), workers=1, overwrite=True)
     monkeypatch.undo()

@@ -10,17 +10,15 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import pickle
 import re
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from vledge.config import ModelConfig, PreprocessSpec, TrainConfig, from_dict, to_dict
 from vledge.errors import CheckpointError, ConfigError
-from vledge.leftovers import clean_stale, temp_prefix
+from vledge.files import save_torch
 
 log = logging.getLogger(__name__)
 
@@ -68,8 +66,6 @@ class Checkpoint:
 
 
 def save_checkpoint(path: str | Path, checkpoint: Checkpoint) -> Path:
-    import torch
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {
@@ -83,18 +79,7 @@ def save_checkpoint(path: str | Path, checkpoint: Checkpoint) -> Path:
         "train_state": checkpoint.train_state,
         "metrics": checkpoint.metrics,
     }
-    clean_stale(path.parent, path.name, suffix=".tmp")  # the temp files of saves that were killed
-    handle, temp_name = tempfile.mkstemp(prefix=temp_prefix(path.name), suffix=".tmp", dir=path.parent)
-    os.close(handle)
-    try:
-        torch.save(payload, temp_name)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(temp_name, 0o666 & ~umask)  # mkstemp makes it private; a checkpoint is an ordinary file
-        os.replace(temp_name, path)
-    except BaseException:
-        Path(temp_name).unlink(missing_ok=True)
-        raise
+    save_torch(payload, path)
     log.debug("saved checkpoint %s", path)
     return path
 

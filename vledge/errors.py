@@ -47,5 +47,13 @@ class ExportError(VledgeError):
     """An export cannot be written, or its graphs fail the parity gate against the PyTorch model."""
 
 
+class QuantizationError(ExportError):
+    """A graph cannot be optimised, quantized or converted to another precision as asked."""
+
+
+class OutputError(VledgeError):
+    """An output file or folder cannot be written where it was asked for."""
+
+
 class SourceError(VledgeError):
     """A camera, video file, stream URL or image folder cannot be opened or stops delivering frames."""

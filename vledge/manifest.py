@@ -216,17 +216,25 @@ def verify_file(root: Path, relative: str, entry: FileEntry, listed: set[str] | 
         raise ModelDirError(
             f"{relative} in {root} has {size} bytes, the manifest says {entry.size}: modified or truncated"
         )
-    if sha256_of(path) != entry.sha256:
+    try:
+        digest = sha256_of(path)
+        locations = external_data_locations(path) if relative.endswith(".onnx") else []
+    except OSError as exc:  # unreadable (mode 000, another owner), or it vanished after the size check
+        raise ModelDirError(f"cannot read {relative} in {root}: {exc.strerror or exc}") from None
+    if digest != entry.sha256:
         raise ModelDirError(f"{relative} in {root} does not match its sha256 in {MANIFEST_NAME}: the file was modified")
     if relative.endswith(".onnx"):
-        check_external_data(root, relative, listed)
+        check_external_data(root, relative, listed, locations)
     return path
 
 
-def check_external_data(root: Path, relative: str, listed: set[str] | None) -> None:
+def check_external_data(root: Path, relative: str, listed: set[str] | None,
+                        locations: list[str] | None = None) -> None:
     """Every tensor the graph keeps in another file names a file inside ``root`` that the manifest hashes."""
     parent = PurePosixPath(relative).parent
-    for location in external_data_locations(resolve_inside(root, relative)):
+    if locations is None:
+        locations = external_data_locations(resolve_inside(root, relative))
+    for location in locations:
         if PurePosixPath(location).is_absolute() or ".." in PurePosixPath(location).parts:
             raise ModelDirError(f"{relative} references external data outside the model directory: {location!r}")
         resolved = str(parent / location)

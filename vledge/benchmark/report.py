@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
+
+from vledge.files import atomic_path, write_json, write_text
 
 STAGE_LABELS = {
     "preprocess_ms": "preprocess",
@@ -107,7 +108,8 @@ def charts(result: dict, out_dir: Path) -> list[Path]:
         ax.legend(fontsize=8)
     fig.tight_layout()
     paths.append(out_dir / "latency_by_stage.png")
-    fig.savefig(paths[-1], dpi=120)
+    with atomic_path(paths[-1], suffix=".png") as temp:
+        fig.savefig(temp, dpi=120, format="png")
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(6, 4.5))
@@ -124,7 +126,8 @@ def charts(result: dict, out_dir: Path) -> list[Path]:
     ax.set_title("accuracy vs speed")
     fig.tight_layout()
     paths.append(out_dir / "accuracy_vs_speed.png")
-    fig.savefig(paths[-1], dpi=120)
+    with atomic_path(paths[-1], suffix=".png") as temp:
+        fig.savefig(temp, dpi=120, format="png")
     plt.close(fig)
     return paths
 
@@ -132,8 +135,8 @@ def charts(result: dict, out_dir: Path) -> list[Path]:
 def write_outputs(result: dict, out_dir: Path) -> dict[str, Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     written = {"json": out_dir / "bench.json", "markdown": out_dir / "bench.md"}
-    written["json"].write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-    written["markdown"].write_text(markdown(result), encoding="utf-8")
+    write_json(written["json"], result, indent=2)
+    write_text(written["markdown"], markdown(result))
     for path in charts(result, out_dir):
         written[path.stem] = path
     return written

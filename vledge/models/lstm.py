@@ -22,7 +22,3 @@ class LSTMLM(nn.Module):
     def forward(self, inputs_embeds: torch.Tensor, state: State | None = None) -> tuple[torch.Tensor, State]:
         output, state = self.lstm(self.drop(inputs_embeds), state)
         return self.lm_head(self.drop(output)), state
-
-    def zero_state(self, batch: int, device: torch.device | None = None) -> State:
-        shape = (self.config.layers, batch, self.config.hidden)
-        return torch.zeros(shape, device=device), torch.zeros(shape, device=device)

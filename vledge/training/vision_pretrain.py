@@ -38,6 +38,7 @@ from vledge.data.images import normalize
 from vledge.data.records import LoadReport, Record
 from vledge.data.synth import COLORS, SHAPES, SIZES, WORDS
 from vledge.errors import ConfigError, DataError, TrainingError, WeightsError
+from vledge.files import save_torch
 from vledge.models.projector import build_projector
 from vledge.models.vision import VisionEncoder
 from vledge.training.schedule import learning_rate
@@ -272,9 +273,7 @@ def pretrain_vision(
         "steps": step,
         "accuracy": accuracy,
     }
-    tmp = out.with_name(out.name + ".tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, out)
+    save_torch(payload, out)
     return VisionPretrainResult(out, step, seconds, accuracy)
 
 

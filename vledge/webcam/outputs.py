@@ -10,13 +10,10 @@ from typing import Any
 import cv2
 import numpy as np
 
-from vledge.errors import VledgeError
+from vledge.errors import OutputError
+from vledge.files import commit
 
 VIDEO_FOURCC = {".mp4": "mp4v", ".m4v": "mp4v", ".mov": "mp4v", ".mkv": "mp4v", ".avi": "MJPG"}
-
-
-class OutputError(VledgeError):
-    """The annotated video or the caption log cannot be written."""
 
 
 class VideoOutput:
@@ -60,7 +57,7 @@ class VideoOutput:
         self._writer.release()
         self._writer = None
         try:
-            os.replace(self.partial, self.path)
+            commit(self.partial, self.path)
         except OSError as exc:
             raise OutputError(f"cannot move the finished video into place at {self.path}: {exc}") from None
         return self.path

@@ -1,0 +1,92 @@
+"""What every command shares: the ``main`` group, the typed-error wrapper and shared options.
+
+Command modules import ``main`` from here and register on it; this module imports nothing heavy.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import sys
+from pathlib import Path
+
+import click
+
+from vledge import __version__
+from vledge.errors import VledgeError
+
+
+def fail_cleanly(command):
+    """Turn vledge's typed errors into one clear line and exit status 1."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except VledgeError as exc:
+            raise click.ClickException(f"{type(exc).__name__}: {exc}") from None
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            sys.exit(130)
+
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="vledge")
+@click.option("-v", "--verbose", count=True, help="More log output (-v info, -vv debug).")
+def main(verbose: int) -> None:
+    """Train small vision-language models and run them at the edge."""
+    level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    if verbose < 2:
+        _quiet_onnxruntime()
+
+
+def _quiet_onnxruntime() -> None:
+    """ONNX Runtime prints provider-loading noise to stderr; vledge reports what matters itself."""
+    try:
+        import onnxruntime
+    except ImportError:
+        return
+    onnxruntime.set_default_logger_severity(3)
+
+
+def parse_providers(text: str) -> str | tuple[str, ...]:
+    """``--provider``: one name (``auto``, ``cpu``, ...) or a comma-separated list in priority order."""
+    return tuple(p.strip() for p in text.split(",") if p.strip()) if "," in text else text
+
+
+def inference_options(command):
+    """Options of the commands that answer images (``caption``, ``ask``): the engine, decoding, output."""
+    options = [
+        click.option("--model", "model_dir", type=click.Path(path_type=Path), default=None,
+                     help="An exported model directory (ONNX Runtime, no torch needed)."),
+        click.option("--ckpt", type=click.Path(path_type=Path), default=None,
+                     help="A vledge checkpoint (PyTorch); give exactly one of --model and --ckpt."),
+        click.option("--precision", type=click.Choice(["auto", "fp32", "fp16", "int8", "q4"]), default="auto",
+                     show_default=True, help="Graph variants to run (--model only)."),
+        click.option("--provider", default="auto", show_default=True,
+                     help="auto | cpu | cuda | tensorrt, or a comma-separated list in priority order (--model only)."),
+        click.option("--strict", is_flag=True, help="Fail if heavy nodes would run on the CPU under a GPU provider."),
+        click.option("--threads", type=click.IntRange(min=1), default=None, help="Intra-op threads."),
+        click.option("--batch-size", type=click.IntRange(min=1), default=1, show_default=True,
+                     help="Images answered together (left-padded batch)."),
+        click.option("--max-new-tokens", type=click.IntRange(min=1), default=64, show_default=True),
+        click.option("--temperature", type=click.FloatRange(min=0), default=0.0, show_default=True,
+                     help="0 is greedy; above 0 samples."),
+        click.option("--top-k", type=click.IntRange(min=0), default=0, help="Sample from the k likeliest (0: off)."),
+        click.option("--top-p", type=click.FloatRange(min=0, max=1, min_open=True), default=1.0,
+                     help="Nucleus sampling (1: off)."),
+        click.option("--num-beams", type=click.IntRange(min=1), default=1, help="Beam search when above 1."),
+        click.option("--repetition-penalty", type=click.FloatRange(min=0, min_open=True), default=1.0,
+                     help="Above 1 discourages repeated tokens."),
+        click.option("--seed", type=int, default=None, help="Seed for sampling."),
+        click.option("--stop", "stop_strings", multiple=True,
+                     help="Stop at this text, cut before it (repeatable; \\n means a newline)."),
+        click.option("--jsonl", is_flag=True, help="One JSON object per image on stdout."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+

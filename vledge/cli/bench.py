@@ -1,0 +1,59 @@
+"""``vledge bench``: PyTorch against the exported variants, latency and accuracy side by side."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from vledge.cli.base import fail_cleanly, main
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise click.BadParameter(f"expected positive integers, got {text!r}")
+    return values
+
+
+@main.command("bench")
+@click.option("--ckpt", type=click.Path(path_type=Path), required=True, help="The PyTorch original (ckpt.pt).")
+@click.option("--model", "model_dir", type=click.Path(path_type=Path), required=True,
+              help="Its exported model directory.")
+@click.option("--data", "data_dir", type=click.Path(path_type=Path), default=None,
+              help="Held-out data (test split); default: fresh built-in synthetic scenes.")
+@click.option("--threads", default="1,2", show_default=True, help="Thread counts, each given to every engine.")
+@click.option("--batch", "batches", default="1,8", show_default=True, help="Batch sizes for throughput.")
+@click.option("--engines", default=None,
+              help="Comma-separated: pytorch, pytorch-int8, ort-cpu-fp32, ort-cpu-int8, ort-cpu-q4, ort-cpu-auto, "
+                   "ort-cuda-fp32, ort-cuda-fp16 (default: all available).")
+@click.option("--providers", default=None, help="Shortcut: cpu or cpu,cuda to limit ONNX Runtime engines.")
+@click.option("--repeats", type=click.IntRange(min=3), default=20, show_default=True)
+@click.option("--parity-samples", type=click.IntRange(min=1), default=200, show_default=True)
+@click.option("--no-cold-start", is_flag=True, help="Skip the fresh-process load and memory measurements.")
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), default=Path("bench"), show_default=True)
+@fail_cleanly
+def bench_command(ckpt, model_dir, data_dir, threads, batches, engines, providers, repeats, parity_samples,
+                  no_cold_start, out_dir) -> None:
+    """Latency and accuracy of PyTorch vs the exported variants, side by side."""
+    from vledge.benchmark.engines import EngineSpec
+    from vledge.benchmark.report import write_outputs
+    from vledge.benchmark.run import BenchConfig, default_engines, run_benchmark
+
+    names = tuple(e.strip() for e in engines.split(",") if e.strip()) if engines else None
+    if providers and names is None:
+        allowed = {p.strip() for p in providers.split(",")}
+        names = tuple(s.name for s in default_engines(model_dir) if s.kind == "pytorch" or s.provider in allowed)
+    for name in names or ():
+        EngineSpec.parse(name)
+    config = BenchConfig(ckpt=ckpt, model_dir=model_dir, data=data_dir, engines=names, threads=_int_list(threads),
+                         batches=_int_list(batches), repeats=repeats, parity_samples=parity_samples,
+                         cold_start=not no_cold_start)
+    result = run_benchmark(config, progress=lambda message: click.echo(f"· {message}", err=True))
+    written = write_outputs(result, out_dir)
+    click.echo((out_dir / "bench.md").read_text())
+    click.echo("wrote " + ", ".join(str(p) for p in written.values()))
+

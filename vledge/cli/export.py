@@ -1,0 +1,61 @@
+"""``vledge export``: a checkpoint to an ONNX model directory behind the parity gate."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from vledge.cli.base import fail_cleanly, main
+
+
+@main.command("export")
+@click.argument("ckpt", type=click.Path(path_type=Path))
+@click.option("-o", "--out", "out_dir", type=click.Path(path_type=Path), default=None,
+              help="Model directory to write (default: a 'model' folder next to the checkpoint).")
+@click.option("--quantize", default="auto", show_default=True,
+              help="Comma-separated variants: int8, q4, fp16; 'auto' makes all and picks the fastest per graph "
+                   "within --max-accuracy-drop; 'none' writes fp32 only.")
+@click.option("--calibration-data", "data_dir", type=click.Path(path_type=Path), default=None,
+              help="Dataset for int8 calibration (train/val split) and the parity check (test/val split); "
+                   "default: freshly generated built-in synthetic scenes.")
+@click.option("--calibration-method", type=click.Choice(["minmax", "entropy", "percentile"]), default="minmax",
+              show_default=True)
+@click.option("--parity-samples", type=click.IntRange(min=1), default=256, show_default=True,
+              help="Held-out questions compared against PyTorch.")
+@click.option("--max-accuracy-drop", type=click.FloatRange(min=0), default=1.0, show_default=True,
+              help="Points of exact-match accuracy a variant may lose to be chosen by auto.")
+@click.option("--opset", type=click.IntRange(min=17), default=17, show_default=True)
+@click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Threads for the latency measurements that rank variants.")
+@click.option("--force", is_flag=True, help="Replace an existing model directory.")
+@fail_cleanly
+def export_command(ckpt, out_dir, quantize, data_dir, calibration_method, parity_samples, max_accuracy_drop, opset,
+                   threads, force) -> None:
+    """Export a checkpoint to an ONNX model directory, gated by parity with PyTorch."""
+    from vledge.export import ExportOptions, export
+
+    options = ExportOptions(
+        quantize=tuple(part.strip() for part in quantize.split(",") if part.strip()), data=data_dir,
+        calibration_method=calibration_method, parity_samples=parity_samples,
+        max_accuracy_drop=max_accuracy_drop, opset=opset, threads=threads, force=force,
+    )
+    step = 0
+
+    def progress(message: str) -> None:
+        nonlocal step
+        step += 1
+        click.echo(f"[{step:2d}] {message}", err=True)
+
+    result = export(ckpt, out_dir, options, progress=progress)
+    click.echo(f"model directory: {result.model_dir}")
+    for label, parity in result.parity.items():
+        click.echo(f"  {label:<28} token agreement {parity.generation.token_agreement:6.1%}  "
+                   f"accuracy {parity.accuracy['overall']:6.1%} ({parity.accuracy_delta:+.1f} pts)  "
+                   f"decode step {parity.latency_ms.get('decode_step_ms', float('nan')):.3f} ms")
+    for device, choice in result.selected.items():
+        click.echo(f"  selected for {device}: " + ", ".join(f"{c}={p}" for c, p in choice.items()))
+    for label, why in result.skipped.items():
+        click.echo(f"  {label}: {why}")
+    click.echo(f"details: {result.model_dir / 'parity.md'}")
+

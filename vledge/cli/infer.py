@@ -1,0 +1,96 @@
+"""``vledge caption`` and ``vledge ask``: answer images with an exported model or a checkpoint."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import click
+
+from vledge.cli.base import fail_cleanly, inference_options, main, parse_providers
+
+log = logging.getLogger("vledge")
+
+
+def _answer_images(ctx: click.Context, images, question: str | None, model_dir, ckpt, precision, provider, strict,
+                   threads, batch_size, max_new_tokens, temperature, top_k, top_p, num_beams, repetition_penalty,
+                   seed, stop_strings, jsonl) -> None:
+    import json
+
+    from tqdm import tqdm
+
+    from vledge import captioning
+    from vledge.decoding import GenerationOptions
+
+    if (model_dir is None) == (ckpt is None):
+        raise click.UsageError("give exactly one of --model (an exported model directory) and --ckpt (a checkpoint)")
+    if ckpt is not None:
+        for name in ("precision", "provider", "strict"):
+            if ctx.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT:
+                raise click.UsageError(f"--{name} applies to --model only")
+    options = GenerationOptions(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                                num_beams=num_beams, repetition_penalty=repetition_penalty, seed=seed)
+    stops = tuple(stop.replace("\\n", "\n") for stop in stop_strings)
+    files, problems = captioning.expand_inputs(images)
+    if model_dir is not None:
+        providers = parse_providers(provider)
+        engine = captioning.RuntimeEngine(model_dir, precision=precision, providers=providers, threads=threads,
+                                          strict=strict)
+    else:
+        engine = captioning.CheckpointEngine(ckpt, threads=threads)
+    log.info("answering with %s", engine.description)
+    prompt = question or engine.caption_prompt
+    total = len(files) + len(problems)
+    bar = tqdm(total=len(files), desc="ask" if question else "caption", unit="img", file=sys.stderr,
+               dynamic_ncols=True, disable=None if len(files) > 1 else True)
+
+    def report(record) -> None:
+        if record.ok:
+            click.echo(json.dumps(record.to_dict(), ensure_ascii=False) if jsonl else f"{record.image}: {record.text}")
+            return
+        bar.clear()
+        click.echo(f"{record.image}: error: {record.error}", err=True)
+        if jsonl:
+            click.echo(json.dumps(record.to_dict(), ensure_ascii=False))
+
+    for problem in problems:
+        problem.prompt = prompt
+        report(problem)
+    try:
+        records = captioning.run(engine, files, prompt, options, stops, batch_size=batch_size, on_record=report,
+                                 on_progress=bar.update)
+    finally:
+        bar.close()
+    failures = len(problems) + sum(not r.ok for r in records)
+    if failures:
+        raise click.ClickException(f"{failures} of {total} images could not be read or answered")
+
+
+@main.command()
+@click.argument("images", nargs=-1, required=True)
+@click.option("--question", default=None, help="Ask this instead of the caption prompt.")
+@inference_options
+@click.pass_context
+@fail_cleanly
+def caption(ctx, images, question, **kwargs) -> None:
+    """Caption images: files, folders (their image files) or glob patterns.
+
+    With --model the exported model runs on ONNX Runtime (no torch); with --ckpt the PyTorch
+    checkpoint does. A bad image prints an error line and the others go on; the exit status is 1
+    if any image failed.
+    """
+    _answer_images(ctx, images, question, **kwargs)
+
+
+@main.command()
+@click.argument("image")
+@click.argument("question")
+@inference_options
+@click.pass_context
+@fail_cleanly
+def ask(ctx, image, question, **kwargs) -> None:
+    """Answer QUESTION about IMAGE (a file, or a folder or glob to ask about each image)."""
+    if not question.strip():
+        raise click.UsageError("QUESTION is empty")
+    _answer_images(ctx, (image,), question, **kwargs)
+

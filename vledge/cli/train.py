@@ -1,0 +1,164 @@
+"""``vledge train``, ``vledge pretrain-vision`` and ``vledge eval``: the PyTorch side of a model's life."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from vledge.cli.base import fail_cleanly, main
+
+
+@main.command()
+@click.option("--data", "data_dir", type=click.Path(path_type=Path), required=True,
+              help="Dataset: a folder with train/val JSON (synthetic or LLaVA), a COCO captions file, or an ImageFolder.")
+@click.option("--preset", default="small", show_default=True, help="tiny | small | base | seed-lstm | tiny-lstm")
+@click.option("--out", "run_dir", type=click.Path(path_type=Path), required=True, help="Run folder.")
+@click.option("--stage", type=click.Choice(["align", "instruct"]), default=None,
+              help="Run one stage only (default: the preset's stages in order).")
+@click.option("--max-steps", type=click.IntRange(min=1), default=None, help="Optimizer steps (default: preset).")
+@click.option("--minutes", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Wall-time budget; the schedule follows whichever of steps and time runs out first.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=None)
+@click.option("--grad-accum", type=click.IntRange(min=1), default=None)
+@click.option("--lr", type=float, default=None)
+@click.option("--eval-every", type=click.IntRange(min=1), default=None)
+@click.option("--seed", type=int, default=None)
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="torch threads per process.")
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default=None)
+@click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda | cuda:N")
+@click.option("--resume", is_flag=True, help="Continue RUN/last.pt exactly.")
+@click.option("--init", "init_ckpt", type=click.Path(path_type=Path), default=None,
+              help="Start from this checkpoint's weights and tokenizer (e.g. the align stage's ckpt.pt).")
+@click.option("--vision-weights", type=click.Path(path_type=Path), default=None,
+              help="Pretrained vision backbone weights (a local state-dict file).")
+@click.option("--freeze", multiple=True, type=click.Choice(["vision", "projector", "language"]),
+              help="Keep this part fixed in every stage (repeatable), e.g. a pretrained vision encoder.")
+@fail_cleanly
+def train(data_dir, preset, run_dir, stage, max_steps, minutes, batch_size, grad_accum, lr, eval_every, seed, threads,
+          precision, device, resume, init_ckpt, vision_weights, freeze) -> None:
+    """Train a fusion model: align the projector on captions, then instruction-tune."""
+    import dataclasses
+
+    from tqdm import tqdm
+
+    from vledge.config import preset as load_preset
+    from vledge.training.trainer import train as run_training
+
+    model_config, train_config = load_preset(preset)
+    overrides = {k: v for k, v in dict(max_steps=max_steps, batch_size=batch_size, grad_accum=grad_accum, lr=lr,
+                                      eval_every=eval_every, seed=seed, threads=threads, precision=precision).items()
+                 if v is not None}
+    train_config = dataclasses.replace(train_config, **overrides)
+    if resume and (overrides or minutes or stage or freeze or init_ckpt or vision_weights):
+        click.echo("note: --resume continues with the run's saved configuration; the other options are ignored",
+                   err=True)
+    bar = tqdm(total=train_config.max_steps, desc="train", unit="step", dynamic_ncols=True)
+
+    def on_event(event) -> None:
+        bar.total = event.total_steps
+        bar.n = event.step
+        if event.kind == "step":
+            bar.set_postfix(stage=event.data["stage"], loss=f"{event.data['loss']:.3f}",
+                            sps=f"{event.data['samples_per_s']:.0f}")
+        elif event.kind == "eval":
+            accuracy = event.data.get("accuracy", {}).get("overall")
+            bar.write(f"step {event.step}: val loss {event.data.get('val_loss', float('nan')):.4f}"
+                      + (f", val accuracy {accuracy * 100:.1f}%" if accuracy is not None else ""))
+        bar.refresh()
+
+    try:
+        result = run_training(data_dir, run_dir, model_config, train_config, stage=stage, minutes=minutes,
+                              resume=resume, init=init_ckpt, vision_weights=vision_weights, freeze=tuple(freeze),
+                              device=device,
+                              on_event=on_event)
+    except KeyboardInterrupt:
+        bar.close()
+        click.echo(f"interrupted; {run_dir / 'last.pt'} saved, continue with --resume", err=True)
+        sys.exit(130)
+    bar.close()
+    click.echo(f"trained {result.steps} steps in {result.seconds / 60:.1f} min")
+    click.echo(f"best checkpoint: {result.best_checkpoint}\nlast checkpoint: {result.last_checkpoint}")
+    click.echo(f"metrics: {run_dir / 'metrics.jsonl'}  curves: {run_dir / 'curves.png'}")
+
+
+@main.command("pretrain-vision")
+@click.option("--data", "data_dir", type=click.Path(path_type=Path), required=True,
+              help="vledge synthetic data (vledge data synth): its scene labels are the targets.")
+@click.option("--out", "out_path", type=click.Path(path_type=Path), required=True,
+              help="Weights file to write, for train --vision-weights.")
+@click.option("--preset", default="small", show_default=True, help="The preset whose vision encoder and projector to train.")
+@click.option("--steps", type=click.IntRange(min=1), default=None, help="Optimizer steps  [default: 300].")
+@click.option("--minutes", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Wall-time budget; whichever of steps and time runs out first ends the run.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=None)
+@click.option("--lr", type=float, default=None)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="torch threads.")
+@fail_cleanly
+def pretrain_vision_command(data_dir, out_path, preset, steps, minutes, batch_size, lr, seed, threads) -> None:
+    """Pretrain the vision encoder and projector on synthetic scene labels (each cell's colour, shape, size, word).
+
+    Then: vledge train --vision-weights OUT --freeze vision --freeze projector ...
+    """
+    import dataclasses
+
+    from tqdm import tqdm
+
+    from vledge.config import preset as load_preset
+    from vledge.training.vision_pretrain import VisionPretrainConfig, pretrain_vision
+
+    model_config, _ = load_preset(preset)
+    overrides = {k: v for k, v in dict(steps=steps, batch_size=batch_size, lr=lr, threads=threads).items()
+                 if v is not None}
+    config = dataclasses.replace(VisionPretrainConfig(seed=seed), **overrides)
+    bar = tqdm(total=config.steps, desc="pretrain-vision", unit="step", dynamic_ncols=True)
+
+    def on_progress(step: int, total: int, row: dict) -> None:
+        bar.n = step
+        bar.set_postfix(loss=f"{row['loss']:.3f}")
+        bar.refresh()
+
+    result = pretrain_vision(data_dir, out_path, model_config, config, minutes=minutes, on_progress=on_progress)
+    bar.close()
+    click.echo(f"pretrained {result.steps} steps in {result.seconds / 60:.1f} min: {result.weights}")
+    cells = ", ".join(f"{name} {result.accuracy[name] * 100:.1f}%" for name in ("color", "shape", "size", "word")
+                      if name in result.accuracy)
+    click.echo(f"held-out per-cell accuracy (occupied cells): {cells}")
+    click.echo(f"next: vledge train --data {data_dir} --preset {preset} --vision-weights {result.weights} "
+               f"--freeze vision --freeze projector --out RUN")
+
+
+@main.command("eval")
+@click.option("--ckpt", type=click.Path(path_type=Path), required=True)
+@click.option("--data", "data_dir", type=click.Path(path_type=Path), required=True)
+@click.option("--split", default="test", show_default=True)
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="At most this many questions.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.option("--examples", type=click.IntRange(min=0), default=0, help="Include this many predictions in --json.")
+@fail_cleanly
+def eval_command(ckpt, data_dir, split, limit, batch_size, as_json, examples) -> None:
+    """Exact-match accuracy per task and BLEU-4 / CIDEr on captions, with the PyTorch model."""
+    import json
+
+    from tqdm import tqdm
+
+    from vledge.checkpoint import load_checkpoint
+    from vledge.data.loaders import load_records
+    from vledge.evaluation import evaluate, questions_of
+
+    checkpoint = load_checkpoint(ckpt)
+    model, tokenizer = checkpoint.build_model(), checkpoint.tokenizer()
+    records, report = load_records(data_dir, split=split)
+    with tqdm(total=len(questions_of(records, limit)), desc="eval", unit="q", disable=as_json) as bar:
+        result = evaluate(model, tokenizer, checkpoint.model_config, records, limit=limit, batch_size=batch_size,
+                          progress=bar.update)
+    if as_json:
+        click.echo(json.dumps({"checkpoint": str(ckpt), "split": split, "data": report.summary(),
+                               **result.to_dict(examples)}, indent=2))
+    else:
+        click.echo(report.summary())
+        click.echo(result.describe())
+
