@@ -7,8 +7,8 @@ decode steps, each timed on its own, feeding the same token sequence to every en
 of a step does not depend on which token it is). Engines are interleaved repetition by repetition
 in a shuffled order, after warm-up repetitions. Engines:
 
-* ``pytorch``: ``vledge.models.generate.TransformerSteps.step`` (eager, KV cache, inference mode);
-* ``ort-<precision>``: ``vledge.runtime``'s ``TransformerSteps.step`` for each decoder variant in the
+* ``pytorch``: ``vledge.models.generate.TorchTransformerSteps.step`` (eager, KV cache, inference mode);
+* ``ort-<precision>``: ``vledge.runtime``'s ``OrtTransformerSteps.step`` for each decoder variant in the
   model directory (what ``generate()`` calls per token: token embedding, mask and positions, IO binding,
   the merged decoder graph, logits back as float32);
 * ``graph-<precision>``: the bare decoder run with inputs prebuilt once (IO binding, KV as OrtValues):
@@ -81,7 +81,7 @@ def main() -> None:
     from vledge.checkpoint import load_checkpoint
     from vledge.decoding import GenerationOptions, left_pad
     from vledge.manifest import read_manifest
-    from vledge.models.generate import TransformerSteps as TorchSteps
+    from vledge.models.generate import TorchTransformerSteps as TorchSteps
     from vledge.prompt import question_ids
     from vledge.runtime import load
 
@@ -113,7 +113,7 @@ def main() -> None:
         prompt_positions = merged.inputs_embeds.shape[1]
         # One token sequence for every engine: PyTorch's greedy choice, continued past any stop token.
         steps = TorchSteps(model, merged.inputs_embeds, merged.attention_mask)
-        tokens, logits = [], steps.first_logits.numpy()
+        tokens, logits = [], steps.first_logits
         for _ in range(args.steps):
             tokens.append(int(np.argmax(logits[0])))
             logits = steps.step(np.array([tokens[-1]]))

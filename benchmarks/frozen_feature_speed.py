@@ -15,8 +15,9 @@ import json
 import time
 from pathlib import Path
 
-import vledge.training.trainer as trainer_module
+import vledge.training.stage as stage_module
 from vledge.config import preset
+from vledge.training.trainer import RunOptions, train
 
 
 def main() -> None:
@@ -30,12 +31,12 @@ def main() -> None:
     model_config, train_config = preset("small")
     train_config = dataclasses.replace(train_config, lr=1.5e-3, max_steps=args.steps, eval_every=10**9,
                                        eval_samples=0, log_every=50, threads=args.threads)
-    for name, cap in (("cached", trainer_module.FEATURE_CACHE_LIMIT_BYTES), ("encoded every step", 0)):
-        trainer_module.FEATURE_CACHE_LIMIT_BYTES = cap
+    for name, cap in (("cached", stage_module.FEATURE_CACHE_LIMIT_BYTES), ("encoded every step", 0)):
+        stage_module.FEATURE_CACHE_LIMIT_BYTES = cap
         run_dir = args.out / name.split()[0]
         started = time.perf_counter()
-        trainer_module.train(args.data, run_dir, model_config, train_config, vision_weights=args.vision,
-                             freeze=("vision", "projector"))
+        train(args.data, run_dir, model_config, train_config,
+              RunOptions(vision_weights=args.vision, freeze=("vision", "projector")))
         rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
         rates = [r["samples_per_s"] for r in rows if r["kind"] == "train" and r["step"] > 50]
         mean = sum(rates) / len(rates)

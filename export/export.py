@@ -45,7 +45,7 @@ from vledge.manifest import (
     sha256_of,
     variant_filename,
 )
-from vledge.prompt import prefix_ids
+from vledge.prompt import CAPTION_PROMPT, prefix_ids
 
 log = logging.getLogger(__name__)
 
@@ -312,7 +312,7 @@ def _manifest(checkpoint, ckpt_path: Path, tokenizer, model, variants, root: Pat
         tensors=tensor_names(model),
         variants={c: dict(v) for c, v in variants.items()},
         files=_hash_files(root),
-        generation={"max_new_tokens": 32, "caption_prompt": "Describe the image briefly.", "temperature": 0.0,
+        generation={"max_new_tokens": 32, "caption_prompt": CAPTION_PROMPT, "temperature": 0.0,
                     "eos_token_id": tokenizer.eos_id, "pad_token_id": tokenizer.pad_id},
         provenance={
             "checkpoint": ckpt_path.name,

@@ -12,16 +12,15 @@ import logging
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Protocol
 
 import numpy as np
-import torch
 
 from vledge.data.records import Record
 from vledge.decoding import GenerationOptions
 from vledge.evaluation import CAPTION_TASKS, LONG_ANSWER_TASKS, questions_of
+from vledge.generation import Engine, generate
 from vledge.metrics import AccuracyByTask, exact_match
-from vledge.models.generate import generate, prefill_steps
+from vledge.models.generate import TorchEngine
 from vledge.models.vlm import VisionLanguageModel
 from vledge.prompt import question_ids
 from vledge.tokenizer import Tokenizer
@@ -113,30 +112,38 @@ def _accuracy(texts: Sequence[str], samples: ParitySamples) -> dict[str, float]:
     return result
 
 
-@torch.inference_mode()
+def _encode_all(engine: Engine, pixel_values: np.ndarray) -> np.ndarray:
+    return np.concatenate([engine.encode_images(pixel_values[i:i + 64]) for i in range(0, len(pixel_values), 64)])
+
+
+def _answer_all(engine: Engine, samples: ParitySamples, image_embeds: np.ndarray, prefill_embeds: np.ndarray,
+                batch_size: int, progress: Callable[[int], None] | None = None,
+                ) -> tuple[np.ndarray, list[list[int]], list[str]]:
+    """Prefill logits (from ``prefill_embeds``) and greedy answers (from ``image_embeds``) of every question."""
+    logits: np.ndarray | None = None
+    tokens: list[list[int]] = [[] for _ in range(len(samples))]
+    texts: list[str] = [""] * len(samples)
+    for batch in task_batches(samples, batch_size):
+        rows = [samples.image_index[i] for i in batch]
+        prompts = [samples.prompts[i] for i in batch]
+        options = GenerationOptions(max_new_tokens=max_new_tokens_for(samples.tasks[batch[0]]))
+        first = engine.prefill(prefill_embeds[rows], prompts, options)[0].first_logits
+        if logits is None:
+            logits = np.zeros((len(samples), first.shape[-1]), dtype=np.float32)
+        logits[batch] = first
+        for index, result in zip(batch, generate(engine, image_embeds[rows], prompts, options)):
+            tokens[index], texts[index] = list(result.token_ids), result.text
+        if progress is not None:
+            progress(len(batch))
+    return logits, tokens, texts
+
+
 def torch_reference(model: VisionLanguageModel, tokenizer: Tokenizer, samples: ParitySamples,
                     batch_size: int = 32) -> Reference:
-    model = model.eval()
-    pixels = torch.from_numpy(samples.pixel_values)
-    image_embeds = torch.cat([model.encode_images(pixels[i:i + 64]) for i in range(0, len(pixels), 64)])
-    logits = np.zeros((len(samples), model.config.language.vocab_size), dtype=np.float32)
-    tokens: list[list[int]] = [[] for _ in range(len(samples))]
-    for batch in task_batches(samples, batch_size):
-        rows = torch.as_tensor([samples.image_index[i] for i in batch])
-        prompts = [samples.prompts[i] for i in batch]
-        logits[batch] = torch_prefill_logits(model, tokenizer, image_embeds[rows], prompts)
-        options = GenerationOptions(max_new_tokens=max_new_tokens_for(samples.tasks[batch[0]]))
-        outputs = generate(model, pixels[rows], prompts, options, tokenizer.eos_id, tokenizer.pad_id)
-        for index, out in zip(batch, outputs):
-            tokens[index] = out
-    texts = [tokenizer.decode(t).strip() for t in tokens]
-    return Reference(image_embeds.numpy(), logits, tokens, texts, _accuracy(texts, samples))
-
-
-def torch_prefill_logits(model: VisionLanguageModel, tokenizer: Tokenizer, image_embeds: torch.Tensor,
-                         prompts: Sequence[Sequence[int]]) -> np.ndarray:
-    steps, _ = prefill_steps(model, image_embeds, prompts, tokenizer.pad_id)
-    return steps.first_logits.float().numpy()
+    engine = TorchEngine(model.eval(), tokenizer)
+    image_embeds = _encode_all(engine, samples.pixel_values)
+    logits, tokens, texts = _answer_all(engine, samples, image_embeds, image_embeds, batch_size)
+    return Reference(image_embeds, logits, tokens, texts, _accuracy(texts, samples))
 
 
 @dataclass
@@ -198,54 +205,16 @@ class VariantParity:
         return asdict(self)
 
 
-class ParityEngine(Protocol):
-    """What the parity measurements need from an engine (ONNX Runtime variant or PyTorch flavour)."""
-
-    def encode_images(self, pixel_values: np.ndarray) -> np.ndarray: ...
-
-    def prefill_logits(self, image_embeds: np.ndarray, prompts: Sequence[Sequence[int]]) -> np.ndarray: ...
-
-    def greedy_tokens(self, image_embeds: np.ndarray, prompts: Sequence[Sequence[int]],
-                      max_new_tokens: int) -> list[list[int]]: ...
-
-
-class RuntimeEngine:
-    """A loaded ``vledge.runtime`` model seen as a ParityEngine."""
-
-    def __init__(self, runtime) -> None:
-        self.runtime = runtime
-
-    def encode_images(self, pixel_values: np.ndarray) -> np.ndarray:
-        return self.runtime.graphs.encode_images(pixel_values)
-
-    def prefill_logits(self, image_embeds: np.ndarray, prompts: Sequence[Sequence[int]]) -> np.ndarray:
-        return self.runtime.prefill_logits(image_embeds, prompts)
-
-    def greedy_tokens(self, image_embeds: np.ndarray, prompts: Sequence[Sequence[int]],
-                      max_new_tokens: int) -> list[list[int]]:
-        results = self.runtime.generate_from_embeds(image_embeds, prompts,
-                                                    GenerationOptions(max_new_tokens=max_new_tokens))
-        return [result.token_ids for result in results]
-
-
-def measure_engine(engine: ParityEngine, tokenizer: Tokenizer, samples: ParitySamples, reference: Reference,
+def measure_engine(engine: Engine, tokenizer: Tokenizer, samples: ParitySamples, reference: Reference,
                    precisions: dict[str, str] | None = None, batch_size: int = 32,
                    progress: Callable[[int], None] | None = None) -> VariantParity:
-    """Compare one engine with the PyTorch reference on the same pixels and prompts."""
-    embeds = np.concatenate([engine.encode_images(samples.pixel_values[i:i + 64])
-                             for i in range(0, len(samples.pixel_values), 64)])
-    logits = np.zeros_like(reference.prefill_logits)
-    tokens: list[list[int]] = [[] for _ in range(len(samples))]
-    for batch in task_batches(samples, batch_size):
-        rows = [samples.image_index[i] for i in batch]
-        prompts = [samples.prompts[i] for i in batch]
-        logits[batch] = engine.prefill_logits(reference.image_embeds[rows], prompts)
-        outputs = engine.greedy_tokens(embeds[rows], prompts, max_new_tokens_for(samples.tasks[batch[0]]))
-        for index, out in zip(batch, outputs):
-            tokens[index] = list(out)
-        if progress is not None:
-            progress(len(batch))
-    texts = [tokenizer.decode(t).strip() for t in tokens]
+    """Compare one engine with the PyTorch reference on the same pixels and prompts.
+
+    The prefill logits are computed from the reference's image embeddings, so the decoder's drift is seen on
+    its own; the answers come from the engine's own embeddings, end to end.
+    """
+    embeds = _encode_all(engine, samples.pixel_values)
+    logits, tokens, texts = _answer_all(engine, samples, embeds, reference.image_embeds, batch_size, progress)
     accuracy = _accuracy(texts, samples)
     return VariantParity(
         precisions=dict(precisions or {}),
@@ -259,7 +228,7 @@ def measure_engine(engine: ParityEngine, tokenizer: Tokenizer, samples: ParitySa
 
 
 def measure_runtime(runtime, samples: ParitySamples, reference: Reference, batch_size: int = 32) -> VariantParity:
-    return measure_engine(RuntimeEngine(runtime), runtime.tokenizer, samples, reference,
+    return measure_engine(runtime, runtime.tokenizer, samples, reference,
                           precisions=runtime.precisions, batch_size=batch_size)
 
 

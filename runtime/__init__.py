@@ -12,7 +12,9 @@ model may be used from several threads at once.
 """
 
 from vledge.decoding import GenerationOptions
-from vledge.runtime.model import GenerationResult, Timings, VisionLanguageRuntime, load
+from vledge.generation import GenerationResult, Timings
+from vledge.runtime.loader import load
+from vledge.runtime.model import VisionLanguageRuntime
 from vledge.runtime.providers import GpuStatus, gpu_status
 
 __all__ = ["GenerationOptions", "GenerationResult", "GpuStatus", "Timings", "VisionLanguageRuntime", "gpu_status",

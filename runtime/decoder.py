@@ -58,7 +58,7 @@ class Graphs:
     device_id: int = 0
     vocab_size: int = 0  # > 0 enables the token embedding table
     use_embed_table: bool = True
-    fast_binding: bool = True  # bind through ONNX Runtime's pybind object (see _Binder); False: public API only
+    fast_binding: bool = True  # bind through ONNX Runtime's pybind objects (see _Binder); False: public API only
     _table: np.ndarray | None = field(default=None, init=False, repr=False)
     _table_lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
 
@@ -125,14 +125,17 @@ class _Binder:
     """One IO binding of the decoder for one decode loop.
 
     ONNX Runtime's Python ``IOBinding`` re-validates and re-wraps on every call (a device object per
-    ``bind_output``, a Python ``OrtValue`` per output of ``get_outputs``): about 90 us a step on the
-    ``small`` preset, a fifth of the step. Where the wrapper exposes its pybind object (every release
-    so far) this class binds through it; otherwise, or with ``Graphs.fast_binding`` off, it uses the
-    public API. Values are "handles": pybind ``OrtValue``s on the fast path, ``ort.OrtValue`` on the
-    other; both have ``numpy()`` and ``shape()``.
+    ``bind_output``, a Python ``OrtValue`` per output of ``get_outputs``). Binding through the pybind
+    object underneath saves 11-18% of a decode step on onnxruntime 1.31 (measured on the tiny and small
+    presets, one thread), so this class does that where it can. Those objects are private: if one is
+    missing, or a call through one fails (a later onnxruntime changed them), the binder says so once and
+    switches the model (``Graphs.fast_binding``) to the public API for good; ``load(fast_binding=False)``
+    never tries them. Values are "handles": pybind ``OrtValue``s on the fast path, ``ort.OrtValue`` on
+    the other; both have ``numpy()`` and ``shape()``.
     """
 
     def __init__(self, graphs: Graphs) -> None:
+        self.graphs = graphs
         self.session = graphs.decoder
         self.binding = graphs.decoder.io_binding()
         self.device, self.device_id = graphs.device, graphs.device_id
@@ -145,8 +148,20 @@ class _Binder:
                 self._out_device = ort.OrtDevice.make(self.device, self.device_id)._get_c_device()
                 self._cpu_device = ort.OrtDevice.make("cpu", 0)._get_c_device()
                 self.fast = True
-            except (AttributeError, TypeError, RuntimeError):
-                log.debug("ONNX Runtime's IOBinding internals differ from what vledge knows; using the public API")
+            except Exception as exc:  # any change of the private objects: the public API still works
+                self._fall_back(exc)
+
+    def _fall_back(self, exc: Exception) -> None:
+        if self.graphs.fast_binding:
+            log.warning("onnxruntime %s: binding through its private IOBinding objects failed (%s: %s); using "
+                        "the public IOBinding API", ort.__version__, type(exc).__name__, exc)
+        self.graphs.fast_binding = False
+        self.fast = False
+
+    @staticmethod
+    def _public(handle) -> ort.OrtValue:
+        """A handle made on the fast path, as the public API wants it (after a fall-back)."""
+        return handle if isinstance(handle, ort.OrtValue) else ort.OrtValue(handle)
 
     def handle(self, array: np.ndarray, on_device: bool = True) -> tuple[Any, ort.OrtValue]:
         """A handle for ``array`` (on the binding's device, or over the array's own memory on the CPU), and
@@ -157,44 +172,60 @@ class _Binder:
             value = ort.OrtValue.ortvalue_from_numpy(array)  # zero-copy: later writes to ``array`` are seen
         return (value._ortvalue if self.fast else value), value
 
+    # Each call tries the fast path once per binder; a failure switches this binder (and the model) over.
+
     def input_array(self, name: str, array: np.ndarray) -> None:
         self._arrays[name] = array
         if self.fast:
-            self._c.bind_input(name, array)
-        else:
-            self.binding.bind_cpu_input(name, array)
+            try:
+                return self._c.bind_input(name, array)
+            except Exception as exc:
+                self._fall_back(exc)
+        self.binding.bind_cpu_input(name, array)
 
     def input_value(self, name: str, handle) -> None:
         if self.fast:
-            self._c.bind_ortvalue_input(name, handle)
-        else:
-            self.binding.bind_ortvalue_input(name, handle)
+            try:
+                return self._c.bind_ortvalue_input(name, handle)
+            except Exception as exc:
+                self._fall_back(exc)
+        self.binding.bind_ortvalue_input(name, self._public(handle))
 
     def output_value(self, name: str, handle) -> None:
         """Write output ``name`` into a preallocated value (its shape must match exactly)."""
         if self.fast:
-            self._c.bind_ortvalue_output(name, handle)
-        else:
-            self.binding.bind_ortvalue_output(name, handle)
+            try:
+                return self._c.bind_ortvalue_output(name, handle)
+            except Exception as exc:
+                self._fall_back(exc)
+        self.binding.bind_ortvalue_output(name, self._public(handle))
 
     def output(self, name: str, on_device: bool = True) -> None:
         if self.fast:
-            self._c.bind_output(name, self._out_device if on_device else self._cpu_device)
-        elif on_device:
+            try:
+                return self._c.bind_output(name, self._out_device if on_device else self._cpu_device)
+            except Exception as exc:
+                self._fall_back(exc)
+        if on_device:
             self.binding.bind_output(name, self.device, self.device_id)
         else:
             self.binding.bind_output(name, "cpu")
 
     def run(self) -> list:
         if self.fast:
-            self._run(self._c, None)
-            outputs = self._c.get_outputs()
-            return [outputs[i] for i in range(len(outputs))]
+            try:
+                self._run(self._c, None)
+                outputs = self._c.get_outputs()
+                return [outputs[i] for i in range(len(outputs))]
+            except Exception as exc:
+                self.session.run_with_iobinding(self.binding)  # a real error in the inputs fails here too, and says so
+                self._fall_back(exc)
+                return self.binding.get_outputs()
         self.session.run_with_iobinding(self.binding)
         return self.binding.get_outputs()
 
 
-class TransformerSteps:
+class OrtTransformerSteps:
     """Prefill a left-padded batch (optionally after a cached prefix), then one token per row per step.
 
     The keys and values stay ONNX Runtime values between steps (IO binding: each step's ``present``
@@ -325,7 +356,7 @@ class TransformerSteps:
         self._owners = [owner for _, owner in pairs]
 
 
-class LSTMSteps:
+class OrtLSTMSteps:
     """Rows are prefilled one by one (an LSTM has no mask to hide padding), then decoded as a batch.
 
     The state stays in ONNX Runtime values between decode steps (IO binding), like the KV cache.

@@ -9,112 +9,32 @@ under a lock and only read afterwards.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import queue
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnxruntime as ort
 
-from vledge.decoding import GenerationOptions, decode_tokens, left_pad
-from vledge.errors import ConfigError, ModelDirError, ProviderError
-from vledge.manifest import COMPONENTS, PRECISIONS, TOKENIZER_NAME, Manifest, read_manifest, resolve_inside
-from vledge.prompt import question_ids
-from vledge.runtime.decoder import Graphs, LSTMSteps, TransformerSteps
+from vledge import generation
+from vledge.decoding import GenerationOptions, left_pad
+from vledge.errors import ConfigError
+from vledge.generation import GenerationResult, Timings, clamp_to_positions, cut_at_stop, partial_stop, stop_list
+from vledge.manifest import Manifest, resolve_inside
+from vledge.prompt import CAPTION_PROMPT, question_ids
+from vledge.runtime.decoder import Graphs, OrtLSTMSteps, OrtTransformerSteps
 from vledge.runtime.preprocess import ImagePreprocessor
-from vledge.runtime.providers import (
-    GPU_PROVIDERS,
-    HEAVY_OPS,
-    SessionConfig,
-    create_session,
-    primary_provider,
-    profile_placement,
-    usable_providers,
-)
+from vledge.runtime.providers import SessionConfig, primary_provider, profile_placement
 from vledge.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
-DEFAULT_CAPTION_PROMPT = "Describe the image briefly."
-
-
-@dataclass
-class Timings:
-    """Milliseconds per stage of one call (shared by the rows of a batch)."""
-
-    preprocess_ms: float = 0.0
-    vision_ms: float = 0.0
-    prefill_ms: float = 0.0
-    decode_ms: float = 0.0
-    new_tokens: int = 0
-
-    @property
-    def total_ms(self) -> float:
-        return self.preprocess_ms + self.vision_ms + self.prefill_ms + self.decode_ms
-
-    @property
-    def per_token_ms(self) -> float | None:
-        steps = self.new_tokens - 1  # the first token comes from the prefill
-        return self.decode_ms / steps if steps > 0 else None
-
-    def to_dict(self) -> dict[str, float | None]:
-        data: dict[str, float | None] = dict(dataclasses.asdict(self))
-        data["total_ms"] = self.total_ms
-        data["per_token_ms"] = self.per_token_ms
-        return data
-
-
-@dataclass
-class GenerationResult:
-    text: str
-    token_ids: list[int]
-    finish_reason: str  # "stop" (stop token), "stop_string", or "length"
-    timings: Timings = field(default_factory=Timings)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"text": self.text, "token_ids": list(self.token_ids), "finish_reason": self.finish_reason,
-                "timings": self.timings.to_dict()}
-
-
-def _choose_precision(manifest: Manifest, component: str, requested: str, device: str) -> str:
-    available = manifest.precisions(component)
-    if requested != "auto":
-        if requested in available:
-            return requested
-        # Components a precision does not apply to (e.g. q4 convolutions) stay in float.
-        fallback = "fp16" if requested == "fp16" and "fp16" in available else "fp32"
-        log.debug("%s has no %s variant; using %s", component, requested, fallback)
-        return fallback
-    recorded = manifest.selected.get(device, {}).get(component)
-    if recorded in available:
-        return recorded
-    if device == "cuda" and "fp16" in available:
-        return "fp16"  # integer MatMuls fall back to the CPU under the CUDA provider: fp16 is the GPU's fast path
-    return "fp32"
-
-
-def _cut_at_stop(text: str, stop_strings: Sequence[str]) -> tuple[str, bool]:
-    """``text`` up to the earliest stop string, and whether one was found."""
-    cut = min((text.find(stop) for stop in stop_strings if stop and stop in text), default=-1)
-    return (text[:cut], True) if cut >= 0 else (text, False)
-
-
-def _partial_stop(text: str, stop_strings: Sequence[str]) -> int:
-    """Length of the longest end of ``text`` that could be the start of a stop string (held back while streaming)."""
-    longest = 0
-    for stop in stop_strings:
-        for size in range(min(len(stop) - 1, len(text)), longest, -1):
-            if text.endswith(stop[:size]):
-                longest = size
-                break
-    return longest
+__all__ = ["GenerationResult", "Timings", "VisionLanguageRuntime"]  # the results are re-exported here
 
 
 class _StreamClosed(Exception):
@@ -122,7 +42,11 @@ class _StreamClosed(Exception):
 
 
 class VisionLanguageRuntime:
-    """A model directory loaded for inference. Create it with :func:`load`."""
+    """A model directory loaded for inference. Create it with :func:`load`.
+
+    It is the ONNX Runtime implementation of ``vledge.generation.Engine`` (``encode_images`` and
+    ``prefill``); every generating method goes through ``vledge.generation.generate``.
+    """
 
     def __init__(self, model_dir: Path, manifest: Manifest, tokenizer: Tokenizer, graphs: Graphs,
                  precisions: dict[str, str], session_config: SessionConfig, gpu_fallback: str = "",
@@ -137,7 +61,7 @@ class VisionLanguageRuntime:
         self.preprocessor = ImagePreprocessor(manifest.preprocess)
         self.prefix_ids = list(manifest.prefix_ids)
         self.prefix_cache = prefix_cache  # reuse the constant prompt prefix's keys and values
-        self.caption_prompt = manifest.generation.get("caption_prompt", DEFAULT_CAPTION_PROMPT)
+        self.caption_prompt = manifest.generation.get("caption_prompt", CAPTION_PROMPT)
         self.default_options = GenerationOptions(
             max_new_tokens=int(manifest.generation.get("max_new_tokens", 32)))
         self._prefix_lock = threading.Lock()
@@ -191,7 +115,7 @@ class VisionLanguageRuntime:
         the text goes on. With beam search the whole text arrives at the end. Closing the generator early
         stops the decoding.
         """
-        stops = _stop_list(stop_strings)
+        stops = stop_list(stop_strings)
         pieces: queue.Queue = queue.Queue()
         finished = object()
         closed = threading.Event()
@@ -223,10 +147,10 @@ class VisionLanguageRuntime:
                 text = self.tokenizer.decode(tokens)
                 if text.endswith("\ufffd"):  # wait for whole UTF-8 characters
                     continue
-                text, _ = _cut_at_stop(text, stops)
+                text, _ = cut_at_stop(text, stops)
                 text = text.lstrip()
                 visible = text.rstrip()
-                visible = visible[: len(visible) - _partial_stop(visible, stops)]
+                visible = visible[: len(visible) - partial_stop(visible, stops)]
                 if len(visible) > len(emitted) and visible.startswith(emitted):
                     yield visible[len(emitted):]
                     emitted = visible
@@ -273,6 +197,7 @@ class VisionLanguageRuntime:
             "spin": config.spin,
             "strict": config.strict,
             "prefix_cache_tokens": len(self.prefix_ids) if self.prefix_cache else 0,
+            "fast_binding": self.graphs.fast_binding,
             "onnxruntime": ort.__version__,
         }
 
@@ -302,12 +227,9 @@ class VisionLanguageRuntime:
         if pixel_values.ndim != 4 or pixel_values.shape[1:] != (3, size, size):
             raise ConfigError(f"pixel_values must have shape [N, 3, {size}, {size}], got {list(pixel_values.shape)}")
         prompts = self._prompt_list(prompts, pixel_values.shape[0])
-        timings = timings or Timings()
-        tick = time.perf_counter()
-        image_embeds = self.graphs.encode_images(pixel_values)
-        timings.vision_ms = (time.perf_counter() - tick) * 1e3
         ids = [question_ids(self.tokenizer, self.manifest.prompt, prompt) for prompt in prompts]
-        return self.generate_from_embeds(image_embeds, ids, options, stop_strings, on_token, timings)
+        return generation.generate_from_pixels(self, pixel_values, ids, self._options(options), stop_strings,
+                                               on_token, timings=timings)
 
     def generate_from_embeds(
         self,
@@ -319,25 +241,14 @@ class VisionLanguageRuntime:
         timings: Timings | None = None,
     ) -> list[GenerationResult]:
         """Decode from image embeddings and token prompts (each holding one image token)."""
-        options = self._options(options)
-        stops = _stop_list(stop_strings)
-        timings = timings or Timings()
-        tick = time.perf_counter()
-        steps, options = self.prefill(image_embeds, prompt_ids, options)
-        timings.prefill_ms = (time.perf_counter() - tick) * 1e3
-        stop_check = _stop_string_check(self.tokenizer, stops) if stops else None
-        tick = time.perf_counter()
-        generated = decode_tokens(steps.first_logits, steps, options, self.tokenizer.eos_id, on_token,
-                                  stop_check=stop_check)
-        timings.decode_ms = (time.perf_counter() - tick) * 1e3
-        timings.new_tokens = max((len(tokens) for tokens in generated), default=0)
-        results = []
-        for tokens in generated:
-            text, stopped = _cut_at_stop(self.tokenizer.decode(tokens), stops)
-            reason = "stop_string" if stopped else "length" if len(tokens) >= options.max_new_tokens else "stop"
-            results.append(GenerationResult(text=text.strip(), token_ids=list(tokens), finish_reason=reason,
-                                            timings=dataclasses.replace(timings)))
-        return results
+        return generation.generate(self, image_embeds, prompt_ids, self._options(options), stop_strings, on_token,
+                                   timings)
+
+    # ------------------------------------------------------------------ the engine (vledge.generation.Engine)
+
+    def encode_images(self, pixel_values: np.ndarray) -> np.ndarray:
+        """Image embeddings [N, image_tokens, hidden] float32 of preprocessed pixels [N, 3, S, S]."""
+        return self.graphs.encode_images(pixel_values)
 
     def prefill_logits(self, image_embeds: np.ndarray, prompt_ids: Sequence[Sequence[int]]) -> np.ndarray:
         """Next-token logits [rows, vocab] after the prompt, for parity checks against PyTorch."""
@@ -347,7 +258,8 @@ class VisionLanguageRuntime:
     def prefill(self, image_embeds: np.ndarray, prompt_ids: Sequence[Sequence[int]], options: GenerationOptions):
         """Run the prompts (image embeddings spliced in) through the decoder; returns (steps, options).
 
-        ``options.max_new_tokens`` is lowered to what the model's positions leave room for.
+        ``options.max_new_tokens`` is lowered to what the model's positions leave room for
+        (``vledge.generation.clamp_to_positions``).
         """
         image_embeds = np.asarray(image_embeds, dtype=np.float32)
         image_id = self.tokenizer.image_id
@@ -370,7 +282,7 @@ class VisionLanguageRuntime:
             rows_embeds.append(np.concatenate([row_text[:at], image, row_text[at + 1:]]))
         if self.graphs.language_kind == "lstm":
             state = self._prefix_state() if use_prefix else None
-            return LSTMSteps(self.graphs, rows_embeds, state), options
+            return OrtLSTMSteps(self.graphs, rows_embeds, state), options
         lengths = [len(r) for r in rows_embeds]
         longest = max(lengths)
         batch = len(rows_embeds)
@@ -384,20 +296,15 @@ class VisionLanguageRuntime:
             prefix_past = self._prefix_kv()
             past = prefix_past if batch == 1 else [np.repeat(value, batch, axis=0) for value in prefix_past]
             mask = np.concatenate([np.ones((batch, len(prefix)), dtype=np.int64), mask], axis=1)
-        limit = int(self.manifest.model_config.language.max_positions)
-        room = limit - mask.shape[1]
-        if room < 1:
-            raise ConfigError(f"prompt of {mask.shape[1]} positions leaves no room in the model's {limit}")
-        if options.max_new_tokens > room:
-            options = dataclasses.replace(options, max_new_tokens=room)
-        return TransformerSteps(self.graphs, embeds, mask, past, capacity=options.max_new_tokens), options
+        options = clamp_to_positions(options, mask.shape[1], int(self.manifest.model_config.language.max_positions))
+        return OrtTransformerSteps(self.graphs, embeds, mask, past, capacity=options.max_new_tokens), options
 
     def _prefix_kv(self) -> list[np.ndarray]:
         """Keys and values of the constant prompt prefix, computed once per loaded model."""
         with self._prefix_lock:
             if self._prefix_cache is None:
                 embeds = self.graphs.embed_ids(np.asarray([self.prefix_ids], dtype=np.int64))
-                steps = TransformerSteps(self.graphs, embeds, np.ones((1, len(self.prefix_ids)), dtype=np.int64))
+                steps = OrtTransformerSteps(self.graphs, embeds, np.ones((1, len(self.prefix_ids)), dtype=np.int64))
                 cache = [value.numpy().copy() for value in steps.past_values]  # own memory, not a view
                 for value in cache:
                     value.setflags(write=False)
@@ -408,7 +315,7 @@ class VisionLanguageRuntime:
         with self._prefix_lock:
             if self._prefix_cache is None:
                 embeds = self.graphs.embed_ids(np.asarray([self.prefix_ids], dtype=np.int64))
-                steps = LSTMSteps(self.graphs, [embeds[0]])
+                steps = OrtLSTMSteps(self.graphs, [embeds[0]])
                 self._prefix_cache = (steps.hidden, steps.cell)
             return self._prefix_cache
 
@@ -467,134 +374,3 @@ class VisionLanguageRuntime:
             decoder = {"inputs_embeds": embeds, "past_hidden": state, "past_cell": state}
         feeds["decoder_model_merged"] = decoder
         return feeds
-
-
-def _stop_list(stop_strings: Sequence[str] | str | None) -> tuple[str, ...]:
-    if stop_strings is None:
-        return ()
-    if isinstance(stop_strings, str):
-        stop_strings = (stop_strings,)
-    stops = tuple(stop_strings)
-    for stop in stops:
-        if not isinstance(stop, str):
-            raise ConfigError(f"stop strings must be strings, got {type(stop).__name__}")
-    return tuple(stop for stop in stops if stop)
-
-
-def _stop_string_check(tokenizer: Tokenizer, stop_strings: Sequence[str]) -> Callable[[int, list[int]], bool]:
-    stops = [s for s in stop_strings if s]
-    # A stop string can only complete inside the text of the last few tokens: a byte-level token holds at
-    # least one byte and a character at most four.
-    window = 4 * max(len(s) for s in stops) + 4
-
-    def check(row: int, tokens: list[int]) -> bool:
-        text = tokenizer.decode(tokens[-window:])
-        return any(stop in text for stop in stops)
-
-    return check
-
-
-def load(
-    model_dir: str | Path,
-    precision: str | dict[str, str] = "auto",
-    providers: str | Sequence[str] = "auto",
-    threads: int | None = None,
-    device_id: int = 0,
-    optimization: str = "all",
-    strict: bool = False,
-    verify: bool = True,
-    spin: bool = True,
-    prefix_cache: bool = True,
-) -> VisionLanguageRuntime:
-    """Open a model directory written by ``vledge export``: verify it, pick variants, start sessions.
-
-    ``precision``: "auto" (what the exporter measured best for the active device), "fp32", "fp16",
-    "int8", "q4", or a dict per graph (vision_encoder, embed_tokens, decoder_model_merged); graphs
-    a precision does not apply to stay in float. ``providers``: "auto" (CUDA when it really works,
-    else the CPU), "cpu", "cuda", "tensorrt", or a list in priority order; an explicit GPU request
-    that cannot be met raises ProviderError. ``strict`` also fails when heavy nodes of a graph would
-    run on the CPU under a GPU provider. ``threads``: intra-op threads per session (None: ONNX
-    Runtime's default); ``spin`` off saves CPU when several processes share the cores.
-    """
-    wanted = _wanted_precisions(precision)
-    if isinstance(providers, (list, tuple)) and not providers:
-        raise ConfigError("providers must name at least one execution provider")
-    config = SessionConfig(providers=tuple(providers) if not isinstance(providers, str) else providers,
-                           device_id=device_id, threads=threads, optimization=optimization, strict=strict, spin=spin)
-    root = Path(model_dir)
-    manifest = read_manifest(root, verify=verify)
-    _check_precisions_exist(manifest, wanted, root)
-    tokenizer = Tokenizer.from_file(resolve_inside(root, TOKENIZER_NAME))
-    names, gpu_fallback = usable_providers(config)  # ProviderError for an explicit GPU request that cannot work
-    planned = "cuda" if names[0] in GPU_PROVIDERS else "cpu"
-    sessions = {}
-    precisions = {}
-    for component in COMPONENTS:
-        if component not in manifest.variants:
-            raise ModelDirError(f"{root / 'vledge.json'} lists no {component} graph")
-        chosen = _choose_precision(manifest, component, wanted.get(component, "auto"), planned)
-        if chosen == "fp16" and planned == "cpu":
-            log.warning("%s: fp16 on the CPU provider runs through casts and is slow; fp32 or int8 fit the CPU",
-                        component)
-        sessions[component] = create_session(resolve_inside(root, manifest.variants[component][chosen]), config)
-        precisions[component] = chosen
-    device = "cuda" if primary_provider(sessions["decoder_model_merged"]) in GPU_PROVIDERS else "cpu"
-    language = manifest.model_config.language
-    graphs = Graphs(
-        vision=sessions["vision_encoder"], embed=sessions["embed_tokens"], decoder=sessions["decoder_model_merged"],
-        language_kind=language.kind, layers=language.layers,
-        heads=language.heads if language.kind == "transformer" else 0,
-        head_dim=language.head_dim if language.kind == "transformer" else 0, hidden=language.hidden,
-        device=device, device_id=device_id, vocab_size=int(language.vocab_size),
-    )
-    _check_io(graphs, manifest, root)
-    graphs.token_table()  # read the token embeddings once now rather than in the first caption
-    runtime = VisionLanguageRuntime(root, manifest, tokenizer, graphs, precisions, config, gpu_fallback, prefix_cache)
-    if strict and device == "cuda":
-        _check_placement(runtime)
-    log.info("loaded %s: %s on %s", root, precisions, primary_provider(graphs.decoder))
-    return runtime
-
-
-def _wanted_precisions(precision: str | dict[str, str]) -> dict[str, str]:
-    if isinstance(precision, dict):
-        unknown = set(precision) - set(COMPONENTS)
-        if unknown:
-            raise ConfigError(f"precision names unknown graphs {sorted(unknown)}; graphs are {', '.join(COMPONENTS)}")
-        wanted = {component: precision.get(component, "auto") for component in COMPONENTS}
-    elif isinstance(precision, str):
-        wanted = {component: precision.lower() for component in COMPONENTS}
-    else:
-        raise ConfigError(f"precision must be a string or a dict per graph, got {type(precision).__name__}")
-    for value in wanted.values():
-        if not isinstance(value, str) or (value != "auto" and value not in PRECISIONS):
-            raise ConfigError(f"unknown precision {value!r}; choose from auto, {', '.join(PRECISIONS)}")
-    return wanted
-
-
-def _check_precisions_exist(manifest: Manifest, wanted: dict[str, str], root: Path) -> None:
-    """A precision asked for must exist for at least one graph (else the request is surely a mistake)."""
-    for precision in set(wanted.values()) - {"auto", "fp32"}:
-        components = [c for c, p in wanted.items() if p == precision]
-        if not any(precision in manifest.precisions(c) for c in components):
-            have = sorted({p for c in COMPONENTS for p in manifest.precisions(c)}, key=PRECISIONS.index)
-            raise ConfigError(f"model directory {root} has no {precision} variant of "
-                              f"{' or '.join(components)}; it has {', '.join(have)} "
-                              f"(export with --quantize {precision})")
-
-
-def _check_io(graphs: Graphs, manifest: Manifest, root: Path) -> None:
-    """The graphs must have the inputs, outputs and widths the manifest promises (see graph_io)."""
-    from vledge.runtime.graph_io import check_graph_io
-
-    check_graph_io({"vision_encoder": graphs.vision, "embed_tokens": graphs.embed,
-                    "decoder_model_merged": graphs.decoder}, manifest, root)
-
-
-def _check_placement(runtime: VisionLanguageRuntime) -> None:
-    for component, by_provider in runtime.placement().items():
-        heavy = sorted(op for op in by_provider.get("CPUExecutionProvider", {}) if op in HEAVY_OPS)
-        if heavy:
-            raise ProviderError(f"strict mode: {component} runs {', '.join(heavy)} nodes on the CPU under "
-                                f"{runtime.graphs.decoder.get_providers()[0]}; choose another precision "
-                                f"(fp16 for CUDA) or turn strict off")

@@ -40,7 +40,7 @@ def test_prefill_and_decode_steps_match_pytorch(kind, tiny_run, tiny_lstm_run, t
                                                 synth_data):
     """Batch of 3 prompts of different lengths (left-padded), prefill + 10 teacher-forced decode steps."""
     from vledge.data.images import preprocess
-    from vledge.models.generate import LSTMSteps, TransformerSteps
+    from vledge.models.generate import TorchLSTMSteps, TorchTransformerSteps
 
     run, model_dir = (tiny_run, tiny_model_dir) if kind == "transformer" else (tiny_lstm_run, tiny_lstm_model_dir)
     model, tokenizer, runtime = _torch_and_runtime(run, model_dir)
@@ -53,15 +53,15 @@ def test_prefill_and_decode_steps_match_pytorch(kind, tiny_run, tiny_lstm_run, t
         if kind == "transformer":
             ids, mask = left_pad(prompts, tokenizer.pad_id)
             merged = model.merge(torch.as_tensor(ids), image_embeds, torch.as_tensor(mask))
-            reference = TransformerSteps(model, merged.inputs_embeds, merged.attention_mask)
+            reference = TorchTransformerSteps(model, merged.inputs_embeds, merged.attention_mask)
         else:
             rows = [model.merge(torch.as_tensor([p]), image_embeds[i:i + 1]).inputs_embeds[0]
                     for i, p in enumerate(prompts)]
-            reference = LSTMSteps(model, rows)
+            reference = TorchLSTMSteps(model, rows)
         ours_embeds = runtime.graphs.encode_images(pixels.numpy())
         np.testing.assert_allclose(ours_embeds, image_embeds.numpy(), atol=1e-5, rtol=1e-4)
         steps, _ = runtime.prefill(image_embeds.numpy(), prompts, GenerationOptions(max_new_tokens=16))
-        ref_logits = reference.first_logits.numpy()
+        ref_logits = reference.first_logits
         np.testing.assert_allclose(steps.first_logits, ref_logits, atol=1e-4, rtol=1e-4)
         rng = np.random.default_rng(0)
         for step in range(10):

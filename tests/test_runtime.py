@@ -182,13 +182,25 @@ def test_bad_model_directories_and_options_get_typed_errors(tiny_model_dir, tiny
         load(tiny_model_dir, optimization="ludicrous")
 
 
-def test_explicit_cuda_without_cuda_is_a_provider_error(tiny_model_dir):
+def test_explicit_cuda_runs_on_cuda_or_is_a_provider_error(tiny_model_dir, synth_data):
+    """Where CUDA really works every graph runs on it; where it does not, asking for it is a ProviderError."""
     from vledge.runtime import load
     from vledge.runtime.providers import gpu_status
 
     status = gpu_status("CUDAExecutionProvider")
+    image = _images(synth_data, 1)[0]
     if status.usable:
-        pytest.skip("a CUDA device really works here")
+        for providers in ("cuda", "auto", ["CUDAExecutionProvider", "CPUExecutionProvider"]):
+            model = load(tiny_model_dir, providers=providers, precision="fp32")
+            info = model.info()
+            assert info["provider"] == "CUDAExecutionProvider" and info["device"] == "cuda", info
+            assert info["gpu_fallback"] is None
+            assert all(names[0] == "CUDAExecutionProvider" for names in info["providers"].values()), info
+            result = model.caption(image, GenerationOptions(max_new_tokens=8))
+            assert result.finish_reason in ("stop", "length") and 1 <= len(result.token_ids) <= 8
+        # On CUDA, "auto" takes the fp16 decoder the export made (integer MatMuls would fall back to the CPU).
+        assert load(tiny_model_dir, providers="cuda").info()["precisions"]["decoder_model_merged"] == "fp16"
+        return
     assert status.reason
     for providers in ("cuda", ["CUDAExecutionProvider", "CPUExecutionProvider"]):
         with pytest.raises(ProviderError, match="CUDAExecutionProvider") as error:
@@ -486,7 +498,10 @@ def test_cli_ask_and_engine_choice(tiny_model_dir, tiny_run, synth_data, tmp_pat
     cuda = CliRunner().invoke(main, ["caption", "--model", str(tiny_model_dir), "--provider", "cuda", str(image)])
     from vledge.runtime.providers import gpu_status
 
-    if not gpu_status("CUDAExecutionProvider").usable:
+    if gpu_status("CUDAExecutionProvider").usable:
+        assert cuda.exit_code == 0, cuda.output
+        assert cuda.stdout.startswith(f"{image}: ") and cuda.stdout.count("\n") == 1
+    else:
         assert cuda.exit_code == 1 and "ProviderError" in cuda.stderr and "Traceback" not in cuda.output
 
 
@@ -506,16 +521,72 @@ def test_public_binding_path_gives_the_same_results(kind, tiny_model_dir, tiny_l
             r.token_ids for r in public.generate(images, QUESTIONS[:3], options)]
 
 
+def test_fast_binding_can_be_turned_off(tiny_model_dir, synth_data):
+    from vledge.runtime.decoder import _Binder
+
+    public = _load(tiny_model_dir, precision="fp32", fast_binding=False)
+    fast = _load(tiny_model_dir, precision="fp32")
+    assert public.info()["fast_binding"] is False and not _Binder(public.graphs).fast
+    assert fast.info()["fast_binding"] is True and _Binder(fast.graphs).fast
+    images = _images(synth_data, 2, start=60)
+    options = GenerationOptions(max_new_tokens=10)
+    assert [r.token_ids for r in public.generate(images, QUESTIONS[:2], options)] == [
+        r.token_ids for r in fast.generate(images, QUESTIONS[:2], options)]
+
+
+class _ChangedBinding:
+    """ONNX Runtime's private IOBinding object as a later release might change it: one call's signature differs."""
+
+    def __init__(self, binding, failing: str) -> None:
+        self._binding, self._failing = binding, failing
+
+    def __getattr__(self, name):
+        if name == self._failing:
+            def changed(*args):
+                raise TypeError(f"{name}(): incompatible function arguments")
+            return changed
+        return getattr(self._binding, name)
+
+
+@pytest.mark.parametrize("kind", ["transformer", "lstm"])
+@pytest.mark.parametrize("failing", ["bind_ortvalue_input", "bind_output", "get_outputs"])
+def test_fast_binding_falls_back_when_a_call_fails(kind, failing, tiny_model_dir, tiny_lstm_model_dir, synth_data,
+                                                   monkeypatch, caplog):
+    """A failing call through the private objects switches the model to the public IOBinding API, same tokens."""
+    from vledge.runtime import decoder
+
+    model_dir = tiny_model_dir if kind == "transformer" else tiny_lstm_model_dir
+    images = _images(synth_data, 2, start=70)
+    options = GenerationOptions(max_new_tokens=10, temperature=1.0, seed=4)  # sampled: long enough to step
+    expected = [r.token_ids for r in _load(model_dir, precision="fp32", fast_binding=False).generate(
+        images, QUESTIONS[:2], options)]
+    runtime = _load(model_dir, precision="fp32")
+    original_init = decoder._Binder.__init__
+
+    def changed_init(self, graphs):
+        original_init(self, graphs)
+        if self.fast:
+            self._c = _ChangedBinding(self._c, failing)
+
+    assert max(len(tokens) for tokens in expected) > 1
+    monkeypatch.setattr(decoder._Binder, "__init__", changed_init)
+    with caplog.at_level("WARNING", logger="vledge.runtime.decoder"):
+        assert [r.token_ids for r in runtime.generate(images, QUESTIONS[:2], options)] == expected
+    assert runtime.info()["fast_binding"] is False
+    assert sum("public IOBinding API" in record.getMessage() for record in caplog.records) == 1
+    assert [r.token_ids for r in runtime.generate(images, QUESTIONS[:2], options)] == expected
+
+
 def test_decode_steps_past_the_planned_capacity(fp32, synth_data):
     """The attention-mask buffer is sized for max_new_tokens; stepping further grows it, same logits."""
     from vledge.prompt import question_ids
-    from vledge.runtime.decoder import TransformerSteps
+    from vledge.runtime.decoder import OrtTransformerSteps
 
     embeds = fp32.embed_images(_images(synth_data, 2, start=90))
     prompts = [question_ids(fp32.tokenizer, fp32.manifest.prompt, q) for q in QUESTIONS[:2]]
     small, _ = fp32.prefill(embeds, prompts, GenerationOptions(max_new_tokens=2))
     large, _ = fp32.prefill(embeds, prompts, GenerationOptions(max_new_tokens=40))
-    assert isinstance(small, TransformerSteps)
+    assert isinstance(small, OrtTransformerSteps)
     tokens = np.random.default_rng(0).integers(5, fp32.tokenizer.vocab_size, size=(12, 2))
     for step, row_tokens in enumerate(tokens):
         np.testing.assert_array_equal(small.step(row_tokens), large.step(row_tokens), err_msg=f"step {step}")

@@ -15,7 +15,7 @@ from conftest import tiny_configs
 from vledge.checkpoint import load_checkpoint
 from vledge.data.records import TASKS
 from vledge.errors import TrainingError
-from vledge.training.trainer import Trainer, train
+from vledge.training.trainer import Trainer, prepare_run, train
 
 pytestmark = pytest.mark.slow
 
@@ -57,7 +57,7 @@ def test_interrupted_and_resumed_run_reproduces_the_loss_curve(synth_data, tmp_p
     with pytest.raises(KeyboardInterrupt):
         train(synth_data, tmp_path / "broken", model_config, train_config, on_event=interrupt)
     assert load_checkpoint(tmp_path / "broken" / "last.pt").train_state["run"]["step"] == 13
-    resumed = Trainer(synth_data, tmp_path / "broken", model_config, train_config, resume=True).run()
+    resumed = train(synth_data, tmp_path / "broken", model_config, train_config, resume=True)
     assert resumed.steps == straight.steps == 24
 
     expected = {r["step"]: r["loss"] for r in rows(tmp_path / "straight", "train")}
@@ -109,10 +109,10 @@ def test_a_broken_image_is_skipped_and_counted_not_fatal(synth_data, tmp_path):
     victim.write_bytes(victim.read_bytes()[:60])  # truncated JPEG
     (data / records[1]["image"]).unlink()  # missing file
     model_config, train_config = tiny_configs(max_steps=2, eval_every=2, eval_samples=0)
-    trainer = Trainer(data, tmp_path / "run", model_config, train_config)
-    assert trainer.train_report.skipped["image unreadable"] == 1
-    assert trainer.train_report.skipped["image missing"] == 1
-    assert records[0]["id"] not in trainer.train_images
-    result = trainer.run()
+    prepared = prepare_run(data, tmp_path / "run", model_config, train_config)
+    assert prepared.train_report.skipped["image unreadable"] == 1
+    assert prepared.train_report.skipped["image missing"] == 1
+    assert records[0]["id"] not in prepared.train_images
+    result = Trainer(prepared).run()
     assert result.steps == 2 and (tmp_path / "run" / "ckpt.pt").is_file()
     assert "skipped 2" in json.loads((tmp_path / "run" / "run.json").read_text())["data_report"]

@@ -11,7 +11,7 @@ import torch
 from conftest import tiny_configs
 from vledge.errors import DataError, WeightsError
 from vledge.models.vision import VisionEncoder, load_vision_weights
-from vledge.training.trainer import Trainer, length_pieces, train
+from vledge.training.trainer import RunOptions, Trainer, length_pieces, prepare_run, train
 from vledge.training.vision_pretrain import HEADS, VisionPretrainConfig, cell_targets, pretrain_vision
 
 
@@ -48,8 +48,8 @@ def test_pretrained_weights_load_into_the_encoder_and_a_run(synth_data, tmp_path
     for key, value in encoder.backbone.state_dict().items():
         assert torch.equal(value, payload["state_dict"][key]), key
 
-    trainer = Trainer(synth_data, tmp_path / "run", model_config, train_config, vision_weights=out,
-                      freeze=("vision", "projector"))
+    trainer = Trainer(prepare_run(synth_data, tmp_path / "run", model_config, train_config,
+                                  RunOptions(vision_weights=out, freeze=("vision", "projector"))))
     for key, value in trainer.model.projector.state_dict().items():
         assert torch.equal(value, payload["projector_state_dict"][key]), key
     frozen = {k: v.clone() for k, v in trainer.model.state_dict().items() if k.startswith(("vision.", "projector."))}
@@ -59,7 +59,7 @@ def test_pretrained_weights_load_into_the_encoder_and_a_run(synth_data, tmp_path
 
     other = dataclasses.replace(model_config, language=dataclasses.replace(model_config.language, hidden=64))
     with pytest.raises(WeightsError, match="projector"):
-        Trainer(synth_data, tmp_path / "run2", other, train_config, vision_weights=out)
+        prepare_run(synth_data, tmp_path / "run2", other, train_config, RunOptions(vision_weights=out))
 
 
 def test_pretraining_needs_scene_labels(tmp_path):
@@ -84,8 +84,8 @@ def test_split_batches_give_the_whole_batch_loss(synth_data, tmp_path):
     from vledge.data.dataset import collate
 
     model_config, train_config = tiny_configs(max_steps=2, eval_every=100, eval_samples=0, batch_size=24)
-    trainer = Trainer(synth_data, tmp_path / "run", model_config, train_config)
-    _, dataset, _, _, _ = trainer._prepare_stage(len(trainer.stages) - 1)
+    trainer = Trainer(prepare_run(synth_data, tmp_path / "run", model_config, train_config))
+    dataset = trainer._prepare_stage(len(trainer.prepared.stages) - 1).dataset
     long = sorted(range(len(dataset)), key=lambda i: -len(dataset[i].input_ids))[:3]
     examples = [dataset[i] for i in long] + [dataset[i] for i in range(21)]
     assert len(length_pieces([len(e.input_ids) - 1 + trainer.model.num_image_tokens for e in examples])) == 2
@@ -107,17 +107,18 @@ def test_split_batches_give_the_whole_batch_loss(synth_data, tmp_path):
 
 @pytest.mark.slow
 def test_frozen_encoder_features_are_cached_and_train_like_encoding_every_step(synth_data, tmp_path, monkeypatch):
-    import vledge.training.trainer as trainer_module
+    import vledge.training.stage as stage_module
 
     model_config, train_config = tiny_configs(max_steps=3, eval_every=100, eval_samples=0, log_every=1)
     frozen = ("vision", "projector")
-    trainer = Trainer(synth_data, tmp_path / "probe", model_config, train_config, freeze=frozen)
-    assert len(trainer.stages) == 2  # align, then instruct: both frozen
+    trainer = Trainer(prepare_run(synth_data, tmp_path / "probe", model_config, train_config,
+                                  RunOptions(freeze=frozen)))
+    assert len(trainer.prepared.stages) == 2  # align, then instruct: both frozen
     trainer._prepare_stage(0)
     first = trainer.features
-    _, dataset, _, _, _ = trainer._prepare_stage(1)
+    dataset = trainer._prepare_stage(1).dataset
     assert trainer.features is first, "consecutive frozen stages share one computation"
-    assert trainer.features is not None and trainer.features.tokens.shape[0] == len(trainer.train_images)
+    assert trainer.features is not None and trainer.features.tokens.shape[0] == len(trainer.prepared.train_images)
     trainer.model.eval()
     examples = [dataset[i] for i in range(12)]
     cached = trainer._batch_loss(examples)
@@ -126,13 +127,13 @@ def test_frozen_encoder_features_are_cached_and_train_like_encoding_every_step(s
     assert torch.allclose(cached, encoded, atol=1e-5), (cached, encoded)
 
     losses = []
-    for name, cap in (("cached", trainer_module.FEATURE_CACHE_LIMIT_BYTES), ("encoded", 0)):
-        monkeypatch.setattr(trainer_module, "FEATURE_CACHE_LIMIT_BYTES", cap)
-        run = train(synth_data, tmp_path / name, model_config, train_config, freeze=frozen)
+    for name, cap in (("cached", stage_module.FEATURE_CACHE_LIMIT_BYTES), ("encoded", 0)):
+        monkeypatch.setattr(stage_module, "FEATURE_CACHE_LIMIT_BYTES", cap)
+        run = train(synth_data, tmp_path / name, model_config, train_config, RunOptions(freeze=frozen))
         rows = [json.loads(line) for line in (run.run_dir / "metrics.jsonl").read_text().splitlines()]
         losses.append([r["loss"] for r in rows if r["kind"] == "train"])
     assert len(losses[0]) == 3 and all(abs(x - y) < 1e-4 for x, y in zip(*losses)), losses
     # a stage that trains the encoder never reads stale features
-    trainer = Trainer(synth_data, tmp_path / "probe2", model_config, train_config)
-    trainer._prepare_stage(len(trainer.stages) - 1)
+    trainer = Trainer(prepare_run(synth_data, tmp_path / "probe2", model_config, train_config))
+    trainer._prepare_stage(len(trainer.prepared.stages) - 1)
     assert trainer.features is None

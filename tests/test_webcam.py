@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from vledge.data.synth import Scene, SceneObject, render_scene
-from vledge.errors import SourceError
+from vledge.errors import DisplayError, SourceError
 from vledge.webcam import (
     END_OF_STREAM,
     INTERRUPTED,
@@ -31,6 +31,7 @@ from vledge.webcam import (
     OverlayState,
     SyntheticSource,
     draw_overlay,
+    has_gui_support,
     open_source,
     run_demo,
     wrap_text,
@@ -422,3 +423,41 @@ def test_cli_webcam_runs_headless_on_a_video(_webcam_model_dir, video, tmp_path)
                                     str(tmp_path / "missing.mp4"), "--headless", "--provider", "cpu"])
     assert bad.exit_code == 1
     assert "SourceError" in bad.output and "missing.mp4" in bad.output
+
+
+# --------------------------------------------------------------------------- window without GUI support
+
+needs_headless_opencv = pytest.mark.skipif(has_gui_support(), reason="this OpenCV build has GUI support")
+
+
+@needs_headless_opencv
+def test_the_headless_opencv_build_is_recognised():
+    with pytest.raises(cv2.error, match="not implemented"):  # what has_gui_support() predicts
+        cv2.namedWindow("vledge-test")
+
+
+@needs_headless_opencv
+def test_a_window_on_a_display_without_opencv_gui_is_an_error_naming_the_extra(runtime, tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from vledge.cli import main
+
+    monkeypatch.setenv("DISPLAY", ":99")
+    out = tmp_path / "never.mp4"
+    with pytest.raises(DisplayError, match=r"no GUI support.*pip install \"vledge\[gui\]\""):
+        run_demo(runtime, "synthetic", DemoOptions(output=out, max_frames=1))
+    assert not out.exists()  # refused before anything was opened
+    result = CliRunner().invoke(main, ["webcam", "--model", str(tmp_path / "not-loaded"), "--source", "synthetic"])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert result.output.startswith("Error: DisplayError: ") and len(result.output.strip().splitlines()) == 1
+    for needed in ("opencv-python-headless", 'pip install "vledge[gui]"', "pip uninstall -y opencv-python-headless",
+                   "--headless"):
+        assert needed in result.output, needed
+
+    log_path = tmp_path / "headless.jsonl"  # asked for no window: runs on the same machine
+    summary = run_demo(runtime, "synthetic", DemoOptions(headless=True, log=log_path, max_frames=2))
+    assert summary.ok and log_path.is_file()
+    monkeypatch.delenv("DISPLAY")
+    monkeypatch.delenv("WAYLAND_DISPLAY", raising=False)
+    summary = run_demo(runtime, "synthetic", DemoOptions(max_frames=2))  # no display: headless by itself
+    assert summary.ok

@@ -20,8 +20,11 @@ from typing import Any
 
 import numpy as np
 
+from vledge.config import PromptTemplate
 from vledge.decoding import GenerationOptions
 from vledge.errors import ConfigError, VledgeError
+from vledge.generation import Engine, clamp_to_positions, generate_from_pixels
+from vledge.prompt import CAPTION_PROMPT, question_ids
 
 log = logging.getLogger(__name__)
 
@@ -80,30 +83,53 @@ def expand_inputs(arguments: Iterable[str | os.PathLike]) -> tuple[list[str], li
     return files, problems
 
 
-class RuntimeEngine:
+class _AnswerEngine:
+    """What both engines share: prompt ids checked against the model's positions, answers as records."""
+
+    engine: Engine  # the generation engine (vledge.generation)
+    template: PromptTemplate
+    image_tokens: int
+    max_positions: int | None  # None: no position limit (LSTM)
+    caption_prompt: str = CAPTION_PROMPT
+
+    def prompt_ids(self, prompt: str) -> list[int]:
+        """The prompt's ids; ConfigError when it leaves the model no room to answer."""
+        ids = question_ids(self.engine.tokenizer, self.template, prompt)
+        clamp_to_positions(GenerationOptions(max_new_tokens=1), len(ids) - 1 + self.image_tokens, self.max_positions)
+        return ids
+
+    def answer(self, pixels: np.ndarray, prompt: str, options: GenerationOptions,
+               stop_strings: Sequence[str]) -> list[Record]:
+        results = generate_from_pixels(self.engine, pixels, [self.prompt_ids(prompt)] * len(pixels), options,
+                                       stop_strings)
+        return [Record(image="", prompt=prompt, text=r.text, token_ids=r.token_ids, finish_reason=r.finish_reason,
+                       timings_ms=r.timings.to_dict()) for r in results]  # preprocess_ms is filled in by run()
+
+
+class RuntimeEngine(_AnswerEngine):
     """The ONNX Runtime engine on an exported model directory (no torch)."""
 
     def __init__(self, model_dir: str | Path, precision: str = "auto", providers: str | Sequence[str] = "auto",
                  threads: int | None = None, strict: bool = False) -> None:
         from vledge.runtime import load
 
-        self.runtime = load(model_dir, precision=precision, providers=providers, threads=threads, strict=strict)
+        self.runtime = self.engine = load(model_dir, precision=precision, providers=providers, threads=threads,
+                                          strict=strict)
         self.runtime.warmup()  # first-run costs here, not in the first image's timings
+        manifest = self.runtime.manifest
         self.caption_prompt = self.runtime.caption_prompt
+        self.template = manifest.prompt
+        self.image_tokens = manifest.num_image_tokens
+        language = manifest.model_config.language
+        self.max_positions = language.max_positions if language.kind == "transformer" else None
         self.description = (f"{model_dir} ({', '.join(f'{c}={p}' for c, p in self.runtime.precisions.items())} "
                             f"on {self.runtime.info()['provider']})")
 
     def prepare(self, path: str) -> np.ndarray:
         return self.runtime.preprocessor.preprocess(path)
 
-    def answer(self, pixels: np.ndarray, prompt: str, options: GenerationOptions,
-               stop_strings: Sequence[str]) -> list[Record]:
-        results = self.runtime.generate_from_pixels(pixels, [prompt] * len(pixels), options, stop_strings)
-        return [Record(image="", prompt=prompt, text=r.text, token_ids=r.token_ids, finish_reason=r.finish_reason,
-                       timings_ms=r.timings.to_dict()) for r in results]  # preprocess_ms is filled in by run()
 
-
-class CheckpointEngine:
+class CheckpointEngine(_AnswerEngine):
     """The PyTorch model of a checkpoint (needs the ``train`` extra)."""
 
     def __init__(self, ckpt: str | Path, threads: int | None = None) -> None:
@@ -113,14 +139,17 @@ class CheckpointEngine:
             raise ConfigError("--ckpt needs PyTorch (pip install 'vledge[train]'); "
                               "use --model with an exported model directory instead") from None
         from vledge.checkpoint import load_checkpoint
+        from vledge.models.generate import TorchEngine
 
         if threads:
             torch.set_num_threads(threads)
         checkpoint = load_checkpoint(ckpt)
-        self.model = checkpoint.build_model().eval()
-        self.tokenizer = checkpoint.tokenizer()
+        model = checkpoint.build_model().eval()
+        self.engine = TorchEngine(model, checkpoint.tokenizer())
         self.config = checkpoint.model_config
-        self.caption_prompt = "Describe the image briefly."
+        self.template = self.config.prompt
+        self.image_tokens = model.num_image_tokens
+        self.max_positions = self.config.language.max_positions if model.is_transformer else None
         self.description = f"{ckpt} (PyTorch)"
 
     def prepare(self, path: str) -> np.ndarray:
@@ -128,34 +157,15 @@ class CheckpointEngine:
 
         return preprocess(path, self.config.preprocess).numpy()
 
-    def answer(self, pixels: np.ndarray, prompt: str, options: GenerationOptions,
-               stop_strings: Sequence[str]) -> list[Record]:
-        import torch
-
-        from vledge.models.generate import generate
-        from vledge.prompt import question_ids
-
-        ids = question_ids(self.tokenizer, self.config.prompt, prompt)
-        tick = time.perf_counter()
-        generated = generate(self.model, torch.from_numpy(pixels), [ids] * len(pixels), options,
-                             self.tokenizer.eos_id, self.tokenizer.pad_id)
-        elapsed = (time.perf_counter() - tick) * 1e3
-        records = []
-        for tokens in generated:
-            text = self.tokenizer.decode(tokens)
-            cuts = [text.find(s) for s in stop_strings if s and s in text]
-            reason = "length" if len(tokens) >= options.max_new_tokens else "stop"
-            if cuts:
-                text, reason = text[: min(cuts)], "stop_string"
-            records.append(Record(image="", prompt=prompt, text=text.strip(), token_ids=list(tokens),
-                                  finish_reason=reason, timings_ms={"generate_ms": elapsed, "total_ms": elapsed}))
-        return records
-
 
 def run(engine, files: Sequence[str], prompt: str, options: GenerationOptions, stop_strings: Sequence[str] = (),
         batch_size: int = 1, on_record: Callable[[Record], None] | None = None,
         on_progress: Callable[[int], None] | None = None) -> list[Record]:
-    """Answer ``prompt`` about every file; each file gets exactly one record, in input order."""
+    """Answer ``prompt`` about every file; each file gets exactly one record, in input order.
+
+    A prompt that leaves the model no room to answer raises ConfigError before any file is read.
+    """
+    engine.prompt_ids(prompt)
     records: list[Record] = []
 
     def emit(record: Record) -> None:

@@ -55,5 +55,9 @@ class OutputError(VledgeError):
     """An output file or folder cannot be written where it was asked for."""
 
 
+class DisplayError(VledgeError):
+    """A window was asked for on a display, but the installed OpenCV build has no GUI support."""
+
+
 class SourceError(VledgeError):
     """A camera, video file, stream URL or image folder cannot be opened or stops delivering frames."""

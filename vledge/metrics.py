@@ -12,6 +12,8 @@ import re
 from collections import Counter
 from collections.abc import Sequence
 
+from vledge.errors import ConfigError
+
 MAX_N = 4
 
 # --------------------------------------------------------------------------- answers
@@ -98,11 +100,11 @@ def _ngram_counts(tokens: Sequence[str], max_n: int = MAX_N) -> Counter:
 
 def _check(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> None:
     if len(predictions) != len(references):
-        raise ValueError(f"{len(predictions)} predictions but {len(references)} reference sets")
+        raise ConfigError(f"{len(predictions)} predictions but {len(references)} reference sets")
     if not predictions:
-        raise ValueError("no predictions to score")
+        raise ConfigError("no predictions to score")
     if any(isinstance(refs, str) or not refs for refs in references):
-        raise ValueError("every prediction needs a non-empty list of reference strings")
+        raise ConfigError("every prediction needs a non-empty list of reference strings")
 
 
 def bleu4(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> float:

@@ -14,6 +14,9 @@ from vledge.config import PromptTemplate
 from vledge.data.records import Turn
 from vledge.tokenizer import Tokenizer
 
+# What ``caption`` asks when no question is given (the manifest records it as ``generation.caption_prompt``).
+CAPTION_PROMPT = "Describe the image briefly."
+
 
 @dataclass(frozen=True)
 class EncodedPrompt:

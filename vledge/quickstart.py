@@ -197,7 +197,7 @@ def _pretrain_vision(config: QuickstartConfig, data: Path, weights: Path, thread
 
 def _train(config: QuickstartConfig, data: Path, run_dir: Path, threads: int, on_event, vision_weights=None):
     from vledge.config import preset
-    from vledge.training.trainer import train
+    from vledge.training.trainer import RunOptions, train
 
     model_config, train_config = preset(config.preset)
     overrides = {"seed": config.seed, "threads": threads}
@@ -207,8 +207,8 @@ def _train(config: QuickstartConfig, data: Path, run_dir: Path, threads: int, on
         overrides["lr"] = config.language_lr
     train_config = dataclasses.replace(train_config, **overrides)
     frozen = ("vision", "projector") if vision_weights is not None else ()
-    return train(data, run_dir, model_config, train_config, minutes=config.minutes, on_event=on_event,
-                 vision_weights=vision_weights, freeze=frozen)
+    options = RunOptions(minutes=config.minutes, vision_weights=vision_weights, freeze=frozen)
+    return train(data, run_dir, model_config, train_config, options, on_event=on_event)
 
 
 def _evaluate(config: QuickstartConfig, ckpt: Path, data: Path, threads: int):

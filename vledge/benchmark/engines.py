@@ -16,7 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from vledge.decoding import GenerationOptions, decode_tokens
+from vledge.decoding import GenerationOptions
+from vledge.generation import generate, generate_from_pixels
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +47,46 @@ class EngineSpec:
         raise ConfigError(f"unknown engine {text!r}; use pytorch, pytorch-int8 or ort-<cpu|cuda>-<precision>")
 
 
-class TorchEngine:
+class _BenchEngine:
+    """What both benchmark engines share. Each holds a ``vledge.generation.Engine`` (``self.engine``) and is
+    one itself, so parity and timings go through ``vledge.generation`` like every other caller."""
+
+    name: str
+
+    def _threads(self) -> None:
+        """Set the engine's thread count before it computes (PyTorch's is per process)."""
+
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    def encode_images(self, pixel_values) -> np.ndarray:
+        self._threads()
+        return self.engine.encode_images(pixel_values)
+
+    def prefill(self, image_embeds: np.ndarray, prompts: Sequence[Sequence[int]], options: GenerationOptions):
+        self._threads()
+        return self.engine.prefill(image_embeds, prompts, options)
+
+    def start(self, image_embeds: np.ndarray, prompts: Sequence[Sequence[int]]):
+        """Prefill; returns a step model with ``first_logits`` (numpy) and ``step(tokens)``."""
+        return self.prefill(image_embeds, prompts, GenerationOptions(max_new_tokens=64))[0]
+
+    def prefill_logits(self, image_embeds: np.ndarray, prompts) -> np.ndarray:
+        return self.start(image_embeds, prompts).first_logits
+
+    def greedy_tokens(self, image_embeds: np.ndarray, prompts, max_new_tokens: int) -> list[list[int]]:
+        results = generate(self, image_embeds, prompts, GenerationOptions(max_new_tokens=max_new_tokens))
+        return [r.token_ids for r in results]
+
+    def caption(self, images: Sequence[Path], prompts: Sequence[Sequence[int]], max_new_tokens: int) -> list[list[int]]:
+        """End to end: decode + preprocess + vision + prefill + decode, as an app would call it."""
+        results = generate_from_pixels(self, self.preprocess(images), prompts,
+                                       GenerationOptions(max_new_tokens=max_new_tokens))
+        return [r.token_ids for r in results]
+
+
+class TorchEngine(_BenchEngine):
     """The PyTorch original (optionally dynamically quantized), on the CPU."""
 
     def __init__(self, spec: EngineSpec, ckpt: Path, threads: int) -> None:
@@ -57,9 +97,9 @@ class TorchEngine:
         import torch
 
         from vledge.checkpoint import load_checkpoint
+        from vledge.models.generate import TorchEngine as TorchModelEngine
 
         checkpoint = load_checkpoint(self.ckpt)
-        self.tokenizer = checkpoint.tokenizer()
         self.config = checkpoint.model_config
         model = checkpoint.build_model()
         if self.spec.precision == "int8":
@@ -71,6 +111,7 @@ class TorchEngine:
 
             raise ConfigError(f"PyTorch engines are fp32 or int8, not {self.spec.precision}")
         self.model = model.eval()
+        self.engine = TorchModelEngine(self.model, checkpoint.tokenizer())
 
     def _threads(self) -> None:
         import torch
@@ -85,52 +126,6 @@ class TorchEngine:
 
         return torch.stack([preprocess(path, self.config.preprocess) for path in images])
 
-    def encode_images(self, pixel_values) -> np.ndarray:
-        import torch
-
-        self._threads()
-        with torch.inference_mode():
-            return self.model.encode_images(torch.as_tensor(pixel_values)).numpy()
-
-    def start(self, image_embeds: np.ndarray, prompts: Sequence[Sequence[int]]):
-        """Prefill; returns a step model with ``first_logits`` (numpy) and ``step(tokens)``."""
-        import torch
-
-        from vledge.models.generate import prefill_steps
-
-        self._threads()
-        with torch.inference_mode():
-            steps, _ = prefill_steps(self.model, torch.as_tensor(image_embeds), prompts, self.tokenizer.pad_id)
-        return _TorchSteps(steps)
-
-    def prefill_logits(self, image_embeds: np.ndarray, prompts) -> np.ndarray:
-        return self.start(image_embeds, prompts).first_logits
-
-    def greedy_tokens(self, image_embeds: np.ndarray, prompts, max_new_tokens: int) -> list[list[int]]:
-        import torch
-
-        from vledge.models.generate import prefill_steps
-
-        self._threads()
-        with torch.inference_mode():
-            steps, room = prefill_steps(self.model, torch.as_tensor(image_embeds), prompts, self.tokenizer.pad_id)
-        if room is not None:  # as the reference generate() does: stay inside the learned positions
-            max_new_tokens = min(max_new_tokens, room)
-        wrapped = _TorchSteps(steps)
-        return decode_tokens(wrapped.first_logits, wrapped, GenerationOptions(max_new_tokens=max_new_tokens),
-                             self.tokenizer.eos_id)
-
-    def caption(self, images: Sequence[Path], prompts: Sequence[Sequence[int]], max_new_tokens: int) -> list[list[int]]:
-        """End to end: decode + preprocess + vision + prefill + decode, as an app would call it."""
-        import torch
-
-        from vledge.models.generate import generate
-
-        self._threads()
-        pixels = self.preprocess(images)
-        return generate(self.model, pixels, prompts, GenerationOptions(max_new_tokens=max_new_tokens),
-                        self.tokenizer.eos_id, self.tokenizer.pad_id)
-
     def size_bytes(self) -> int:
         import io
 
@@ -141,22 +136,7 @@ class TorchEngine:
         return buffer.tell()
 
 
-class _TorchSteps:
-    def __init__(self, steps) -> None:
-        self.steps = steps
-        self.first_logits = steps.first_logits.float().numpy()
-
-    def step(self, tokens: np.ndarray) -> np.ndarray:
-        import torch
-
-        with torch.inference_mode():
-            return self.steps.step(tokens)
-
-    def reorder(self, rows: np.ndarray) -> None:
-        self.steps.reorder(rows)
-
-
-class OrtEngine:
+class OrtEngine(_BenchEngine):
     """An exported model directory through the torch-free runtime."""
 
     def __init__(self, spec: EngineSpec, model_dir: Path, threads: int) -> None:
@@ -166,33 +146,12 @@ class OrtEngine:
     def load(self) -> None:
         from vledge.runtime import load
 
-        self.runtime = load(self.model_dir, precision=self.spec.precision, providers=self.spec.provider,
-                            threads=self.threads)
-        self.tokenizer = self.runtime.tokenizer
+        self.runtime = self.engine = load(self.model_dir, precision=self.spec.precision, providers=self.spec.provider,
+                                          threads=self.threads)
         self.precisions = dict(self.runtime.precisions)
 
     def preprocess(self, images: Sequence[Path]) -> np.ndarray:
         return self.runtime.preprocessor.batch(list(images))
-
-    def encode_images(self, pixel_values) -> np.ndarray:
-        return self.runtime.graphs.encode_images(np.asarray(pixel_values, dtype=np.float32))
-
-    def start(self, image_embeds: np.ndarray, prompts):
-        steps, _ = self.runtime.prefill(image_embeds, prompts, GenerationOptions(max_new_tokens=64))
-        return steps
-
-    def prefill_logits(self, image_embeds: np.ndarray, prompts) -> np.ndarray:
-        return self.runtime.prefill_logits(image_embeds, prompts)
-
-    def greedy_tokens(self, image_embeds: np.ndarray, prompts, max_new_tokens: int) -> list[list[int]]:
-        results = self.runtime.generate_from_embeds(image_embeds, prompts,
-                                                    GenerationOptions(max_new_tokens=max_new_tokens))
-        return [r.token_ids for r in results]
-
-    def caption(self, images: Sequence[Path], prompts: Sequence[Sequence[int]], max_new_tokens: int) -> list[list[int]]:
-        pixels = self.preprocess(images)
-        embeds = self.encode_images(pixels)
-        return self.greedy_tokens(embeds, prompts, max_new_tokens)
 
     def size_bytes(self) -> int:
         from vledge.manifest import resolve_inside

@@ -99,7 +99,7 @@ def run_benchmark(config: BenchConfig, progress: Callable[[str], None] | None = 
     from vledge.checkpoint import load_checkpoint
     from vledge.export.export import ExportOptions, _held_out_data
     from vledge.export.parity import measure_engine, torch_reference
-    from vledge.prompt import question_ids
+    from vledge.prompt import CAPTION_PROMPT, question_ids
 
     say = progress or (lambda message: log.info("%s", message))
     started = time.perf_counter()
@@ -117,7 +117,7 @@ def run_benchmark(config: BenchConfig, progress: Callable[[str], None] | None = 
         _, samples = _held_out_data(ExportOptions(data=config.data, parity_samples=config.parity_samples,
                                                   calibration_samples=1), model, tokenizer, Path(work))
         image_paths = _image_paths(config, Path(work), max(config.batches))
-        caption_prompt = question_ids(tokenizer, checkpoint.model_config.prompt, "Describe the image briefly.")
+        caption_prompt = question_ids(tokenizer, checkpoint.model_config.prompt, CAPTION_PROMPT)
 
         say(f"PyTorch reference answers for {len(samples)} questions")
         import torch

@@ -44,6 +44,7 @@ def train(data_dir, preset, run_dir, stage, max_steps, minutes, batch_size, grad
     from tqdm import tqdm
 
     from vledge.config import preset as load_preset
+    from vledge.training.trainer import RunOptions
     from vledge.training.trainer import train as run_training
 
     model_config, train_config = load_preset(preset)
@@ -54,6 +55,8 @@ def train(data_dir, preset, run_dir, stage, max_steps, minutes, batch_size, grad
     if resume and (overrides or minutes or stage or freeze or init_ckpt or vision_weights):
         click.echo("note: --resume continues with the run's saved configuration; the other options are ignored",
                    err=True)
+    options = RunOptions(stage=stage, minutes=minutes, freeze=tuple(freeze), init=init_ckpt,
+                         vision_weights=vision_weights, device=device)
     bar = tqdm(total=train_config.max_steps, desc="train", unit="step", dynamic_ncols=True)
 
     def on_event(event) -> None:
@@ -69,9 +72,7 @@ def train(data_dir, preset, run_dir, stage, max_steps, minutes, batch_size, grad
         bar.refresh()
 
     try:
-        result = run_training(data_dir, run_dir, model_config, train_config, stage=stage, minutes=minutes,
-                              resume=resume, init=init_ckpt, vision_weights=vision_weights, freeze=tuple(freeze),
-                              device=device,
+        result = run_training(data_dir, run_dir, model_config, train_config, options, resume=resume,
                               on_event=on_event)
     except KeyboardInterrupt:
         bar.close()

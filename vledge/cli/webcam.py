@@ -21,7 +21,9 @@ from vledge.cli.base import fail_cleanly, main, parse_providers
               help="Write the annotated video here (.mp4, .avi, .mkv, .mov).")
 @click.option("--log", "log_path", type=click.Path(path_type=Path), default=None,
               help="Write one JSON line per caption (timestamp, frame, caption, latency, stage timings, reused).")
-@click.option("--headless", is_flag=True, help="No window (also chosen automatically when there is no GUI).")
+@click.option("--headless", is_flag=True,
+              help="No window (also chosen automatically when there is no display). Without it, a display and "
+                   "an OpenCV build without GUI support (opencv-python-headless) is an error: see vledge[gui].")
 @click.option("--pace", type=click.Choice(["auto", "realtime", "lockstep"]), default="auto", show_default=True,
               help="realtime drops stale frames; lockstep writes every frame and waits for each caption "
                    "(auto: lockstep for files, folders and synthetic without a window).")
@@ -44,7 +46,10 @@ def webcam_command(model_dir, source, question, every_ms, output, log_path, head
                    threads, max_frames, seconds, max_new_tokens, scene_threshold, embedding_threshold) -> None:
     """Caption a camera, video, stream or synthetic scenes live, with an overlay; q, Esc or Ctrl-C stop."""
     from vledge.runtime import load
-    from vledge.webcam import DEFAULT_SCENE_THRESHOLD, DemoOptions, run_demo
+    from vledge.webcam import DEFAULT_SCENE_THRESHOLD, DemoOptions, require_gui, run_demo
+
+    if not headless:
+        require_gui()  # before loading the model: a window was asked for that this OpenCV cannot open
 
     options = DemoOptions(question=question, every_ms=every_ms, output=output, log=log_path, headless=headless,
                           pace=pace, max_frames=max_frames, seconds=seconds, max_new_tokens=max_new_tokens,

@@ -25,13 +25,14 @@ import numpy as np
 from vledge.data.jsonfile import TOO_DEEP, read_json
 from vledge.data.records import LoadReport, Record, Turn
 from vledge.errors import DataError
+from vledge.prompt import CAPTION_PROMPT
 
 log = logging.getLogger(__name__)
 
 IMAGE_PLACEHOLDER = "<image>"  # the same string as vledge.tokenizer.IMAGE
 # As torchvision.datasets.folder.IMG_EXTENSIONS, compared in lower case.
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
-CAPTION_QUESTIONS = ("Describe the image briefly.", "What is in this image?", "Write a short caption.")
+CAPTION_QUESTIONS = (CAPTION_PROMPT, "What is in this image?", "Write a short caption.")
 CLASSIFY_QUESTION = "What is in this image?"
 SPLIT_NAMES = ("train", "val", "valid", "validation", "test")
 

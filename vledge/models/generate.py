@@ -1,32 +1,37 @@
-"""Reference generation with the PyTorch model; the export and the runtime are compared with it.
+"""The PyTorch model as a generation engine; the export and the runtime are compared with it.
 
-Token choice lives in ``vledge.decoding`` (shared with the runtime); this module only
-computes logits: a transformer keeps a KV cache (or recomputes everything, for tests),
-an LSTM keeps its hidden and cell state.
+``TorchEngine`` implements ``vledge.generation.Engine`` (``encode_images``, ``prefill``), so token
+choice, stop strings, the positions clamp and the results are the code the ONNX Runtime engine
+uses too. This module only computes logits: a transformer keeps a KV cache (or recomputes
+everything, for tests), an LSTM keeps its hidden and cell state.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
 
 import numpy as np
 import torch
 
 from vledge.decoding import GenerationOptions, TokenCallback, decode_tokens, left_pad
+from vledge.errors import ConfigError
+from vledge.generation import clamp_to_positions
 from vledge.models.vlm import VisionLanguageModel, position_ids_from_mask
+from vledge.tokenizer import Tokenizer
 
 
-class TransformerSteps:
-    """KV-cached decode steps over a left-padded batch."""
+class TorchTransformerSteps:
+    """KV-cached decode steps over a left-padded batch; logits come back as float32 numpy arrays."""
 
     def __init__(self, model: VisionLanguageModel, inputs_embeds, attention_mask, use_cache: bool = True) -> None:
         self.model, self.use_cache = model, use_cache
         self.mask = attention_mask
         self.embeds = inputs_embeds  # full history, kept only when not caching
-        logits, self.past = model.language(inputs_embeds, attention_mask, position_ids_from_mask(attention_mask))
-        self.first_logits = logits[:, -1]
+        with torch.inference_mode():
+            logits, self.past = model.language(inputs_embeds, attention_mask, position_ids_from_mask(attention_mask))
+        self.first_logits = logits[:, -1].float().cpu().numpy()
 
+    @torch.inference_mode()
     def step(self, tokens: np.ndarray) -> np.ndarray:
         new = self.model.embed_tokens(torch.as_tensor(tokens, device=self.mask.device)[:, None])
         self.mask = torch.cat([self.mask, self.mask.new_ones(self.mask.shape[0], 1)], dim=1)
@@ -45,20 +50,22 @@ class TransformerSteps:
         self.past = [(k.index_select(0, index), v.index_select(0, index)) for k, v in self.past]
 
 
-class LSTMSteps:
+class TorchLSTMSteps:
     """Each row is prefilled on its own (no padding ever enters the state), then decoded as a batch."""
 
     def __init__(self, model: VisionLanguageModel, rows_embeds: list[torch.Tensor]) -> None:
         self.model = model
         hidden, cell, last = [], [], []
-        for embeds in rows_embeds:
-            logits, (h, c) = model.language(embeds[None])
-            hidden.append(h)
-            cell.append(c)
-            last.append(logits[:, -1])
+        with torch.inference_mode():
+            for embeds in rows_embeds:
+                logits, (h, c) = model.language(embeds[None])
+                hidden.append(h)
+                cell.append(c)
+                last.append(logits[:, -1])
         self.state = (torch.cat(hidden, dim=1), torch.cat(cell, dim=1))
-        self.first_logits = torch.cat(last)
+        self.first_logits = torch.cat(last).float().cpu().numpy()
 
+    @torch.inference_mode()
     def step(self, tokens: np.ndarray) -> np.ndarray:
         new = self.model.embed_tokens(torch.as_tensor(tokens, device=self.state[0].device)[:, None])
         logits, self.state = self.model.language(new, self.state)
@@ -69,24 +76,45 @@ class LSTMSteps:
         self.state = (self.state[0].index_select(1, index), self.state[1].index_select(1, index))
 
 
-def prefill_steps(model: VisionLanguageModel, image_embeds: torch.Tensor, prompts: Sequence[Sequence[int]],
-                  pad_id: int, use_cache: bool = True) -> tuple[TransformerSteps | LSTMSteps, int | None]:
-    """Prefill (image, prompt) rows; returns the step model and, for a transformer, the positions left."""
-    device = image_embeds.device
-    if not model.is_transformer:
-        rows = [model.merge(torch.as_tensor([list(prompt)], device=device), image_embeds[row:row + 1]).inputs_embeds[0]
-                for row, prompt in enumerate(prompts)]
-        return LSTMSteps(model, rows), None
-    ids, mask = left_pad(prompts, pad_id)
-    merged = model.merge(torch.as_tensor(ids, device=device), image_embeds, torch.as_tensor(mask, device=device))
-    room = model.config.language.max_positions - merged.inputs_embeds.shape[1]
-    if room < 1:
-        raise ValueError(f"prompt of {merged.inputs_embeds.shape[1]} positions leaves no room in the model's "
-                         f"{model.config.language.max_positions}")
-    return TransformerSteps(model, merged.inputs_embeds, merged.attention_mask, use_cache=use_cache), room
+class TorchEngine:
+    """A ``VisionLanguageModel`` as a ``vledge.generation.Engine``: numpy in, numpy out, on the model's device."""
+
+    def __init__(self, model: VisionLanguageModel, tokenizer: Tokenizer, use_cache: bool = True) -> None:
+        self.model, self.tokenizer, self.use_cache = model, tokenizer, use_cache
+
+    @property
+    def device(self) -> torch.device:
+        parameter = next(self.model.parameters(), None)  # a dynamically quantized model may have none
+        return parameter.device if parameter is not None else torch.device("cpu")
+
+    @torch.inference_mode()
+    def encode_images(self, pixel_values) -> np.ndarray:
+        pixels = torch.as_tensor(np.asarray(pixel_values, dtype=np.float32) if not torch.is_tensor(pixel_values)
+                                 else pixel_values)
+        return self.model.encode_images(pixels.to(self.device)).float().cpu().numpy()
+
+    @torch.inference_mode()
+    def prefill(self, image_embeds, prompt_ids: Sequence[Sequence[int]], options: GenerationOptions):
+        """Prefill (image, prompt) rows; returns the step model and ``options`` clamped to the positions left."""
+        model, device = self.model, self.device
+        image_embeds = torch.as_tensor(image_embeds).to(device)
+        if len(prompt_ids) != image_embeds.shape[0]:
+            raise ConfigError(f"{len(prompt_ids)} prompts for {image_embeds.shape[0]} images")
+        if not model.is_transformer:
+            rows = [model.merge(torch.as_tensor([list(prompt)], device=device),
+                                image_embeds[row:row + 1]).inputs_embeds[0] for row, prompt in enumerate(prompt_ids)]
+            return TorchLSTMSteps(model, rows), options
+        ids, mask = left_pad(prompt_ids, self.tokenizer.pad_id)
+        merged = model.merge(torch.as_tensor(ids, device=device), image_embeds, torch.as_tensor(mask, device=device))
+        options = clamp_to_positions(options, merged.inputs_embeds.shape[1], model.config.language.max_positions)
+        steps = TorchTransformerSteps(model, merged.inputs_embeds, merged.attention_mask, use_cache=self.use_cache)
+        return steps, options
+
+    def prefill_logits(self, image_embeds, prompt_ids: Sequence[Sequence[int]]) -> np.ndarray:
+        """Next-token logits [rows, vocab] after the prompt (the parity gate's prefill stage)."""
+        return self.prefill(image_embeds, prompt_ids, GenerationOptions())[0].first_logits
 
 
-@torch.inference_mode()
 def generate(
     model: VisionLanguageModel,
     pixel_values: torch.Tensor,
@@ -97,13 +125,20 @@ def generate(
     use_cache: bool = True,
     on_token: TokenCallback | None = None,
 ) -> list[list[int]]:
-    """New token ids for each (image, prompt) row; each prompt holds one image token."""
+    """New token ids for each (image, prompt) row (each prompt holds one image token); no text, no stop strings.
+
+    For text, stop strings and timings use ``vledge.generation.generate_from_pixels`` with a
+    :class:`TorchEngine`; the tokens are the same.
+    """
     if len(prompts) != pixel_values.shape[0]:
-        raise ValueError(f"{len(prompts)} prompts for {pixel_values.shape[0]} images")
-    device = next(model.parameters()).device
-    image_embeds = model.encode_images(pixel_values.to(device))
-    steps, room = prefill_steps(model, image_embeds, prompts, pad_id, use_cache=use_cache)
-    if room is not None and options.max_new_tokens > room:
-        options = dataclasses.replace(options, max_new_tokens=room)
-    first = steps.first_logits.float().cpu().numpy()
-    return decode_tokens(first, steps, options, eos_id, on_token)
+        raise ConfigError(f"{len(prompts)} prompts for {pixel_values.shape[0]} images")
+    engine = TorchEngine(model, _Ids(eos_id, pad_id), use_cache=use_cache)
+    steps, options = engine.prefill(engine.encode_images(pixel_values), prompts, options)
+    return decode_tokens(steps.first_logits, steps, options, eos_id, on_token)
+
+
+class _Ids:
+    """The two tokenizer facts ``generate`` needs when it is given ids rather than a tokenizer."""
+
+    def __init__(self, eos_id: int, pad_id: int) -> None:
+        self.eos_id, self.pad_id = eos_id, pad_id

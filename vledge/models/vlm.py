@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vledge.config import ModelConfig
+from vledge.errors import ConfigError
 from vledge.models.lstm import LSTMLM
 from vledge.models.projector import build_projector
 from vledge.models.transformer import TransformerLM
@@ -42,7 +43,7 @@ class VisionLanguageModel(nn.Module):
     def __init__(self, config: ModelConfig, image_token_id: int) -> None:
         super().__init__()
         if config.language.vocab_size <= 0:
-            raise ValueError("language.vocab_size must be set from the tokenizer before building the model")
+            raise ConfigError("language.vocab_size must be set from the tokenizer before building the model")
         self.config = config
         self.image_token_id = image_token_id
         self.vision = VisionEncoder(config.vision)
@@ -99,7 +100,7 @@ class VisionLanguageModel(nn.Module):
         is_image = input_ids == self.image_token_id
         per_row = is_image.sum(dim=1)
         if not bool((per_row == 1).all()):
-            raise ValueError(f"every sequence needs exactly one image token, got counts {per_row.tolist()}")
+            raise ConfigError(f"every sequence needs exactly one image token, got counts {per_row.tolist()}")
         text_embeds = self.embed_tokens(input_ids)
         n_img, length = image_embeds.shape[1], input_ids.shape[1]
         # One gather for the whole batch: merged position j of a row whose image token sits at p

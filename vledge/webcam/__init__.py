@@ -15,7 +15,7 @@ from vledge.errors import SourceError
 from vledge.webcam.captioner import CaptionEvent, Captioner
 from vledge.webcam.capture import CaptureThread, Frame, LatestFrame
 from vledge.webcam.demo import PACES, DemoOptions, DemoSummary, run_demo
-from vledge.webcam.display import NO_GUI, Window, display_problem, open_window
+from vledge.webcam.display import NO_GUI, Window, display_problem, has_gui_support, open_window, require_gui
 from vledge.webcam.outputs import VIDEO_FOURCC, CaptionLog, OutputError, VideoOutput
 from vledge.webcam.overlay import FONT, OverlayState, RateMeter, draw_overlay, wrap_text
 from vledge.webcam.reasons import (END_OF_STREAM, INTERRUPTED, MAX_FRAMES, NORMAL_ENDS, READ_ERROR, STALE_SOURCE,
@@ -36,5 +36,6 @@ __all__ = [
     "CaptionEvent", "CaptionLog", "Captioner", "CaptureThread", "DemoOptions", "DemoSummary", "Frame",
     "FrameSource", "ImageFolderSource", "LatestFrame", "OutputError", "OverlayState", "RateMeter",
     "SceneChangeDetector", "SourceError", "SyntheticSource", "VideoOutput", "VideoSource", "Window",
-    "display_problem", "draw_overlay", "open_source", "open_window", "run_demo", "wrap_text",
+    "display_problem", "draw_overlay", "has_gui_support", "open_source", "open_window", "require_gui", "run_demo",
+    "wrap_text",
 ]

@@ -15,7 +15,7 @@ from typing import Any
 from vledge.errors import ConfigError
 from vledge.webcam.capture import CaptureThread, Frame, LatestFrame
 from vledge.webcam.captioner import CaptionEvent, Captioner
-from vledge.webcam.display import Window, open_window
+from vledge.webcam.display import Window, open_window, require_gui
 from vledge.webcam.outputs import CaptionLog, OutputError, VideoOutput
 from vledge.webcam.overlay import OverlayState, RateMeter, draw_overlay
 from vledge.webcam.reasons import (
@@ -42,7 +42,7 @@ class DemoOptions:
     every_ms: float = 500.0  # at most one caption decision per this much stream time
     output: str | os.PathLike | None = None  # annotated video (.mp4, .avi, .mkv, .mov, .m4v)
     log: str | os.PathLike | None = None  # JSONL caption log
-    headless: bool = False  # never open a window (also the automatic fallback without a GUI)
+    headless: bool = False  # never open a window (also the automatic fallback without a display)
     pace: str = "auto"  # realtime | lockstep | auto (lockstep for files/folders/synthetic without a window)
     max_frames: int | None = None
     seconds: float | None = None  # wall-clock limit
@@ -135,10 +135,13 @@ def run_demo(
     ``model`` is a loaded runtime (``vledge.runtime.load``) or a model directory; ``source`` is a
     spec for :func:`open_source` or a :class:`FrameSource`. ``on_caption`` is called in this thread
     for every caption event (new or reused). Sources that cannot be opened raise SourceError;
-    output paths that cannot be written raise OutputError; a source that fails mid-stream ends the
-    run (``summary.ok`` is False) with the video and log finalised.
+    output paths that cannot be written raise OutputError; a window asked for on a display with an
+    OpenCV build that has no GUI raises DisplayError (before anything is opened); a source that
+    fails mid-stream ends the run (``summary.ok`` is False) with the video and log finalised.
     """
     options = options or DemoOptions()
+    if not options.headless:
+        require_gui()
     if options.output is not None and isinstance(source, (str, os.PathLike)):
         try:
             if Path(source).resolve() == Path(options.output).resolve():

@@ -1,14 +1,44 @@
-"""The optional window: fall back to headless where OpenCV or the machine cannot show one."""
+"""The optional window: headless where the machine has no display, a clear error where OpenCV has no GUI.
+
+``pip install vledge`` brings ``opencv-python-headless`` (servers, boards without a display); the
+``vledge[gui]`` extra brings ``opencv-python``, the build that can open windows (see the README).
+"""
 
 from __future__ import annotations
 
 import os
+import re
 import sys
 
 import cv2
 import numpy as np
 
-NO_GUI = "this OpenCV build has no GUI support (opencv-python-headless); install opencv-python for a window"
+from vledge.errors import DisplayError
+
+NO_GUI = ("this OpenCV build has no GUI support (opencv-python-headless), so it cannot open a window; "
+          'install the GUI build with: pip install "vledge[gui]" && pip uninstall -y opencv-python-headless '
+          "&& pip install --force-reinstall --no-deps opencv-python (see the README), or run headless (--headless)")
+
+
+def has_gui_support() -> bool:
+    """Whether this OpenCV build can open windows, read from its build information.
+
+    Headless builds report ``GUI: NONE``; older ones list each backend under ``GUI:`` with NO.
+    """
+    info = cv2.getBuildInformation()
+    match = re.search(r"^[ \t]*GUI:[ \t]*(\S*)[ \t]*$", info, re.M)
+    if match is None:
+        return True  # a layout we do not know: let namedWindow decide
+    if match.group(1):
+        return match.group(1).upper() != "NONE"
+    section = info[match.end():].split("\n\n", 1)[0]
+    return "YES" in section
+
+
+def require_gui() -> None:
+    """Raise ``DisplayError`` when a display exists but this OpenCV build cannot open windows on it."""
+    if display_problem() is None and not has_gui_support():
+        raise DisplayError(NO_GUI)
 
 
 def display_problem() -> str | None:
@@ -19,15 +49,22 @@ def display_problem() -> str | None:
 
 
 def open_window(title: str) -> tuple[Window | None, str]:
-    """A window, or None and the reason. OpenCV's headless builds raise cv2.error from every GUI call."""
+    """A window, or None and the reason (no display, or OpenCV failed to open one).
+
+    Raises ``DisplayError`` where a display exists but OpenCV has no GUI support: headless builds
+    raise cv2.error from every GUI call, so a window would never appear.
+    """
     problem = display_problem()
     if problem is not None:
         return None, problem
+    require_gui()
     try:
         return Window(title), ""
     except cv2.error as exc:
         message = str(exc)
-        return None, NO_GUI if "not implemented" in message.lower() else f"OpenCV cannot open a window: {message}"
+        if "not implemented" in message.lower():
+            raise DisplayError(NO_GUI) from None
+        return None, f"OpenCV cannot open a window: {message}"
 
 
 class Window:

@@ -9,8 +9,9 @@ import numpy as np
 from vledge.data.records import Turn
 from vledge.data.synth.scenes import PLURALS, RELATIONS, SHAPES, Scene, SceneObject, position_name
 from vledge.errors import ConfigError
+from vledge.prompt import CAPTION_PROMPT
 
-_CAPTION_QUESTIONS = ("Describe the image briefly.", "What is in this image?", "Write a short caption.")
+_CAPTION_QUESTIONS = (CAPTION_PROMPT, "What is in this image?", "Write a short caption.")
 _DESCRIBE_QUESTIONS = ("Describe the image in detail.", "Give a detailed description of the image.")
 _LIST_QUESTIONS = ("List the objects by shape.", "Group the objects by shape.")
 _COUNT_ALL = ("How many objects are there?", "How many objects are in the image?", "Count the objects.")
