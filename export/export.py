@@ -21,7 +21,7 @@ import numpy as np
 
 from vledge.checkpoint import file_sha256, load_checkpoint
 from vledge.errors import ConfigError, ExportError, OutputError, VledgeError
-from vledge.export.graphs import DEFAULT_OPSET, check_graph, export_graphs, tensor_names
+from vledge.export.graphs import DEFAULT_OPSET, MAX_OPSET, check_graph, export_graphs, tensor_names
 from vledge.export.parity import (
     FP32_ATOL,
     FP32_MIN_TOKEN_AGREEMENT,
@@ -66,6 +66,10 @@ class ExportOptions:
     force: bool = False
 
     def __post_init__(self) -> None:
+        if not self.quantize:
+            raise ConfigError(f"--quantize names no variant; give auto, none or some of {', '.join(QUANTIZE_CHOICES)}")
+        if "none" in self.quantize and len(set(self.quantize)) > 1:
+            raise ConfigError(f"--quantize none cannot be combined with {sorted(set(self.quantize) - {'none'})}")
         unknown = set(self.quantize) - {*QUANTIZE_CHOICES, "auto", "none"}
         if unknown:
             raise ConfigError(f"unknown --quantize value(s) {sorted(unknown)}; choose from auto, none, "
@@ -75,6 +79,8 @@ class ExportOptions:
                               f"choose from {', '.join(CALIBRATION_METHODS)}")
         if self.opset < 17:
             raise ConfigError(f"opset {self.opset} is too old; vledge exports opset 17 or newer")
+        if self.opset > MAX_OPSET:
+            raise ConfigError(f"opset {self.opset} is newer than the exporter writes; choose 17 to {MAX_OPSET}")
         if self.parity_samples < 1 or self.calibration_samples < 1:
             raise ConfigError("parity and calibration need at least one sample")
 

@@ -21,6 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from vledge.errors import OutputError
 from vledge.leftovers import clean_stale, temp_prefix
 
 _UMASK_LOCK = threading.Lock()  # guards the os.umask() round trip where /proc cannot tell
@@ -49,6 +50,28 @@ def file_mode() -> int:
 def dir_mode() -> int:
     """The mode a new folder gets: 0o777 less the umask."""
     return 0o777 & ~current_umask()
+
+
+def check_output_dir(path: str | os.PathLike, what: str = "output folder") -> Path:
+    """OutputError now, before any work, when ``path`` cannot become a folder of ours.
+
+    Probes for real (a folder made and removed in the nearest existing ancestor), because
+    permission bits do not tell: root may write anywhere but in /proc, a mount may be read-only.
+    Nothing is left behind.
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise OutputError(f"{what} {path} is a file, not a folder")
+    ancestor = path
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise OutputError(f"cannot create {what} {path}: {ancestor} is not a folder")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".vledge-probe-", dir=ancestor))
+    except OSError as exc:
+        raise OutputError(f"cannot write {what} {path}: {exc.strerror or exc}") from None
+    return path
 
 
 def _fsync_dir(folder: Path) -> None:

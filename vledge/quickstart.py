@@ -14,13 +14,16 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from vledge.config import MAX_STEPS, PRESETS
 from vledge.errors import ConfigError
+from vledge.files import check_output_dir
 
 log = logging.getLogger(__name__)
 
@@ -51,10 +54,16 @@ class QuickstartConfig:
     force: bool = False
 
     def __post_init__(self) -> None:
+        if self.preset not in PRESETS:  # now, not after minutes of generating data
+            raise ConfigError(f"unknown preset {self.preset!r}; choose from {sorted(PRESETS)}")
         if self.size < 50:
             raise ConfigError(f"quickstart needs at least 50 synthetic images, got {self.size}")
-        if self.minutes is not None and self.minutes <= 0:
-            raise ConfigError("minutes must be positive")
+        if self.minutes is not None and not (math.isfinite(self.minutes) and self.minutes > 0):
+            raise ConfigError(f"minutes must be a positive finite number, got {self.minutes}")
+        if self.max_steps is not None and not 1 <= self.max_steps <= MAX_STEPS:
+            raise ConfigError(f"max_steps must be in 1..{MAX_STEPS:,}, got {self.max_steps}")
+        if self.threads is not None and self.threads < 1:
+            raise ConfigError(f"threads must be at least 1, got {self.threads}")
 
 
 @dataclass
@@ -100,6 +109,7 @@ def run_quickstart(config: QuickstartConfig, progress: Progress | None = None,
                    on_train_event: Callable | None = None) -> QuickstartSummary:
     say = progress or (lambda message: log.info("%s", message))
     out = Path(config.out)
+    check_output_dir(out, "quickstart folder")
     if out.exists() and any(out.iterdir()) and not config.force:
         raise ConfigError(f"{out} already exists and is not empty; pass --force to reuse it")
     out.mkdir(parents=True, exist_ok=True)

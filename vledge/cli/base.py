@@ -17,13 +17,19 @@ from vledge.errors import VledgeError
 
 
 def fail_cleanly(command):
-    """Turn vledge's typed errors into one clear line and exit status 1."""
+    """Turn vledge's typed errors into one clear line and exit status 1.
+
+    An OSError that reaches here is the file system refusing (a full disk, a read-only mount, a
+    name too long); it is named the same way instead of ending in a traceback.
+    """
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
         try:
             return command(*args, **kwargs)
         except VledgeError as exc:
+            raise click.ClickException(f"{type(exc).__name__}: {exc}") from None
+        except OSError as exc:
             raise click.ClickException(f"{type(exc).__name__}: {exc}") from None
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
@@ -32,7 +38,31 @@ def fail_cleanly(command):
     return wrapper
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _OneLineUsageError(click.UsageError):
+    """A bad option or argument as ``Error: UsageError: <message>`` on one line (exit status 2)."""
+
+    def show(self, file=None) -> None:
+        hint = f" (see '{self.ctx.command_path} --help')" if self.ctx is not None else ""
+        click.echo(f"Error: UsageError: {self.format_message()}{hint}", err=True)
+
+
+class VledgeGroup(click.Group):
+    """click's group whose usage errors read like every other vledge error: one typed line."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except click.UsageError as exc:
+            if isinstance(exc, _OneLineUsageError):
+                raise
+            raise _OneLineUsageError(exc.format_message(), exc.ctx) from None
+
+    def group(self, *args, **kwargs):
+        kwargs.setdefault("cls", VledgeGroup)
+        return super().group(*args, **kwargs)
+
+
+@click.group(cls=VledgeGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="vledge")
 @click.option("-v", "--verbose", count=True, help="More log output (-v info, -vv debug).")
 def main(verbose: int) -> None:

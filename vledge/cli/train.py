@@ -14,7 +14,8 @@ from vledge.cli.base import fail_cleanly, main
 @click.option("--data", "data_dir", type=click.Path(path_type=Path), required=True,
               help="Dataset: a folder with train/val JSON (synthetic or LLaVA), a COCO captions file, or an ImageFolder.")
 @click.option("--preset", default="small", show_default=True, help="tiny | small | base | seed-lstm | tiny-lstm")
-@click.option("--out", "run_dir", type=click.Path(path_type=Path), required=True, help="Run folder.")
+@click.option("--out", "run_dir", type=click.Path(path_type=Path, file_okay=False), required=True,
+              help="Run folder.")
 @click.option("--stage", type=click.Choice(["align", "instruct"]), default=None,
               help="Run one stage only (default: the preset's stages in order).")
 @click.option("--max-steps", type=click.IntRange(min=1), default=None, help="Optimizer steps (default: preset).")
@@ -35,9 +36,11 @@ from vledge.cli.base import fail_cleanly, main
               help="Pretrained vision backbone weights (a local state-dict file).")
 @click.option("--freeze", multiple=True, type=click.Choice(["vision", "projector", "language"]),
               help="Keep this part fixed in every stage (repeatable), e.g. a pretrained vision encoder.")
+@click.option("--allow-outside-paths", is_flag=True,
+              help="Let image names in the dataset file point outside its folder (absolute, ../).")
 @fail_cleanly
 def train(data_dir, preset, run_dir, stage, max_steps, minutes, batch_size, grad_accum, lr, eval_every, seed, threads,
-          precision, device, resume, init_ckpt, vision_weights, freeze) -> None:
+          precision, device, resume, init_ckpt, vision_weights, freeze, allow_outside_paths) -> None:
     """Train a fusion model: align the projector on captions, then instruction-tune."""
     import dataclasses
 
@@ -56,7 +59,7 @@ def train(data_dir, preset, run_dir, stage, max_steps, minutes, batch_size, grad
         click.echo("note: --resume continues with the run's saved configuration; the other options are ignored",
                    err=True)
     options = RunOptions(stage=stage, minutes=minutes, freeze=tuple(freeze), init=init_ckpt,
-                         vision_weights=vision_weights, device=device)
+                         vision_weights=vision_weights, device=device, allow_outside_paths=allow_outside_paths)
     bar = tqdm(total=train_config.max_steps, desc="train", unit="step", dynamic_ncols=True)
 
     def on_event(event) -> None:
@@ -78,7 +81,8 @@ def train(data_dir, preset, run_dir, stage, max_steps, minutes, batch_size, grad
         bar.close()
         click.echo(f"interrupted; {run_dir / 'last.pt'} saved, continue with --resume", err=True)
         sys.exit(130)
-    bar.close()
+    finally:
+        bar.close()  # an error line then starts on a line of its own
     click.echo(f"trained {result.steps} steps in {result.seconds / 60:.1f} min")
     click.echo(f"best checkpoint: {result.best_checkpoint}\nlast checkpoint: {result.last_checkpoint}")
     click.echo(f"metrics: {run_dir / 'metrics.jsonl'}  curves: {run_dir / 'curves.png'}")

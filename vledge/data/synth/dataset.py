@@ -28,7 +28,8 @@ from vledge import __version__
 from vledge.data.synth.conversations import QUESTION_TASKS, scene_conversation
 from vledge.data.synth.options import SPLITS, SynthOptions
 from vledge.data.synth.scenes import COLORS, RELATIONS, SHAPES, SIZES, WORDS, position_names, random_scene, render_scene
-from vledge.errors import ConfigError, DataError
+from vledge.errors import ConfigError, DataError, OutputError
+from vledge.files import check_output_dir
 from vledge.leftovers import clean_stale, temp_prefix
 
 log = logging.getLogger(__name__)
@@ -154,9 +155,13 @@ def generate_dataset(
     workers = (os.cpu_count() or 1) if workers is None else int(workers)
     if workers < 1:
         raise ConfigError(f"workers must be at least 1, got {workers}")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    clean_stale(out_dir.parent, out_dir.name, suffix=".tmp")  # the folders of killed runs
-    tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(out_dir.name), suffix=".tmp", dir=out_dir.parent))
+    check_output_dir(out_dir, "dataset folder")
+    try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        clean_stale(out_dir.parent, out_dir.name, suffix=".tmp")  # the folders of killed runs
+        tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(out_dir.name), suffix=".tmp", dir=out_dir.parent))
+    except OSError as exc:
+        raise OutputError(f"cannot write the dataset folder {out_dir}: {exc.strerror or exc}") from None
     try:
         (tmp / "images").mkdir()
         id_width = max(6, len(str(options.size - 1)))
