@@ -76,14 +76,36 @@ class QuickstartSummary:
     latency: list[dict] = field(default_factory=list)  # bench rows: engine, threads, caption ms, ratio
     captions: list[dict] = field(default_factory=list)
     artifacts: dict[str, str] = field(default_factory=dict)
+    train_steps: int = 0  # optimizer steps reached
+    planned_steps: int = 0  # the preset's (or --max-steps) steps
+    budget_minutes: float | None = None
+    # Commands that finish a run the time budget cut short (train on, then evaluate and export again).
+    finish_commands: list[str] = field(default_factory=list)
+
+    @property
+    def cut_short(self) -> bool:
+        return 0 < self.train_steps < self.planned_steps
 
     def to_dict(self) -> dict:
         data = dataclasses.asdict(self)
         data["out"] = str(self.out)
+        data["cut_short"] = self.cut_short
         return data
 
+    def cut_short_warning(self) -> list[str]:
+        """The loud lines that say the numbers are not the product's, and how to get those."""
+        if not self.cut_short:
+            return []
+        share = 100 * self.train_steps / self.planned_steps
+        return [f"!! TRAINING WAS CUT SHORT: the {self.budget_minutes:g}-minute budget stopped it at step "
+                f"{self.train_steps:,} of {self.planned_steps:,} ({share:.0f}%).",
+                "!! The accuracy below is that of an undertrained model, not what this preset reaches "
+                "(a busy or slow machine trains fewer steps in the same minutes).",
+                "!! Finish the job:"] + [f"!!   {command}" for command in self.finish_commands]
+
     def describe(self) -> str:
-        lines = [f"held-out accuracy (PyTorch, exact match): structured {100 * self.structured_accuracy:.1f}% — "
+        lines = self.cut_short_warning()
+        lines += [f"held-out accuracy (PyTorch, exact match): structured {100 * self.structured_accuracy:.1f}% — "
                  + ", ".join(f"{t} {100 * self.accuracy[t]:.1f}%" for t in STRUCTURED_TASKS if t in self.accuracy)]
         if self.parity:
             lines.append("export parity (token agreement with PyTorch, accuracy Δ points):")
@@ -99,6 +121,7 @@ class QuickstartSummary:
         lines.append("artifacts:")
         lines += [f"  {name:<10} {path}" for name, path in self.artifacts.items()]
         lines.append("time: " + ", ".join(f"{k} {v:.0f} s" for k, v in self.seconds.items()))
+        lines += self.cut_short_warning()  # again at the end, where the eye lands
         return "\n".join(lines)
 
 
@@ -139,9 +162,14 @@ def run_quickstart(config: QuickstartConfig, progress: Progress | None = None,
 
     run_dir = out / "run"
     say(f"3/8 training the {config.preset} preset -> {run_dir}")
-    result = timed("train", lambda: _train(config, data, run_dir, threads, on_train_event, vision_weights))
+    result, planned = timed("train", lambda: _train(config, data, run_dir, threads, on_train_event, vision_weights))
     ckpt = result.best_checkpoint
     summary.artifacts["checkpoint"] = str(ckpt)
+    summary.train_steps, summary.planned_steps, summary.budget_minutes = result.steps, planned, config.minutes
+    if summary.cut_short:
+        summary.finish_commands = finish_commands(result, planned, data, run_dir, out / "model")
+        for line in summary.cut_short_warning():
+            say(line)
 
     say("4/8 evaluating on the held-out test split")
     report = timed("eval", lambda: _evaluate(config, ckpt, data, threads))
@@ -218,7 +246,24 @@ def _train(config: QuickstartConfig, data: Path, run_dir: Path, threads: int, on
     train_config = dataclasses.replace(train_config, **overrides)
     frozen = ("vision", "projector") if vision_weights is not None else ()
     options = RunOptions(minutes=config.minutes, vision_weights=vision_weights, freeze=frozen)
-    return train(data, run_dir, model_config, train_config, options, on_event=on_event)
+    return train(data, run_dir, model_config, train_config, options, on_event=on_event), train_config.max_steps
+
+
+def budget_eta(step: int, planned: int, elapsed_s: float, budget_s: float) -> str:
+    """Progress against the time budget: when it ends, and where the steps will be by then at this pace."""
+    left = max(0.0, budget_s - elapsed_s)
+    reach = min(planned, int(step + left * step / max(elapsed_s, 1e-9)))
+    text = f"budget left {int(left // 60)}:{int(left % 60):02d}, at this pace step ~{reach:,} of {planned:,}"
+    return text + (" (cut short!)" if reach < planned else "")
+
+
+def finish_commands(result, planned: int, data: Path, run_dir: Path, model_dir: Path) -> list[str]:
+    """Resume with a budget that covers the missing steps at the pace measured (+25%), then re-evaluate."""
+    seconds_per_step = result.seconds / max(result.steps, 1)
+    minutes = math.ceil((result.seconds + 1.25 * (planned - result.steps) * seconds_per_step) / 60)
+    return [f"vledge train --data {data} --out {run_dir} --resume --minutes {minutes}",
+            f"vledge eval --ckpt {run_dir / 'ckpt.pt'} --data {data} --split test",
+            f"vledge export {run_dir / 'ckpt.pt'} -o {model_dir} --calibration-data {data} --force"]
 
 
 def _evaluate(config: QuickstartConfig, ckpt: Path, data: Path, threads: int):

@@ -28,7 +28,7 @@ def quickstart_command(out_dir, preset, size, minutes, max_steps, vision_pretrai
 
     from tqdm import tqdm
 
-    from vledge.quickstart import QuickstartConfig, run_quickstart
+    from vledge.quickstart import QuickstartConfig, budget_eta, run_quickstart
 
     config = QuickstartConfig(out=out_dir, preset=preset, size=size, minutes=minutes, max_steps=max_steps,
                               vision_pretrain_steps=vision_pretrain_steps, threads=threads, seed=seed, force=force)
@@ -39,7 +39,9 @@ def quickstart_command(out_dir, preset, size, minutes, max_steps, vision_pretrai
         if bar is None:
             bar = tqdm(total=event.total_steps, desc="    train", unit="step", dynamic_ncols=True)
         bar.total, bar.n = event.total_steps, event.step
-        if event.kind == "eval":
+        if event.kind == "step" and minutes and event.data.get("elapsed_s"):
+            bar.set_postfix_str(budget_eta(event.step, event.total_steps, event.data["elapsed_s"], minutes * 60))
+        elif event.kind == "eval":
             accuracy = event.data.get("accuracy", {}).get("overall")
             if accuracy is not None:
                 bar.set_postfix(val_accuracy=f"{accuracy * 100:.1f}%")

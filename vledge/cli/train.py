@@ -55,9 +55,9 @@ def train(data_dir, preset, run_dir, stage, max_steps, minutes, batch_size, grad
                                       eval_every=eval_every, seed=seed, threads=threads, precision=precision).items()
                  if v is not None}
     train_config = dataclasses.replace(train_config, **overrides)
-    if resume and (overrides or minutes or stage or freeze or init_ckpt or vision_weights):
-        click.echo("note: --resume continues with the run's saved configuration; the other options are ignored",
-                   err=True)
+    if resume and (overrides or stage or freeze or init_ckpt or vision_weights):
+        click.echo("note: --resume continues with the run's saved configuration; options other than --minutes "
+                   "and --device are ignored", err=True)
     options = RunOptions(stage=stage, minutes=minutes, freeze=tuple(freeze), init=init_ckpt,
                          vision_weights=vision_weights, device=device, allow_outside_paths=allow_outside_paths)
     bar = tqdm(total=train_config.max_steps, desc="train", unit="step", dynamic_ncols=True)

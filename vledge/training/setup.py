@@ -83,7 +83,9 @@ def prepare_run(data: Path, run_dir: Path, model_config: ModelConfig, train_conf
             raise CheckpointError(f"{run_dir / 'last.pt'} holds no training state to resume")
         model_config, train_config = resume_from.model_config, resume_from.train_config
         start, saved = decode_train_state(resume_from.train_state, run_dir / "last.pt")
-        options = replace(saved, device=options.device)
+        # this call's device, and its budget when it gives one (to finish a run a budget cut short)
+        options = replace(saved, device=options.device,
+                          minutes=options.minutes if options.minutes is not None else saved.minutes)
     torch.set_num_threads(train_config.threads or max(1, (os.cpu_count() or 1) // world))
 
     all_train_records, train_report = load_records(data, split="train",
