@@ -35,7 +35,7 @@ from vledge.export.parity import (
     torch_reference,
 )
 from vledge.export.report import write_parity_markdown
-from vledge.files import atomic_directory, write_json
+from vledge.files import atomic_directory, check_output_dir, write_json
 from vledge.manifest import (
     COMPONENTS,
     MANIFEST_NAME,
@@ -118,6 +118,7 @@ def export(ckpt: str | Path, out_dir: str | Path | None = None, options: ExportO
     out_dir = Path(out_dir) if out_dir is not None else ckpt.parent / "model"
     if out_dir.exists() and not options.force:
         raise ExportError(f"{out_dir} already exists; pass --force to replace it")
+    check_output_dir(out_dir, "model directory")  # before minutes of export: /proc/x, a read-only mount
     try:
         out_dir.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
