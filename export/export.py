@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from vledge.checkpoint import file_sha256, load_checkpoint
-from vledge.errors import ConfigError, ExportError, OutputError, VledgeError
+from vledge.errors import ConfigError, ExportError, VledgeError
 from vledge.export.graphs import DEFAULT_OPSET, MAX_OPSET, check_graph, export_graphs, tensor_names
 from vledge.export.parity import (
     FP32_ATOL,
@@ -119,10 +119,6 @@ def export(ckpt: str | Path, out_dir: str | Path | None = None, options: ExportO
     if out_dir.exists() and not options.force:
         raise ExportError(f"{out_dir} already exists; pass --force to replace it")
     check_output_dir(out_dir, "model directory")  # before minutes of export: /proc/x, a read-only mount
-    try:
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise OutputError(f"cannot write the model directory {out_dir}: {exc.strerror or exc}") from None
     with atomic_directory(out_dir, tag="export-") as staging:
         result = _export_into(staging, checkpoint, ckpt, options, say)
     result.model_dir = out_dir
