@@ -89,3 +89,17 @@ def test_a_budget_that_cuts_training_short_is_said_loudly_with_the_command_that_
 
     whole = QuickstartSummary(out=tmp_path, train_steps=60, planned_steps=60, budget_minutes=12.0)
     assert not whole.cut_short and "CUT SHORT" not in whole.describe()
+
+
+def test_the_default_thread_count_leaves_busy_cores_alone(monkeypatch):
+    import os
+
+    from vledge.quickstart import default_threads
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    for load, threads in ((0.05, 2), (0.4, 2), (1.0, 1), (1.3, 1), (13.0, 1)):
+        monkeypatch.setattr(os, "getloadavg", lambda load=load: (load, load, load))
+        assert default_threads() == threads, load
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    monkeypatch.setattr(os, "getloadavg", lambda: (2.0, 2.0, 2.0))
+    assert default_threads() == 6
