@@ -95,3 +95,20 @@ def test_a_hostile_checkpoint_is_one_typed_error_naming_it(tmp_path, tiny_run, n
     with pytest.raises(CheckpointError) as caught:
         load_checkpoint(path)
     assert str(path) in str(caught.value)
+
+
+def test_vision_weights_files_are_refused_under_an_unsafe_torch_too(monkeypatch, tmp_path):
+    from vledge.config import preset
+    from vledge.models.vision import VisionEncoder, load_vision_weights
+    from vledge.training.vision_pretrain import load_projector_weights
+
+    model_config, _ = preset("tiny")
+    encoder = VisionEncoder(model_config.vision)
+    weights = tmp_path / "vision.pt"
+    torch.save({"state_dict": encoder.backbone.state_dict()}, weights)
+    load_vision_weights(encoder, weights)  # fine under this torch
+    monkeypatch.setattr(torch, "__version__", "2.5.1")
+    with pytest.raises(CheckpointError, match=r"torch 2\.6"):
+        load_vision_weights(encoder, weights)
+    with pytest.raises(CheckpointError, match=r"torch 2\.6"):
+        load_projector_weights(torch.nn.Linear(2, 2), weights)

@@ -282,6 +282,9 @@ def load_projector_weights(projector: nn.Module, path: str | Path) -> bool:
 
     Returns whether one was loaded; a projector of another shape is a :class:`WeightsError`.
     """
+    from vledge.checkpoint import require_safe_torch
+
+    require_safe_torch()  # weights_only=True is no protection before torch 2.6
     try:
         state = torch.load(Path(path), map_location="cpu", weights_only=True)
     except Exception as exc:
