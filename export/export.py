@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime
 import json
 import logging
+import math
 import platform
 import shutil
 import time
@@ -81,6 +82,8 @@ class ExportOptions:
             raise ConfigError(f"opset {self.opset} is too old; vledge exports opset 17 or newer")
         if self.opset > MAX_OPSET:
             raise ConfigError(f"opset {self.opset} is newer than the exporter writes; choose 17 to {MAX_OPSET}")
+        if not (math.isfinite(self.max_accuracy_drop) and self.max_accuracy_drop >= 0):
+            raise ConfigError(f"max_accuracy_drop must be a finite number >= 0, got {self.max_accuracy_drop}")
         if self.parity_samples < 1 or self.calibration_samples < 1:
             raise ConfigError("parity and calibration need at least one sample")
 

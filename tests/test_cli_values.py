@@ -81,7 +81,7 @@ def test_export_refuses_bad_values(tmp_path, tiny_run, extra, words):
     (("--temperature", "inf"), ("temperature",)),
     (("--repetition-penalty", "inf"), ("repetition",)),
     (("--repetition-penalty", "nan"), ("repetition",)),
-    (("--top-p", "nan"), ("top_p",)),
+    (("--top-p", "nan"), ("top-p",)),
 ])
 def test_generation_values_must_be_finite(tiny_model_dir, synth_data, extra, words):
     image = sorted((synth_data / "images").iterdir())[0]

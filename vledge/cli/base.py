@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import sys
 from pathlib import Path
 
@@ -82,6 +83,19 @@ def _quiet_onnxruntime() -> None:
     onnxruntime.set_default_logger_severity(3)
 
 
+class FiniteFloat(click.FloatRange):
+    """click's FloatRange that also refuses nan and ±inf (every comparison with nan is false, so a
+    plain range lets it through)."""
+
+    name = "finite float"
+
+    def convert(self, value, param, ctx):
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return number
+
+
 def parse_providers(text: str) -> str | tuple[str, ...]:
     """``--provider``: one name (``auto``, ``cpu``, ...) or a comma-separated list in priority order."""
     return tuple(p.strip() for p in text.split(",") if p.strip()) if "," in text else text
@@ -103,13 +117,13 @@ def inference_options(command):
         click.option("--batch-size", type=click.IntRange(min=1), default=1, show_default=True,
                      help="Images answered together (left-padded batch)."),
         click.option("--max-new-tokens", type=click.IntRange(min=1), default=64, show_default=True),
-        click.option("--temperature", type=click.FloatRange(min=0), default=0.0, show_default=True,
+        click.option("--temperature", type=FiniteFloat(min=0), default=0.0, show_default=True,
                      help="0 is greedy; above 0 samples."),
         click.option("--top-k", type=click.IntRange(min=0), default=0, help="Sample from the k likeliest (0: off)."),
-        click.option("--top-p", type=click.FloatRange(min=0, max=1, min_open=True), default=1.0,
+        click.option("--top-p", type=FiniteFloat(min=0, max=1, min_open=True), default=1.0,
                      help="Nucleus sampling (1: off)."),
         click.option("--num-beams", type=click.IntRange(min=1), default=1, help="Beam search when above 1."),
-        click.option("--repetition-penalty", type=click.FloatRange(min=0, min_open=True), default=1.0,
+        click.option("--repetition-penalty", type=FiniteFloat(min=0, min_open=True), default=1.0,
                      help="Above 1 discourages repeated tokens."),
         click.option("--seed", type=int, default=None, help="Seed for sampling."),
         click.option("--stop", "stop_strings", multiple=True,

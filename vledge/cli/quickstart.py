@@ -6,14 +6,14 @@ from pathlib import Path
 
 import click
 
-from vledge.cli.base import fail_cleanly, main
+from vledge.cli.base import FiniteFloat, fail_cleanly, main
 
 
 @main.command("quickstart")
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), default=Path("quickstart"), show_default=True)
 @click.option("--preset", default="small", show_default=True, help="tiny | small | base | seed-lstm | tiny-lstm")
 @click.option("--size", type=click.IntRange(min=50), default=20000, show_default=True, help="Synthetic images.")
-@click.option("--minutes", type=click.FloatRange(min=0, min_open=True), default=12.0, show_default=True,
+@click.option("--minutes", type=FiniteFloat(min=0, min_open=True), default=12.0, show_default=True,
               help="Training wall-time budget.")
 @click.option("--max-steps", type=click.IntRange(min=1), default=None, help="Cap training steps instead.")
 @click.option("--vision-pretrain-steps", type=click.IntRange(min=0), default=300, show_default=True,

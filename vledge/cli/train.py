@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from vledge.cli.base import fail_cleanly, main
+from vledge.cli.base import FiniteFloat, fail_cleanly, main
 
 
 @main.command()
@@ -19,11 +19,11 @@ from vledge.cli.base import fail_cleanly, main
 @click.option("--stage", type=click.Choice(["align", "instruct"]), default=None,
               help="Run one stage only (default: the preset's stages in order).")
 @click.option("--max-steps", type=click.IntRange(min=1), default=None, help="Optimizer steps (default: preset).")
-@click.option("--minutes", type=click.FloatRange(min=0, min_open=True), default=None,
+@click.option("--minutes", type=FiniteFloat(min=0, min_open=True), default=None,
               help="Wall-time budget; the schedule follows whichever of steps and time runs out first.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=None)
 @click.option("--grad-accum", type=click.IntRange(min=1), default=None)
-@click.option("--lr", type=float, default=None)
+@click.option("--lr", type=FiniteFloat(), default=None)
 @click.option("--eval-every", type=click.IntRange(min=1), default=None)
 @click.option("--seed", type=int, default=None)
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="torch threads per process.")
@@ -95,10 +95,10 @@ def train(data_dir, preset, run_dir, stage, max_steps, minutes, batch_size, grad
               help="Weights file to write, for train --vision-weights.")
 @click.option("--preset", default="small", show_default=True, help="The preset whose vision encoder and projector to train.")
 @click.option("--steps", type=click.IntRange(min=1), default=None, help="Optimizer steps  [default: 300].")
-@click.option("--minutes", type=click.FloatRange(min=0, min_open=True), default=None,
+@click.option("--minutes", type=FiniteFloat(min=0, min_open=True), default=None,
               help="Wall-time budget; whichever of steps and time runs out first ends the run.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=None)
-@click.option("--lr", type=float, default=None)
+@click.option("--lr", type=FiniteFloat(), default=None)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="torch threads.")
 @fail_cleanly
