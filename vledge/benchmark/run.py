@@ -136,7 +136,7 @@ def run_benchmark(config: BenchConfig, progress: Callable[[str], None] | None = 
             if threads == config.threads[0]:
                 for engine in engines:
                     say(f"parity of {engine.name}")
-                    measured = measure_engine(engine, tokenizer, samples, reference,
+                    measured = measure_engine(engine, samples, reference,
                                               precisions=getattr(engine, "precisions", {"all": engine.spec.precision}))
                     parity[engine.name] = measured.to_dict()
                     parity[engine.name]["size_bytes"] = engine.size_bytes()
