@@ -44,7 +44,7 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def is_stale(name: str, pid: int | None, age_s: float) -> bool:
+def is_stale(pid: int | None, age_s: float) -> bool:
     if pid is None:
         return age_s > LEGACY_STALE_AFTER_S
     return not _alive(pid) or age_s > STALE_AFTER_S
@@ -68,7 +68,7 @@ def clean_stale(directory: Path, target_name: str, tag: str = "", suffix: str = 
         except OSError:
             continue
         pid = int(match[1]) if match[1] else None
-        if not is_stale(entry.name, pid, now - stat.st_mtime):
+        if not is_stale(pid, now - stat.st_mtime):
             continue
         path = Path(entry.path)
         try:

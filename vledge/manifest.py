@@ -18,7 +18,7 @@ from vledge.checkpoint import file_sha256 as sha256_of
 from vledge.config import ModelConfig, PreprocessSpec, PromptTemplate, from_dict
 from vledge.errors import ConfigError, ModelDirError
 from vledge.external_data import external_data_locations
-from vledge.manifest_schema import COMPONENTS, PRECISIONS, validate_manifest
+from vledge.manifest_schema import COMPONENTS, PRECISIONS, validate_manifest  # the names live in the schema
 
 log = logging.getLogger(__name__)
 

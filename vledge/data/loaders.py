@@ -11,7 +11,6 @@ Torch-free: the runtime and the benchmarks use these too.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
