@@ -67,7 +67,7 @@ def check_output_dir(path: str | os.PathLike, what: str = "output folder") -> Pa
     while not ancestor.exists() and ancestor != ancestor.parent:
         ancestor = ancestor.parent
     if not ancestor.is_dir():
-        raise OutputError(f"cannot create {what} {path}: {ancestor} is not a folder")
+        raise OutputError(f"cannot write {what} {path}: {ancestor} is not a folder")
     try:
         os.rmdir(tempfile.mkdtemp(prefix=".vledge-probe-", dir=ancestor))
     except OSError as exc:
