@@ -96,6 +96,13 @@ def test_a_non_utf8_argument_is_named_not_a_traceback(tmp_path):
     _assert_one_error_line(done, "caf")
 
 
+def test_a_non_utf8_question_is_a_typed_error(tiny_model_dir, synth_data):
+    image = sorted((synth_data / "images").iterdir())[0]
+    done = subprocess.run([sys.executable, "-m", "vledge", "ask", "--model", str(tiny_model_dir), str(image),
+                           b"what \xff?"], capture_output=True, timeout=300)
+    _assert_one_error_line(done, "TokenizerError", "not valid text")
+
+
 def test_quickstart_refuses_a_bad_preset_before_generating_data(tmp_path):
     done = _vledge(["quickstart", "--out", str(tmp_path / "qs"), "--preset", "bogus", "--size", "50"])
     _assert_one_error_line(done, "bogus")
