@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime
 import json
 import logging
+import math
 import platform
 import shutil
 import time
@@ -21,7 +22,7 @@ import numpy as np
 
 from vledge.checkpoint import file_sha256, load_checkpoint
 from vledge.errors import ConfigError, ExportError, VledgeError
-from vledge.export.graphs import DEFAULT_OPSET, check_graph, export_graphs, tensor_names
+from vledge.export.graphs import DEFAULT_OPSET, MAX_OPSET, check_graph, export_graphs, tensor_names
 from vledge.export.parity import (
     FP32_ATOL,
     FP32_MIN_TOKEN_AGREEMENT,
@@ -35,7 +36,7 @@ from vledge.export.parity import (
     torch_reference,
 )
 from vledge.export.report import write_parity_markdown
-from vledge.files import atomic_directory, write_json
+from vledge.files import atomic_directory, check_output_dir, write_json
 from vledge.manifest import (
     COMPONENTS,
     MANIFEST_NAME,
@@ -66,6 +67,10 @@ class ExportOptions:
     force: bool = False
 
     def __post_init__(self) -> None:
+        if not self.quantize:
+            raise ConfigError(f"--quantize names no variant; give auto, none or some of {', '.join(QUANTIZE_CHOICES)}")
+        if "none" in self.quantize and len(set(self.quantize)) > 1:
+            raise ConfigError(f"--quantize none cannot be combined with {sorted(set(self.quantize) - {'none'})}")
         unknown = set(self.quantize) - {*QUANTIZE_CHOICES, "auto", "none"}
         if unknown:
             raise ConfigError(f"unknown --quantize value(s) {sorted(unknown)}; choose from auto, none, "
@@ -75,6 +80,10 @@ class ExportOptions:
                               f"choose from {', '.join(CALIBRATION_METHODS)}")
         if self.opset < 17:
             raise ConfigError(f"opset {self.opset} is too old; vledge exports opset 17 or newer")
+        if self.opset > MAX_OPSET:
+            raise ConfigError(f"opset {self.opset} is newer than the exporter writes; choose 17 to {MAX_OPSET}")
+        if not (math.isfinite(self.max_accuracy_drop) and self.max_accuracy_drop >= 0):
+            raise ConfigError(f"max_accuracy_drop must be a finite number >= 0, got {self.max_accuracy_drop}")
         if self.parity_samples < 1 or self.calibration_samples < 1:
             raise ConfigError("parity and calibration need at least one sample")
 
@@ -112,7 +121,8 @@ def export(ckpt: str | Path, out_dir: str | Path | None = None, options: ExportO
     out_dir = Path(out_dir) if out_dir is not None else ckpt.parent / "model"
     if out_dir.exists() and not options.force:
         raise ExportError(f"{out_dir} already exists; pass --force to replace it")
-    with atomic_directory(out_dir, prefix=f".{out_dir.name}.export-") as staging:
+    check_output_dir(out_dir, "model directory")  # before minutes of export: /proc/x, a read-only mount
+    with atomic_directory(out_dir, tag="export-") as staging:
         result = _export_into(staging, checkpoint, ckpt, options, say)
     result.model_dir = out_dir
     result.seconds = time.perf_counter() - started

@@ -22,6 +22,7 @@ from vledge.models.vlm import VisionLanguageModel
 log = logging.getLogger(__name__)
 
 DEFAULT_OPSET = 17
+MAX_OPSET = 20  # the newest the TorchScript exporter (torch.onnx.export(dynamo=False)) writes
 # ONNX stores a model above 2 GB in external data files; stay well clear of the protobuf limit.
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000
 

@@ -79,6 +79,8 @@ def _read_file(path: str) -> bytes:
         raise ImageError(f"cannot read image {path}: no such file") from None
     except OSError as exc:
         raise ImageError(f"cannot read image {path}: {exc.strerror or exc}") from None
+    except ValueError as exc:  # an embedded NUL, or a lone surrogate the file system cannot encode
+        raise ImageError(f"cannot read image {path!r}: {exc}") from None
 
 
 def _check_pixels(width: int, height: int, limit: int, name: str) -> None:

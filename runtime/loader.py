@@ -119,13 +119,11 @@ def _check_precisions_exist(manifest: Manifest, wanted: dict[str, str], root: Pa
 
 
 def _check_io(graphs: Graphs, manifest: Manifest, root: Path) -> None:
-    """The graphs must have the inputs the manifest promises (a swapped-in foreign graph is caught here)."""
-    sessions = {"vision_encoder": graphs.vision, "embed_tokens": graphs.embed, "decoder_model_merged": graphs.decoder}
-    for component, session in sessions.items():
-        expected = manifest.tensors.get(component, {})
-        names = [node.name for node in session.get_inputs()]
-        if expected.get("inputs") and sorted(names) != sorted(expected["inputs"]):
-            raise ModelDirError(f"{component} in {root} has inputs {names}, the manifest says {expected['inputs']}")
+    """The graphs must have the inputs, outputs and widths the manifest promises (see graph_io)."""
+    from vledge.runtime.graph_io import check_graph_io
+
+    check_graph_io({"vision_encoder": graphs.vision, "embed_tokens": graphs.embed,
+                    "decoder_model_merged": graphs.decoder}, manifest, root)
 
 
 def _check_placement(runtime: VisionLanguageRuntime) -> None:

@@ -209,7 +209,7 @@ def gpu_status(provider: str = "CUDAExecutionProvider", device_id: int = 0) -> G
                                "" if usable else _failure_reason(provider, captured.text, error))
         _probe_results[key] = status
         if not status.usable:
-            log.info("%s (device %d) is not usable: %s", provider, device_id, status.reason)
+            log.debug("%s (device %d) is not usable: %s", provider, device_id, status.reason)
         return status
 
 

@@ -76,7 +76,7 @@ def test_atomic_directory_replaces_or_keeps_the_old_one(tmp_path):
             raise KeyboardInterrupt
     assert [p.name for p in target.iterdir()] == ["old.txt"]
     assert [p.name for p in tmp_path.iterdir()] == ["model"]
-    with files.atomic_directory(target, prefix=".model.export-") as staging:
+    with files.atomic_directory(target, tag="export-") as staging:
         assert staging.name.startswith(".model.export-") and staging.parent == tmp_path
         (staging / "new.txt").write_text("new")
     assert [p.name for p in target.iterdir()] == ["new.txt"]

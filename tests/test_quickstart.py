@@ -58,3 +58,48 @@ def test_structured_accuracy_pools_by_question_count():
     counts = {"count": 30, "color": 10, "caption": 100}
     assert structured_accuracy(accuracy, counts) == pytest.approx(0.75)
     assert set(STRUCTURED_TASKS) >= {"count", "color"}
+
+
+@pytest.mark.slow
+def test_a_budget_that_cuts_training_short_is_said_loudly_with_the_command_that_finishes_it(tmp_path, synth_data):
+    import subprocess
+    import sys
+
+    from vledge.checkpoint import load_checkpoint
+    from vledge.quickstart import QuickstartSummary, _train, finish_commands
+
+    config = QuickstartConfig(out=tmp_path, preset="tiny", size=50, minutes=0.01, max_steps=60,
+                              vision_pretrain_steps=0, threads=1)
+    run_dir = tmp_path / "run"
+    result, planned = _train(config, synth_data, run_dir, threads=1, on_event=None)
+    assert planned == 60 and result.steps < planned  # 0.6 s is not enough for 60 steps
+    summary = QuickstartSummary(out=tmp_path, train_steps=result.steps, planned_steps=planned, budget_minutes=0.01,
+                                finish_commands=finish_commands(result, planned, synth_data, run_dir, tmp_path / "m"))
+    text = summary.describe()
+    assert summary.cut_short and summary.to_dict()["cut_short"] is True
+    assert "TRAINING WAS CUT SHORT" in text and f"step {result.steps:,} of 60" in text
+    assert text.splitlines()[0].startswith("!!") and text.splitlines()[-1].startswith("!!")
+    resume = summary.finish_commands[0]
+    assert resume.startswith("vledge train ") and "--resume" in resume and "--minutes" in resume
+
+    done = subprocess.run([sys.executable, "-m", "vledge", *resume.split()[1:]], capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert load_checkpoint(run_dir / "last.pt").train_state["run"]["step"] == planned  # the job is finished
+
+    whole = QuickstartSummary(out=tmp_path, train_steps=60, planned_steps=60, budget_minutes=12.0)
+    assert not whole.cut_short and "CUT SHORT" not in whole.describe()
+
+
+def test_the_default_thread_count_leaves_busy_cores_alone(monkeypatch):
+    import os
+
+    from vledge.quickstart import default_threads
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    for load, threads in ((0.05, 2), (0.4, 2), (1.0, 1), (1.3, 1), (13.0, 1)):
+        monkeypatch.setattr(os, "getloadavg", lambda load=load: (load, load, load))
+        assert default_threads() == threads, load
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    monkeypatch.setattr(os, "getloadavg", lambda: (2.0, 2.0, 2.0))
+    assert default_threads() == 6

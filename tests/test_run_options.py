@@ -39,7 +39,8 @@ def test_run_options_are_plain_data_and_round_trip():
     assert json.loads(json.dumps(plain)) == plain  # nothing but JSON types, so weights_only loading reads it
     assert plain == {"stage": "instruct", "minutes": 2.0, "freeze": ["vision", "projector"], "init": None,
                      "vision_weights": "w/v.pt", "device": "cuda:1", "language_model": None, "lora_rank": None,
-                     "lora_alpha": 16.0, "lora_dropout": 0.05}
+                     "lora_alpha": 16.0, "lora_dropout": 0.05,
+                     "allow_outside_paths": False}
     assert RunOptions.from_dict(plain) == options
     assert RunOptions.from_dict({**plain, "a_later_option": 3}) == options  # keys from a newer version: ignored
     assert RunOptions.from_dict({"stage": "align"}) == RunOptions(stage="align")  # missing keys: defaults
@@ -79,8 +80,12 @@ def test_resume_takes_the_saved_options_but_this_calls_device(layout, tiny_run, 
     save_checkpoint(run_dir / "last.pt", checkpoint)
     model_config, train_config = tiny_configs(max_steps=1)  # ignored on resume: last.pt's configs win
     prepared = prepare_run(synth_data, run_dir, model_config, train_config,
-                           RunOptions(minutes=99.0, stage="align", device="cpu"), resume=True)
+                           RunOptions(stage="align", device="cpu"), resume=True)
     assert prepared.options == RunOptions(stage="instruct", minutes=5.0, freeze=("vision",), device="cpu")
+    # a new budget is the one option besides the device that a resume takes: it finishes a run cut short
+    longer = prepare_run(synth_data, run_dir, model_config, train_config,
+                         RunOptions(minutes=99.0, stage="align", device="cpu"), resume=True)
+    assert longer.options == RunOptions(stage="instruct", minutes=99.0, freeze=("vision",), device="cpu")
     assert prepared.start.step == 9 and prepared.resumed and prepared.optimizer_state
     assert prepared.train_config == checkpoint.train_config
     assert [stage.name for stage in prepared.stages] == ["instruct"]

@@ -7,6 +7,7 @@ frame and waits for each caption, so what is captioned and what is reused does n
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
 import sys
 import textwrap
@@ -461,3 +462,24 @@ def test_a_window_on_a_display_without_opencv_gui_is_an_error_naming_the_extra(r
     monkeypatch.delenv("WAYLAND_DISPLAY", raising=False)
     summary = run_demo(runtime, "synthetic", DemoOptions(max_frames=2))  # no display: headless by itself
     assert summary.ok
+
+
+def test_a_huge_image_in_a_folder_is_skipped_by_name_before_it_is_decoded(runtime, tmp_path, caplog, monkeypatch):
+    import vledge.webcam.sources as sources
+
+    folder = tmp_path / "slides"
+    folder.mkdir()
+    for i, name in ((0, "A"), (2, "B")):
+        cv2.imwrite(str(folder / f"{i}.png"), _scene_image(name))
+    cv2.imwrite(str(folder / "1-huge.png"), np.zeros((8200, 8200), np.uint8))  # 67 Mpx: over the 64 Mpx limit
+    (folder / "3-truncated.png").write_bytes((folder / "0.png").read_bytes()[:200])
+    decoded = []
+    imread = sources.cv2.imread
+    monkeypatch.setattr(sources.cv2, "imread", lambda path, *flags: decoded.append(Path(path).name) or imread(path, *flags))
+    with caplog.at_level(logging.WARNING):
+        summary = run_demo(runtime, str(folder), DemoOptions(headless=True, read_retries=3))
+    assert summary.reason == END_OF_STREAM and summary.frames == 2, summary.message
+    assert "1-huge.png" not in decoded and "3-truncated.png" not in decoded
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert any("1-huge.png" in w and "8200x8200" in w for w in warnings), warnings
+    assert any("3-truncated.png" in w for w in warnings), warnings

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import pickle
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,11 @@ log = logging.getLogger(__name__)
 
 FORMAT = "vledge-checkpoint"
 VERSION = 1
+# torch.load(weights_only=True) can still run code in torch < 2.6 (CVE-2025-32434).
+SAFE_TORCH = (2, 6)
+# Weights are floating point; integer tensors are only BatchNorm's step counters.
+WEIGHT_DTYPES = ("float32", "float16", "bfloat16")
+COUNTER_SUFFIX = "num_batches_tracked"
 
 
 @dataclass
@@ -34,6 +40,8 @@ class Checkpoint:
     # Resumable training state: optimizer, scheduler, step, stage; absent in exported-only files.
     train_state: dict[str, Any] | None = None
     metrics: dict[str, Any] = field(default_factory=dict)
+    # Where it was read from, for error messages ("checkpoint" when built in memory).
+    source: str = "checkpoint"
 
     @property
     def preprocess(self) -> PreprocessSpec:
@@ -53,7 +61,7 @@ class Checkpoint:
         try:
             model.load_state_dict(self.state_dict)
         except RuntimeError as exc:
-            raise CheckpointError(f"checkpoint weights do not fit its own config: {exc}") from None
+            raise CheckpointError(f"{self.source}: weights do not fit its own config: {exc}") from None
         return model.eval()
 
 
@@ -76,9 +84,23 @@ def save_checkpoint(path: str | Path, checkpoint: Checkpoint) -> Path:
     return path
 
 
+def require_safe_torch() -> None:
+    """Refuse to unpickle anything under a torch whose ``weights_only`` loader can be bypassed."""
+    import torch
+
+    version = str(torch.__version__)
+    match = re.match(r"(\d+)\.(\d+)", version)
+    if match is None or (int(match[1]), int(match[2])) < SAFE_TORCH:
+        raise CheckpointError(
+            f"torch {version} cannot load checkpoints safely (weights_only=True can run code before "
+            f"torch {SAFE_TORCH[0]}.{SAFE_TORCH[1]}, CVE-2025-32434); install torch>={SAFE_TORCH[0]}.{SAFE_TORCH[1]}"
+        )
+
+
 def load_checkpoint(path: str | Path, map_location: str = "cpu") -> Checkpoint:
     import torch
 
+    require_safe_torch()
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"checkpoint not found: {path}")
@@ -109,6 +131,12 @@ def load_checkpoint(path: str | Path, map_location: str = "cpu") -> Checkpoint:
     for key in ("tokenizer_json", "state_dict"):
         if key not in payload:
             raise CheckpointError(f"{path} lacks '{key}'")
+    if not isinstance(payload["tokenizer_json"], str):
+        raise CheckpointError(f"{path}: tokenizer_json is {type(payload['tokenizer_json']).__name__}, not text")
+    for key in ("train_state", "metrics"):
+        if payload.get(key) is not None and not isinstance(payload[key], dict):
+            raise CheckpointError(f"{path}: {key} is {type(payload[key]).__name__}, not a mapping")
+    validate_weights(payload["state_dict"], model_config, str(path))
     return Checkpoint(
         model_config=model_config,
         tokenizer_json=payload["tokenizer_json"],
@@ -116,7 +144,49 @@ def load_checkpoint(path: str | Path, map_location: str = "cpu") -> Checkpoint:
         train_config=train_config,
         train_state=payload.get("train_state"),
         metrics=payload.get("metrics") or {},
+        source=str(path),
     )
+
+
+def validate_weights(state_dict: Any, model_config: ModelConfig, source: str) -> None:
+    """Names, shapes, dtypes and finiteness of the weights against the model the config builds.
+
+    The model is built on torch's meta device, so a hostile config (a huge width) costs no memory.
+    """
+    import torch
+
+    if not isinstance(state_dict, dict):
+        raise CheckpointError(f"{source}: state_dict is {type(state_dict).__name__}, not a mapping of tensors")
+    for name, tensor in state_dict.items():
+        if not isinstance(name, str) or not isinstance(tensor, torch.Tensor):
+            raise CheckpointError(f"{source}: state_dict entry {name!r} is {type(tensor).__name__}, not a tensor")
+        dtype = str(tensor.dtype).removeprefix("torch.")
+        if name.endswith(COUNTER_SUFFIX):
+            if dtype != "int64":
+                raise CheckpointError(f"{source}: counter {name} has dtype {dtype}, expected int64")
+            continue
+        if dtype not in WEIGHT_DTYPES:
+            raise CheckpointError(f"{source}: weight {name} has dtype {dtype}; weights are {', '.join(WEIGHT_DTYPES)}")
+        if not bool(torch.isfinite(tensor).all()):
+            raise CheckpointError(f"{source}: weight {name} holds NaN or infinite values")
+    from vledge.models.vlm import VisionLanguageModel
+
+    try:
+        with torch.device("meta"):
+            expected = VisionLanguageModel(model_config, image_token_id=0).state_dict()
+    except (ValueError, RuntimeError, TypeError, ZeroDivisionError) as exc:
+        raise CheckpointError(f"{source}: its config does not build a model: {exc}") from None
+    missing = sorted(set(expected) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{source}: weights do not fit its own config (missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )
+    for name, tensor in expected.items():
+        if tuple(state_dict[name].shape) != tuple(tensor.shape):
+            raise CheckpointError(
+                f"{source}: weight {name} has shape {tuple(state_dict[name].shape)}, its config needs {tuple(tensor.shape)}"
+            )
 
 
 def file_sha256(path: str | Path) -> str:

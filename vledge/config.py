@@ -14,6 +14,19 @@ from dataclasses import dataclass, field
 
 from vledge.errors import ConfigError
 
+
+def _require_positive(owner: str, **values: int | float) -> None:
+    for name, value in values.items():
+        if not value > 0 or (isinstance(value, float) and not math.isfinite(value)):
+            raise ConfigError(f"{owner}.{name} must be a positive finite number, got {value!r}")
+
+
+def _require_finite(owner: str, **values: float) -> None:
+    for name, value in values.items():
+        if not math.isfinite(value):
+            raise ConfigError(f"{owner}.{name} must be finite, got {value!r}")
+
+
 VISION_BACKBONES = ("convnet", "resnet18", "mobilenet_v3_small", "efficientnet_b0", "clip", "siglip")
 VIT_FAMILIES = ("clip", "siglip")
 VIT_ACTIVATIONS = ("quick_gelu", "gelu_pytorch_tanh", "gelu")
@@ -115,6 +128,13 @@ class VisionConfig:
                 raise ConfigError(f"vision backbone {self.backbone!r} needs its vit config (family {self.backbone!r})")
             if self.token_grid is not None:
                 raise ConfigError("token_grid applies to CNN backbones; a vision transformer uses vit.reduction")
+        if not self.widths:
+            raise ConfigError("VisionConfig.widths must name at least one stage")
+        _require_positive("VisionConfig", **{f"widths[{i}]": w for i, w in enumerate(self.widths)})
+        if self.token_grid is not None:
+            if len(self.token_grid) != 2:
+                raise ConfigError(f"VisionConfig.token_grid must be (rows, cols), got {self.token_grid!r}")
+            _require_positive("VisionConfig", token_grid_rows=self.token_grid[0], token_grid_cols=self.token_grid[1])
 
 
 @dataclass
@@ -158,6 +178,12 @@ class LanguageConfig:
     def __post_init__(self) -> None:
         if self.kind not in LANGUAGE_MODELS:
             raise ConfigError(f"unknown language model {self.kind!r}; choose from {LANGUAGE_MODELS}")
+        _require_positive("LanguageConfig", hidden=self.hidden, layers=self.layers, heads=self.heads,
+                          max_positions=self.max_positions)
+        if not 0 <= self.dropout < 1:
+            raise ConfigError(f"LanguageConfig.dropout must be in [0, 1), got {self.dropout!r}")
+        if self.vocab_size < 0:
+            raise ConfigError(f"LanguageConfig.vocab_size must not be negative, got {self.vocab_size}")
         if self.kind in ("transformer", "llama") and not self.attention_head_dim and self.hidden % self.heads:
             raise ConfigError(f"hidden size {self.hidden} is not divisible by {self.heads} heads")
         if self.kind == "llama":
@@ -220,6 +246,12 @@ class PreprocessSpec:
             raise ConfigError(f"unknown crop_anchor {self.crop_anchor!r}; choose 'round' or 'floor'")
         if self.image_size < 8:
             raise ConfigError(f"image_size must be at least 8, got {self.image_size}")
+        if len(self.mean) != 3 or len(self.std) != 3:
+            raise ConfigError(f"PreprocessSpec.mean and std need 3 values each, got {self.mean!r} and {self.std!r}")
+        _require_finite("PreprocessSpec", **{f"mean[{i}]": m for i, m in enumerate(self.mean)})
+        _require_positive("PreprocessSpec", **{f"std[{i}]": v for i, v in enumerate(self.std)})
+        if self.channel_order not in ("RGB", "BGR"):
+            raise ConfigError(f"PreprocessSpec.channel_order must be RGB or BGR, got {self.channel_order!r}")
         if self.resize_size is not None:
             if self.resize != "shortest_edge_center_crop":
                 raise ConfigError("resize_size applies only to resize 'shortest_edge_center_crop'")
@@ -270,6 +302,9 @@ class ModelConfig:
     # means no token is put before the prompt.
     special_tokens: dict[str, str] | None = None
 
+    def __post_init__(self) -> None:
+        _require_positive("ModelConfig", tokenizer_vocab_size=self.tokenizer_vocab_size)
+
 
 @dataclass
 class StageConfig:
@@ -289,6 +324,12 @@ class StageConfig:
             raise ConfigError(f"stage {self.name!r} trains nothing")
         if not 0 < self.fraction <= 1:
             raise ConfigError(f"stage {self.name!r}: fraction must be in (0, 1], got {self.fraction}")
+        if self.lr is not None:
+            _require_positive(f"stage {self.name!r}", lr=self.lr)
+
+
+# More optimizer steps than any run could take; a bound keeps schedules and ETAs finite.
+MAX_STEPS = 100_000_000
 
 
 @dataclass
@@ -324,9 +365,28 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.precision not in ("auto", "fp32", "bf16"):
             raise ConfigError(f"unknown precision {self.precision!r}; choose auto, fp32 or bf16")
-        for name in ("batch_size", "grad_accum", "max_steps"):
+        for name in ("batch_size", "grad_accum", "max_steps", "eval_every", "log_every", "max_seq_len"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.max_steps > MAX_STEPS:
+            raise ConfigError(f"max_steps must be at most {MAX_STEPS:,}, got {self.max_steps:,}")
+        _require_positive("TrainConfig", lr=self.lr, grad_clip=self.grad_clip)
+        if self.vision_lr is not None:
+            _require_positive("TrainConfig", vision_lr=self.vision_lr)
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ConfigError(f"TrainConfig.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio!r}")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise ConfigError(f"TrainConfig.weight_decay must be a finite number >= 0, got {self.weight_decay!r}")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ConfigError(f"TrainConfig.betas must be two numbers in [0, 1), got {self.betas!r}")
+        if self.eval_samples < 0:
+            raise ConfigError(f"TrainConfig.eval_samples must not be negative, got {self.eval_samples}")
+        if self.warmup_steps < 0:
+            raise ConfigError(f"TrainConfig.warmup_steps must not be negative, got {self.warmup_steps}")
+        if self.threads is not None and self.threads < 1:
+            raise ConfigError(f"TrainConfig.threads must be at least 1, got {self.threads}")
+        if not self.stages:
+            raise ConfigError("TrainConfig.stages must name at least one stage")
 
 
 # --------------------------------------------------------------------------- presets
@@ -454,5 +514,17 @@ def _coerce(hint: typing.Any, value: typing.Any, where: str) -> typing.Any:
             raise ConfigError(f"{where}: expected a list, got {type(value).__name__}")
         if len(args) == 2 and args[1] is Ellipsis:
             return tuple(_coerce(args[0], v, where) for v in value)
+        if len(value) != len(args):
+            raise ConfigError(f"{where}: expected {len(args)} values, got {len(value)}")
         return tuple(_coerce(a, v, where) for a, v in zip(args, value))
+    if hint is bool and not isinstance(value, bool):
+        raise ConfigError(f"{where}: expected true or false, got {type(value).__name__} {value!r}")
+    if hint is int and (isinstance(value, bool) or not isinstance(value, int)):
+        raise ConfigError(f"{where}: expected an integer, got {type(value).__name__} {value!r}")
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {type(value).__name__} {value!r}")
+        return float(value)
+    if hint is str and not isinstance(value, str):
+        raise ConfigError(f"{where}: expected text, got {type(value).__name__} {value!r}")
     return value

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from vledge.errors import OutputError
+from vledge.leftovers import clean_stale, temp_prefix
 
 _UMASK_LOCK = threading.Lock()  # guards the os.umask() round trip where /proc cannot tell
 
@@ -50,6 +51,28 @@ def file_mode() -> int:
 def dir_mode() -> int:
     """The mode a new folder gets: 0o777 less the umask."""
     return 0o777 & ~current_umask()
+
+
+def check_output_dir(path: str | os.PathLike, what: str = "output folder") -> Path:
+    """OutputError now, before any work, when ``path`` cannot become a folder of ours.
+
+    Probes for real (a folder made and removed in the nearest existing ancestor), because
+    permission bits do not tell: root may write anywhere but in /proc, a mount may be read-only.
+    Nothing is left behind.
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise OutputError(f"{what} {path} is a file, not a folder")
+    ancestor = path
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise OutputError(f"cannot write {what} {path}: {ancestor} is not a folder")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".vledge-probe-", dir=ancestor))
+    except OSError as exc:
+        raise OutputError(f"cannot write {what} {path}: {exc.strerror or exc}") from None
+    return path
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -95,12 +118,14 @@ def atomic_path(dst: str | os.PathLike, suffix: str = ".tmp") -> Iterator[Path]:
     """A temporary path beside ``dst`` for a writer that wants a file name (onnx.save, torch.save, ...).
 
     When the block succeeds the file is committed over ``dst``; when it fails it is removed and
-    ``dst`` is untouched. The temporary file is named ``.<dst name>.<random><suffix>``.
+    ``dst`` is untouched. The temporary file is named ``.<dst name>.<pid>-<random><suffix>``; the
+    stale ones of killed writers to the same ``dst`` are removed first (see vledge.leftovers).
     """
     dst = Path(dst)
     try:
         dst.parent.mkdir(parents=True, exist_ok=True)
-        handle, name = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=suffix, dir=dst.parent)
+        clean_stale(dst.parent, dst.name, suffix=suffix)
+        handle, name = tempfile.mkstemp(prefix=temp_prefix(dst.name), suffix=suffix, dir=dst.parent)
     except OSError as exc:
         raise _cannot_write(dst, exc) from None
     os.close(handle)
@@ -140,17 +165,20 @@ def save_torch(value: Any, path: str | os.PathLike) -> Path:
 
 
 @contextlib.contextmanager
-def atomic_directory(dst: str | os.PathLike, prefix: str | None = None) -> Iterator[Path]:
+def atomic_directory(dst: str | os.PathLike, tag: str = "") -> Iterator[Path]:
     """A private staging folder beside ``dst`` that replaces it, with the ordinary folder mode, on success.
 
     An existing ``dst`` is moved aside and restored if the swap fails; on any error the staging
     folder is removed and ``dst`` is as it was. Checking whether replacing ``dst`` is allowed is
-    the caller's job.
+    the caller's job. The staging folder is ``.<dst name>.<tag><pid>-<random>.tmp``; stale ones
+    of killed writers (and the pid-less names of earlier versions) are removed first.
     """
     dst = Path(dst)
     try:
         dst.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=prefix or f".{dst.name}.", suffix=".tmp", dir=dst.parent))
+        for suffix in (".tmp", ""):
+            clean_stale(dst.parent, dst.name, tag=tag, suffix=suffix)
+        staging = Path(tempfile.mkdtemp(prefix=temp_prefix(dst.name, tag), suffix=".tmp", dir=dst.parent))
     except OSError as exc:
         raise _cannot_write(dst, exc) from None
     try:

@@ -17,6 +17,8 @@ from typing import Any
 from vledge.checkpoint import file_sha256 as sha256_of
 from vledge.config import ModelConfig, PreprocessSpec, PromptTemplate, from_dict
 from vledge.errors import ConfigError, ModelDirError
+from vledge.external_data import external_data_locations
+from vledge.manifest_schema import COMPONENTS, PRECISIONS, validate_manifest  # the names live in the schema
 
 log = logging.getLogger(__name__)
 
@@ -24,8 +26,6 @@ FORMAT = "vledge-model"
 FORMAT_VERSION = 1
 MANIFEST_NAME = "vledge.json"
 TOKENIZER_NAME = "tokenizer.json"
-COMPONENTS = ("vision_encoder", "embed_tokens", "decoder_model_merged")
-PRECISIONS = ("fp32", "fp16", "int8", "q4")
 
 
 def variant_filename(component: str, precision: str) -> str:
@@ -136,9 +136,10 @@ class Manifest:
             raise ModelDirError(
                 f"{source} has format version {data.get('format_version')!r}; this vledge reads {FORMAT_VERSION}"
             )
+        validate_manifest(data, source)
         try:
             files = {name: FileEntry(sha256=str(e["sha256"]), size=int(e["size"])) for name, e in data["files"].items()}
-            return cls(
+            manifest = cls(
                 model_config=from_dict(ModelConfig, data["model_config"]),
                 special_tokens={k: int(v) for k, v in data["special_tokens"].items()},
                 prefix_ids=[int(i) for i in data["prefix_ids"]],
@@ -153,68 +154,28 @@ class Manifest:
             )
         except (KeyError, TypeError, ValueError, AttributeError, ConfigError) as exc:
             raise ModelDirError(f"{source} is malformed: {type(exc).__name__}: {exc}") from None
+        manifest.check_consistent(data.get("architecture", {}), source)
+        return manifest
+
+    def check_consistent(self, architecture: dict[str, Any], source: str) -> None:
+        """Numbers stated twice must agree, and every token id must exist in the vocabulary."""
+        for key, value in self.architecture().items():
+            if key in architecture and architecture[key] != value:
+                raise ModelDirError(f"{source} is malformed: architecture.{key} is {architecture[key]!r}, "
+                                    f"model_config says {value!r}")
+        vocab = self.model_config.language.vocab_size
+        if vocab < 1:
+            raise ModelDirError(f"{source} is malformed: model_config.language.vocab_size must be set, got {vocab}")
+        named = {f"special_tokens.{k}": v for k, v in self.special_tokens.items()}
+        named.update({f"prefix_ids[{i}]": v for i, v in enumerate(self.prefix_ids)})
+        named.update({f"generation.{k}": self.generation[k] for k in ("eos_token_id", "pad_token_id")
+                      if k in self.generation})
+        for where, token in named.items():
+            if token >= vocab:
+                raise ModelDirError(f"{source} is malformed: {where} is {token}, beyond the vocabulary of {vocab}")
 
 
 # --------------------------------------------------------------------------- reading
-
-
-def external_data_locations(onnx_path: Path) -> list[str]:
-    """Every external-data ``location`` an ONNX file names, read without the onnx package.
-
-    The runtime has no onnx dependency, so this walks the protobuf wire format: ModelProto.graph (7)
-    -> GraphProto.initializer (5) / node (1) attributes, TensorProto.external_data (13) entries with
-    key "location". Subgraphs are not used by vledge graphs and are not followed.
-    """
-    data = onnx_path.read_bytes()
-    locations: list[str] = []
-
-    def varint(buf: bytes, pos: int) -> tuple[int, int]:
-        shift = result = 0
-        while True:
-            if pos >= len(buf):
-                raise ModelDirError(f"{onnx_path.name} is not a valid ONNX file (truncated varint)")
-            byte = buf[pos]
-            pos += 1
-            result |= (byte & 0x7F) << shift
-            if not byte & 0x80:
-                return result, pos
-            shift += 7
-
-    def fields(buf: bytes):
-        pos = 0
-        while pos < len(buf):
-            key, pos = varint(buf, pos)
-            number, wire = key >> 3, key & 7
-            if wire == 0:
-                _, pos = varint(buf, pos)
-                yield number, None
-            elif wire == 1:
-                pos += 8
-            elif wire == 5:
-                pos += 4
-            elif wire == 2:
-                length, pos = varint(buf, pos)
-                if pos + length > len(buf):
-                    raise ModelDirError(f"{onnx_path.name} is not a valid ONNX file (field overruns the file)")
-                yield number, buf[pos:pos + length]
-                pos += length
-            else:
-                raise ModelDirError(f"{onnx_path.name} is not a valid ONNX file (wire type {wire})")
-
-    def tensor_locations(tensor: bytes) -> None:
-        for number, value in fields(tensor):
-            if number == 13 and value is not None:  # StringStringEntryProto external_data
-                entry = {n: v for n, v in fields(value) if v is not None}
-                if entry.get(1) == b"location" and 2 in entry:
-                    locations.append(entry[2].decode("utf-8", "replace"))
-
-    for number, graph in fields(data):
-        if number != 7 or graph is None:
-            continue
-        for g_number, item in fields(graph):
-            if g_number == 5 and item is not None:
-                tensor_locations(item)
-    return locations
 
 
 def read_manifest(model_dir: str | Path, verify: bool = True) -> Manifest:
@@ -244,6 +205,8 @@ def read_manifest(model_dir: str | Path, verify: bool = True) -> Manifest:
             raise ModelDirError(f"model directory {root} is missing {relative}")
         if verify:
             verify_file(root, relative, entry, set(manifest.files))
+        elif relative.endswith(".onnx"):  # unhashed, but what ONNX Runtime would read must still be listed
+            check_external_data(root, relative, set(manifest.files))
     return manifest
 
 
@@ -266,12 +229,20 @@ def verify_file(root: Path, relative: str, entry: FileEntry, listed: set[str] | 
     if digest != entry.sha256:
         raise ModelDirError(f"{relative} in {root} does not match its sha256 in {MANIFEST_NAME}: the file was modified")
     if relative.endswith(".onnx"):
-        parent = PurePosixPath(relative).parent
-        for location in locations:
-            if PurePosixPath(location).is_absolute() or ".." in PurePosixPath(location).parts:
-                raise ModelDirError(f"{relative} references external data outside the model directory: {location!r}")
-            resolved = str(parent / location)
-            resolve_inside(root, resolved)
-            if listed is not None and resolved not in listed:
-                raise ModelDirError(f"{relative} references external data {resolved!r} that the manifest does not hash")
+        check_external_data(root, relative, listed, locations)
     return path
+
+
+def check_external_data(root: Path, relative: str, listed: set[str] | None,
+                        locations: list[str] | None = None) -> None:
+    """Every tensor the graph keeps in another file names a file inside ``root`` that the manifest hashes."""
+    parent = PurePosixPath(relative).parent
+    if locations is None:
+        locations = external_data_locations(resolve_inside(root, relative))
+    for location in locations:
+        if PurePosixPath(location).is_absolute() or ".." in PurePosixPath(location).parts:
+            raise ModelDirError(f"{relative} references external data outside the model directory: {location!r}")
+        resolved = str(parent / location)
+        resolve_inside(root, resolved)
+        if listed is not None and resolved not in listed:
+            raise ModelDirError(f"{relative} references external data {resolved!r} that the manifest does not hash")

@@ -14,14 +14,16 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from vledge.config import MAX_STEPS, PRESETS
 from vledge.errors import ConfigError
-from vledge.files import write_json, write_text
+from vledge.files import check_output_dir, write_json, write_text
 
 log = logging.getLogger(__name__)
 
@@ -52,10 +54,16 @@ class QuickstartConfig:
     force: bool = False
 
     def __post_init__(self) -> None:
+        if self.preset not in PRESETS:  # now, not after minutes of generating data
+            raise ConfigError(f"unknown preset {self.preset!r}; choose from {sorted(PRESETS)}")
         if self.size < 50:
             raise ConfigError(f"quickstart needs at least 50 synthetic images, got {self.size}")
-        if self.minutes is not None and self.minutes <= 0:
-            raise ConfigError("minutes must be positive")
+        if self.minutes is not None and not (math.isfinite(self.minutes) and self.minutes > 0):
+            raise ConfigError(f"minutes must be a positive finite number, got {self.minutes}")
+        if self.max_steps is not None and not 1 <= self.max_steps <= MAX_STEPS:
+            raise ConfigError(f"max_steps must be in 1..{MAX_STEPS:,}, got {self.max_steps}")
+        if self.threads is not None and self.threads < 1:
+            raise ConfigError(f"threads must be at least 1, got {self.threads}")
 
 
 @dataclass
@@ -68,14 +76,36 @@ class QuickstartSummary:
     latency: list[dict] = field(default_factory=list)  # bench rows: engine, threads, caption ms, ratio
     captions: list[dict] = field(default_factory=list)
     artifacts: dict[str, str] = field(default_factory=dict)
+    train_steps: int = 0  # optimizer steps reached
+    planned_steps: int = 0  # the preset's (or --max-steps) steps
+    budget_minutes: float | None = None
+    # Commands that finish a run the time budget cut short (train on, then evaluate and export again).
+    finish_commands: list[str] = field(default_factory=list)
+
+    @property
+    def cut_short(self) -> bool:
+        return 0 < self.train_steps < self.planned_steps
 
     def to_dict(self) -> dict:
         data = dataclasses.asdict(self)
         data["out"] = str(self.out)
+        data["cut_short"] = self.cut_short
         return data
 
+    def cut_short_warning(self) -> list[str]:
+        """The loud lines that say the numbers are not the product's, and how to get those."""
+        if not self.cut_short:
+            return []
+        share = 100 * self.train_steps / self.planned_steps
+        return [f"!! TRAINING WAS CUT SHORT: the {self.budget_minutes:g}-minute budget stopped it at step "
+                f"{self.train_steps:,} of {self.planned_steps:,} ({share:.0f}%).",
+                "!! The accuracy below is that of an undertrained model, not what this preset reaches "
+                "(a busy or slow machine trains fewer steps in the same minutes).",
+                "!! Finish the job:"] + [f"!!   {command}" for command in self.finish_commands]
+
     def describe(self) -> str:
-        lines = [f"held-out accuracy (PyTorch, exact match): structured {100 * self.structured_accuracy:.1f}% — "
+        lines = self.cut_short_warning()
+        lines += [f"held-out accuracy (PyTorch, exact match): structured {100 * self.structured_accuracy:.1f}% — "
                  + ", ".join(f"{t} {100 * self.accuracy[t]:.1f}%" for t in STRUCTURED_TASKS if t in self.accuracy)]
         if self.parity:
             lines.append("export parity (token agreement with PyTorch, accuracy Δ points):")
@@ -91,6 +121,7 @@ class QuickstartSummary:
         lines.append("artifacts:")
         lines += [f"  {name:<10} {path}" for name, path in self.artifacts.items()]
         lines.append("time: " + ", ".join(f"{k} {v:.0f} s" for k, v in self.seconds.items()))
+        lines += self.cut_short_warning()  # again at the end, where the eye lands
         return "\n".join(lines)
 
 
@@ -101,10 +132,13 @@ def run_quickstart(config: QuickstartConfig, progress: Progress | None = None,
                    on_train_event: Callable | None = None) -> QuickstartSummary:
     say = progress or (lambda message: log.info("%s", message))
     out = Path(config.out)
+    check_output_dir(out, "quickstart folder")
     if out.exists() and any(out.iterdir()) and not config.force:
         raise ConfigError(f"{out} already exists and is not empty; pass --force to reuse it")
     out.mkdir(parents=True, exist_ok=True)
-    threads = config.threads or os.cpu_count() or 1
+    threads = config.threads or default_threads()
+    if not config.threads:
+        say(f"using {threads} thread(s) of {os.cpu_count() or 1} cores (the ones other processes leave free)")
     summary = QuickstartSummary(out=out)
     started = time.perf_counter()
 
@@ -130,9 +164,14 @@ def run_quickstart(config: QuickstartConfig, progress: Progress | None = None,
 
     run_dir = out / "run"
     say(f"3/8 training the {config.preset} preset -> {run_dir}")
-    result = timed("train", lambda: _train(config, data, run_dir, threads, on_train_event, vision_weights))
+    result, planned = timed("train", lambda: _train(config, data, run_dir, threads, on_train_event, vision_weights))
     ckpt = result.best_checkpoint
     summary.artifacts["checkpoint"] = str(ckpt)
+    summary.train_steps, summary.planned_steps, summary.budget_minutes = result.steps, planned, config.minutes
+    if summary.cut_short:
+        summary.finish_commands = finish_commands(result, planned, data, run_dir, out / "model")
+        for line in summary.cut_short_warning():
+            say(line)
 
     say("4/8 evaluating on the held-out test split")
     report = timed("eval", lambda: _evaluate(config, ckpt, data, threads))
@@ -174,6 +213,21 @@ def run_quickstart(config: QuickstartConfig, progress: Progress | None = None,
     return summary
 
 
+def default_threads() -> int:
+    """The cores other processes do not keep busy (1-minute load average, read before any work of ours).
+
+    A torch thread that shares its core with a busy process stalls every parallel op it takes part
+    in: on a 2-core machine with other work running, 2 threads trained the small preset 5x slower
+    than 1 (15.0 vs 3.0 s/step, README). Idle, all cores are used.
+    """
+    cores = os.cpu_count() or 1
+    try:
+        load = os.getloadavg()[0]
+    except (OSError, AttributeError):  # not on every platform
+        return cores
+    return max(1, min(cores, cores - math.floor(load + 0.5)))
+
+
 def structured_accuracy(accuracy: dict[str, float], counts: dict[str, int]) -> float:
     """Exact match pooled over the structured tasks (questions with one short, checkable answer)."""
     tasks = [t for t in STRUCTURED_TASKS if t in accuracy and counts.get(t)]
@@ -209,7 +263,24 @@ def _train(config: QuickstartConfig, data: Path, run_dir: Path, threads: int, on
     train_config = dataclasses.replace(train_config, **overrides)
     frozen = ("vision", "projector") if vision_weights is not None else ()
     options = RunOptions(minutes=config.minutes, vision_weights=vision_weights, freeze=frozen)
-    return train(data, run_dir, model_config, train_config, options, on_event=on_event)
+    return train(data, run_dir, model_config, train_config, options, on_event=on_event), train_config.max_steps
+
+
+def budget_eta(step: int, planned: int, elapsed_s: float, budget_s: float) -> str:
+    """Progress against the time budget: when it ends, and where the steps will be by then at this pace."""
+    left = max(0.0, budget_s - elapsed_s)
+    reach = min(planned, int(step + left * step / max(elapsed_s, 1e-9)))
+    text = f"budget left {int(left // 60)}:{int(left % 60):02d}, at this pace step ~{reach:,} of {planned:,}"
+    return text + (" (cut short!)" if reach < planned else "")
+
+
+def finish_commands(result, planned: int, data: Path, run_dir: Path, model_dir: Path) -> list[str]:
+    """Resume with a budget that covers the missing steps at the pace measured (+25%), then re-evaluate."""
+    seconds_per_step = result.seconds / max(result.steps, 1)
+    minutes = math.ceil((result.seconds + 1.25 * (planned - result.steps) * seconds_per_step) / 60)
+    return [f"vledge train --data {data} --out {run_dir} --resume --minutes {minutes}",
+            f"vledge eval --ckpt {run_dir / 'ckpt.pt'} --data {data} --split test",
+            f"vledge export {run_dir / 'ckpt.pt'} -o {model_dir} --calibration-data {data} --force"]
 
 
 def _evaluate(config: QuickstartConfig, ckpt: Path, data: Path, threads: int):

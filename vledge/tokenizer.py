@@ -100,6 +100,13 @@ class Tokenizer:
 
     def encode(self, text: str) -> list[int]:
         """Ids of ``text`` alone: no special tokens are added, so pieces concatenate predictably."""
+        if not isinstance(text, str):
+            raise TokenizerError(f"can only encode text, got {type(text).__name__}")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:  # a lone surrogate: bytes of a command-line argument that were not UTF-8
+            raise TokenizerError(f"'{text.encode('utf-8', 'backslashreplace').decode()}' is not valid text "
+                                 "(not UTF-8); the tokenizer takes Unicode text only") from None
         return self.backend.encode(text, add_special_tokens=False).ids
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:

@@ -56,6 +56,8 @@ def _version(package: str) -> str | None:
 def describe_machine() -> dict:
     import onnxruntime
 
+    from vledge.runtime.providers import gpu_status
+
     model, flags = _cpu_model_and_flags()
     interesting = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8", "fma", "f16c", "neon", "asimd")
     return {
@@ -68,4 +70,6 @@ def describe_machine() -> dict:
         "versions": {name: _version(name) for name in (
             "vledge", "torch", "onnxruntime", "onnxruntime-gpu", "onnx", "numpy", "opencv-python-headless")},
         "providers_available": onnxruntime.get_available_providers(),
+        # "available" above is what the build offers; this is whether CUDA really starts here, and why not
+        "cuda": {"usable": (cuda := gpu_status("cuda")).usable, "reason": cuda.reason},
     }

@@ -19,6 +19,12 @@ def _ms(value: float) -> str:
     return f"{value:.3f}" if value < 1 else f"{value:.2f}" if value < 100 else f"{value:.0f}"
 
 
+def _cuda_line(cuda: dict | None) -> str:
+    if not cuda:
+        return "CUDA: not probed."
+    return "CUDA: usable." if cuda["usable"] else f"CUDA: not usable here ({cuda['reason']}); no CUDA engines."
+
+
 def markdown(result: dict) -> str:
     machine = result["machine"]
     config = result["config"]
@@ -29,6 +35,7 @@ def markdown(result: dict) -> str:
         f"({machine.get('physical_cores') or '?'} physical), flags {', '.join(machine['cpu_flags']) or 'none'}; "
         f"{machine['os']}; Python {machine['python']}; "
         + ", ".join(f"{k} {v}" for k, v in machine["versions"].items() if v) + ".",
+        _cuda_line(machine.get("cuda")),
         f"Checkpoint `{Path(config['ckpt']).name}`, model directory `{config['model_dir']}`; "
         f"{config['repeats']} interleaved repetitions after warm-up; decode timed over {config['decode_tokens']} "
         f"steps per repetition; captions capped at {config['caption_tokens']} new tokens; batch 1 unless stated. "

@@ -76,17 +76,13 @@ def default_engines(model_dir: Path) -> list[EngineSpec]:
 
 
 def _cuda_works(model_dir: Path, manifest) -> bool:
-    """Whether a CUDA session really starts here (ONNX Runtime lists CUDA even without a GPU)."""
-    import onnxruntime as ort
+    """Whether a CUDA session really starts here (ONNX Runtime lists CUDA even without a GPU).
 
-    if "CUDAExecutionProvider" not in ort.get_available_providers():
-        return False
-    path = model_dir / manifest.variants["embed_tokens"]["fp32"]
-    try:
-        session = ort.InferenceSession(str(path), providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
-    except Exception:  # any failure to start CUDA means: no CUDA engines in this run
-        return False
-    return session.get_providers()[0] == "CUDAExecutionProvider"
+    Asked through the runtime's quiet probe: ONNX Runtime's complaints go to the debug log, not the terminal.
+    """
+    from vledge.runtime.providers import gpu_status
+
+    return gpu_status("cuda").usable
 
 
 @dataclass

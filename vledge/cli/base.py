@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import sys
 from pathlib import Path
 
@@ -17,13 +18,19 @@ from vledge.errors import VledgeError
 
 
 def fail_cleanly(command):
-    """Turn vledge's typed errors into one clear line and exit status 1."""
+    """Turn vledge's typed errors into one clear line and exit status 1.
+
+    An OSError that reaches here is the file system refusing (a full disk, a read-only mount, a
+    name too long); it is named the same way instead of ending in a traceback.
+    """
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
         try:
             return command(*args, **kwargs)
         except VledgeError as exc:
+            raise click.ClickException(f"{type(exc).__name__}: {exc}") from None
+        except OSError as exc:
             raise click.ClickException(f"{type(exc).__name__}: {exc}") from None
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
@@ -32,7 +39,31 @@ def fail_cleanly(command):
     return wrapper
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _OneLineUsageError(click.UsageError):
+    """A bad option or argument as ``Error: UsageError: <message>`` on one line (exit status 2)."""
+
+    def show(self, file=None) -> None:
+        hint = f" (see '{self.ctx.command_path} --help')" if self.ctx is not None else ""
+        click.echo(f"Error: UsageError: {self.format_message()}{hint}", err=True)
+
+
+class VledgeGroup(click.Group):
+    """click's group whose usage errors read like every other vledge error: one typed line."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except click.UsageError as exc:
+            if isinstance(exc, _OneLineUsageError):
+                raise
+            raise _OneLineUsageError(exc.format_message(), exc.ctx) from None
+
+    def group(self, *args, **kwargs):
+        kwargs.setdefault("cls", VledgeGroup)
+        return super().group(*args, **kwargs)
+
+
+@click.group(cls=VledgeGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="vledge")
 @click.option("-v", "--verbose", count=True, help="More log output (-v info, -vv debug).")
 def main(verbose: int) -> None:
@@ -50,6 +81,19 @@ def _quiet_onnxruntime() -> None:
     except ImportError:
         return
     onnxruntime.set_default_logger_severity(3)
+
+
+class FiniteFloat(click.FloatRange):
+    """click's FloatRange that also refuses nan and ±inf (every comparison with nan is false, so a
+    plain range lets it through)."""
+
+    name = "finite float"
+
+    def convert(self, value, param, ctx):
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return number
 
 
 def parse_providers(text: str) -> str | tuple[str, ...]:
@@ -73,13 +117,13 @@ def inference_options(command):
         click.option("--batch-size", type=click.IntRange(min=1), default=1, show_default=True,
                      help="Images answered together (left-padded batch)."),
         click.option("--max-new-tokens", type=click.IntRange(min=1), default=64, show_default=True),
-        click.option("--temperature", type=click.FloatRange(min=0), default=0.0, show_default=True,
+        click.option("--temperature", type=FiniteFloat(min=0), default=0.0, show_default=True,
                      help="0 is greedy; above 0 samples."),
         click.option("--top-k", type=click.IntRange(min=0), default=0, help="Sample from the k likeliest (0: off)."),
-        click.option("--top-p", type=click.FloatRange(min=0, max=1, min_open=True), default=1.0,
+        click.option("--top-p", type=FiniteFloat(min=0, max=1, min_open=True), default=1.0,
                      help="Nucleus sampling (1: off)."),
         click.option("--num-beams", type=click.IntRange(min=1), default=1, help="Beam search when above 1."),
-        click.option("--repetition-penalty", type=click.FloatRange(min=0, min_open=True), default=1.0,
+        click.option("--repetition-penalty", type=FiniteFloat(min=0, min_open=True), default=1.0,
                      help="Above 1 discourages repeated tokens."),
         click.option("--seed", type=int, default=None, help="Seed for sampling."),
         click.option("--stop", "stop_strings", multiple=True,

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from vledge.cli.base import fail_cleanly, main, parse_providers
+from vledge.cli.base import FiniteFloat, fail_cleanly, main, parse_providers
 
 
 @main.command("batch")
@@ -32,7 +32,7 @@ from vledge.cli.base import fail_cleanly, main, parse_providers
               help="Worker processes or Ray actors, each with its own model [default: one per core].")
 @click.option("--threads-per-worker", type=click.IntRange(min=1), default=None,
               help="ONNX Runtime threads of each worker (Ray: CPUs per actor) [default: cores / workers].")
-@click.option("--gpus-per-worker", type=click.FloatRange(min=0), default=0.0, show_default=True,
+@click.option("--gpus-per-worker", type=FiniteFloat(min=0), default=0.0, show_default=True,
               help="GPUs Ray reserves for each actor (--engine ray).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=1, show_default=True,
               help="Images answered together in one generate call (left-padded batch).")

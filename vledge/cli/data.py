@@ -37,12 +37,14 @@ def data_synth(out_dir: Path, size: int, seed: int, image_size: int, workers: in
 @data.command("inspect")
 @click.argument("path", type=click.Path(path_type=Path))
 @click.option("--split", default="train", show_default=True)
+@click.option("--allow-outside-paths", is_flag=True,
+              help="Let image names in the dataset file point outside its folder (absolute, ../).")
 @fail_cleanly
-def data_inspect(path: Path, split: str) -> None:
+def data_inspect(path: Path, split: str, allow_outside_paths: bool) -> None:
     """Load a dataset (LLaVA JSON, COCO captions, ImageFolder, synthetic) and report what was kept."""
     from vledge.data.loaders import load_records
 
-    records, report = load_records(path, split=split)
+    records, report = load_records(path, split=split, allow_outside_paths=allow_outside_paths)
     click.echo(report.summary())
     tasks: dict[str, int] = {}
     for record in records:

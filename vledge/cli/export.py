@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from vledge.cli.base import fail_cleanly, main
+from vledge.cli.base import FiniteFloat, fail_cleanly, main
 from vledge.cli.convert import BACKEND_HELP
 
 
@@ -25,7 +25,7 @@ from vledge.cli.convert import BACKEND_HELP
               show_default=True)
 @click.option("--parity-samples", type=click.IntRange(min=1), default=256, show_default=True,
               help="Held-out questions compared against PyTorch.")
-@click.option("--max-accuracy-drop", type=click.FloatRange(min=0), default=1.0, show_default=True,
+@click.option("--max-accuracy-drop", type=FiniteFloat(min=0), default=1.0, show_default=True,
               help="Points of exact-match accuracy a variant may lose to be chosen by auto.")
 @click.option("--opset", type=click.IntRange(min=17), default=17, show_default=True)
 @click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True,

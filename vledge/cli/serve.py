@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from vledge.cli.base import fail_cleanly, main, parse_providers
+from vledge.cli.base import FiniteFloat, fail_cleanly, main, parse_providers
 
 
 @main.command("serve")
@@ -22,7 +22,7 @@ from vledge.cli.base import fail_cleanly, main, parse_providers
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="Intra-op threads (default: all cores).")
 @click.option("--max-batch", type=click.IntRange(min=1), default=8, show_default=True,
               help="Requests answered in one batched generation (1: no batching).")
-@click.option("--batch-window-ms", type=click.FloatRange(min=0), default=5.0, show_default=True,
+@click.option("--batch-window-ms", type=FiniteFloat(min=0), default=5.0, show_default=True,
               help="How long a request waits for others to join its batch.")
 @click.option("--max-queue", type=click.IntRange(min=1), default=64, show_default=True,
               help="Requests waiting for a batch; more are refused with 429.")
@@ -34,7 +34,7 @@ from vledge.cli.base import fail_cleanly, main, parse_providers
               help="Largest request body.")
 @click.option("--max-new-tokens-limit", type=click.IntRange(min=1), default=64, show_default=True,
               help="Most tokens a request may ask for; also what it gets when it names no max_tokens.")
-@click.option("--request-timeout", type=click.FloatRange(min=0, min_open=True), default=60.0, show_default=True,
+@click.option("--request-timeout", type=FiniteFloat(min=0, min_open=True), default=60.0, show_default=True,
               help="Seconds from a request's arrival to its last token; 504 after that.")
 @click.option("--name", "model_name", default=None, help="Model id in /v1/models (default: the folder's name).")
 @fail_cleanly

@@ -7,22 +7,23 @@ from pathlib import Path
 
 import click
 
-from vledge.cli.base import fail_cleanly, main
+from vledge.cli.base import FiniteFloat, fail_cleanly, main
 
 
 @main.command()
 @click.option("--data", "data_dir", type=click.Path(path_type=Path), required=True,
               help="Dataset: a folder with train/val JSON (synthetic or LLaVA), a COCO captions file, or an ImageFolder.")
 @click.option("--preset", default="small", show_default=True, help="tiny | small | base | seed-lstm | tiny-lstm")
-@click.option("--out", "run_dir", type=click.Path(path_type=Path), required=True, help="Run folder.")
+@click.option("--out", "run_dir", type=click.Path(path_type=Path, file_okay=False), required=True,
+              help="Run folder.")
 @click.option("--stage", type=click.Choice(["align", "instruct"]), default=None,
               help="Run one stage only (default: the preset's stages in order).")
 @click.option("--max-steps", type=click.IntRange(min=1), default=None, help="Optimizer steps (default: preset).")
-@click.option("--minutes", type=click.FloatRange(min=0, min_open=True), default=None,
+@click.option("--minutes", type=FiniteFloat(min=0, min_open=True), default=None,
               help="Wall-time budget; the schedule follows whichever of steps and time runs out first.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=None)
 @click.option("--grad-accum", type=click.IntRange(min=1), default=None)
-@click.option("--lr", type=float, default=None)
+@click.option("--lr", type=FiniteFloat(), default=None)
 @click.option("--eval-every", type=click.IntRange(min=1), default=None)
 @click.option("--seed", type=int, default=None)
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="torch threads per process.")
@@ -50,10 +51,13 @@ from vledge.cli.base import fail_cleanly, main
 @click.option("--lora-dropout", type=click.FloatRange(min=0, max=1, max_open=True), default=0.05, show_default=True)
 @click.option("--max-seq-len", type=click.IntRange(min=8), default=None,
               help="Longest training sequence in tokens, visual tokens included (default: preset).")
+@click.option("--allow-outside-paths", is_flag=True,
+              help="Let image names in the dataset file point outside its folder (absolute, ../).")
 @fail_cleanly
 def train(data_dir, preset, run_dir, stage, max_steps, minutes, batch_size, grad_accum, lr, eval_every, seed, threads,
           precision, device, resume, init_ckpt, vision_weights, freeze, vision_model, vision_feature_layer,
-          vision_token_reduction, language_model, lora_rank, lora_alpha, lora_dropout, max_seq_len) -> None:
+          vision_token_reduction, language_model, lora_rank, lora_alpha, lora_dropout, max_seq_len,
+          allow_outside_paths) -> None:
     """Train a fusion model: align the projector on captions, then instruction-tune."""
     import dataclasses
 
@@ -78,13 +82,13 @@ def train(data_dir, preset, run_dir, stage, max_steps, minutes, batch_size, grad
         vision, spec = tower_model_config(vision_model, vision_feature_layer, reduction=vision_token_reduction)
         model_config = dataclasses.replace(model_config, vision=vision, preprocess=spec)
         vision_weights = vision_model
-    if resume and (overrides or minutes or stage or freeze or init_ckpt or vision_weights or language_model
-                   or lora_rank):
-        click.echo("note: --resume continues with the run's saved configuration; the other options are ignored",
-                   err=True)
+    if resume and (overrides or stage or freeze or init_ckpt or vision_weights or language_model or lora_rank):
+        click.echo("note: --resume continues with the run's saved configuration; options other than --minutes "
+                   "and --device are ignored", err=True)
     options = RunOptions(stage=stage, minutes=minutes, freeze=tuple(freeze), init=init_ckpt,
                          vision_weights=vision_weights, device=device, language_model=language_model,
-                         lora_rank=lora_rank, lora_alpha=lora_alpha, lora_dropout=lora_dropout)
+                         lora_rank=lora_rank, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+                         allow_outside_paths=allow_outside_paths)
     bar = tqdm(total=train_config.max_steps, desc="train", unit="step", dynamic_ncols=True)
 
     def on_event(event) -> None:
@@ -106,7 +110,8 @@ def train(data_dir, preset, run_dir, stage, max_steps, minutes, batch_size, grad
         bar.close()
         click.echo(f"interrupted; {run_dir / 'last.pt'} saved, continue with --resume", err=True)
         sys.exit(130)
-    bar.close()
+    finally:
+        bar.close()  # an error line then starts on a line of its own
     click.echo(f"trained {result.steps} steps in {result.seconds / 60:.1f} min")
     click.echo(f"best checkpoint: {result.best_checkpoint}\nlast checkpoint: {result.last_checkpoint}")
     click.echo(f"metrics: {run_dir / 'metrics.jsonl'}  curves: {run_dir / 'curves.png'}")
@@ -119,10 +124,10 @@ def train(data_dir, preset, run_dir, stage, max_steps, minutes, batch_size, grad
               help="Weights file to write, for train --vision-weights.")
 @click.option("--preset", default="small", show_default=True, help="The preset whose vision encoder and projector to train.")
 @click.option("--steps", type=click.IntRange(min=1), default=None, help="Optimizer steps  [default: 300].")
-@click.option("--minutes", type=click.FloatRange(min=0, min_open=True), default=None,
+@click.option("--minutes", type=FiniteFloat(min=0, min_open=True), default=None,
               help="Wall-time budget; whichever of steps and time runs out first ends the run.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=None)
-@click.option("--lr", type=float, default=None)
+@click.option("--lr", type=FiniteFloat(), default=None)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="torch threads.")
 @fail_cleanly

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from vledge.cli.base import fail_cleanly, main, parse_providers
+from vledge.cli.base import FiniteFloat, fail_cleanly, main, parse_providers
 
 
 @main.command("webcam")
@@ -15,7 +15,7 @@ from vledge.cli.base import fail_cleanly, main, parse_providers
 @click.option("--source", default="0", show_default=True,
               help="Camera index, video file, stream URL (rtsp://, http://), image folder, or 'synthetic'.")
 @click.option("--question", default=None, help="Ask this about every frame instead of the caption prompt.")
-@click.option("--every-ms", type=click.FloatRange(min=0), default=500, show_default=True,
+@click.option("--every-ms", type=FiniteFloat(min=0), default=500, show_default=True,
               help="At most one caption per this many milliseconds of the stream.")
 @click.option("--output", type=click.Path(path_type=Path), default=None,
               help="Write the annotated video here (.mp4, .avi, .mkv, .mov).")
@@ -33,13 +33,13 @@ from vledge.cli.base import fail_cleanly, main, parse_providers
               help="auto | cpu | cuda | tensorrt, or a comma-separated list in priority order.")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="Intra-op threads.")
 @click.option("--max-frames", type=click.IntRange(min=1), default=None, help="Stop after this many frames.")
-@click.option("--seconds", type=click.FloatRange(min=0, min_open=True), default=None,
+@click.option("--seconds", type=FiniteFloat(min=0, min_open=True), default=None,
               help="Stop after this many seconds (wall clock).")
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=None, help="Caption length limit.")
-@click.option("--scene-threshold", type=click.FloatRange(min=0), default=None,
+@click.option("--scene-threshold", type=FiniteFloat(min=0), default=None,
               help="Re-caption only when the mean thumbnail difference (0-255) from the last captioned frame "
                    "exceeds this [default: 8; 0 re-captions every due frame].")
-@click.option("--embedding-threshold", type=click.FloatRange(min=0, max=2), default=None,
+@click.option("--embedding-threshold", type=FiniteFloat(min=0, max=2), default=None,
               help="Also require this cosine distance between image embeddings before re-captioning.")
 @fail_cleanly
 def webcam_command(model_dir, source, question, every_ms, output, log_path, headless, pace, precision, provider,

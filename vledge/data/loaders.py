@@ -11,7 +11,6 @@ Torch-free: the runtime and the benchmarks use these too.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -22,6 +21,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from vledge.data.jsonfile import TOO_DEEP, read_json
 from vledge.data.records import LoadReport, Record, Turn
 from vledge.errors import DataError
 from vledge.prompt import CAPTION_PROMPT
@@ -53,6 +53,10 @@ UNKNOWN_IMAGE_ID = "unknown image id"
 MALFORMED_IMAGE_ENTRY = "malformed image entry"
 NO_CAPTION = "no caption"
 NOT_AN_IMAGE = "not an image"
+NESTED_TOO_DEEP = "nested too deep"
+OUTSIDE_DATASET = "image outside the dataset folder"
+BAD_TEXT = "text not valid Unicode"
+IMAGE_PATH_UNUSABLE = "image path unusable"
 
 
 class _Skip(Exception):
@@ -75,8 +79,36 @@ class _ImageChecker:
 
     def problem(self, path: Path) -> str | None:
         if path not in self._seen:
-            self._seen[path] = _image_problem(path, self.verify)
+            try:
+                self._seen[path] = _image_problem(path, self.verify)
+            except (OSError, ValueError):  # a name too long for the file system, an embedded NUL, ...
+                self._seen[path] = IMAGE_PATH_UNUSABLE
         return self._seen[path]
+
+
+def _image_path(root: Path, name: str, allow_outside: bool) -> Path:
+    """``name`` (from the dataset file) under ``root``; a name that leaves ``root`` is skipped unless allowed.
+
+    The check is on the name as written (absolute, or ``..`` climbing out); links inside the dataset
+    folder are the user's own and are followed.
+    """
+    path = root / name
+    if not allow_outside:
+        inside = os.path.normpath(path)
+        if os.path.isabs(name) or not inside.startswith(os.path.join(os.path.normpath(root), "")):
+            raise _Skip(OUTSIDE_DATASET)
+    return path
+
+
+def _valid_text(*texts: object) -> bool:
+    """Lone surrogates (``"\\ud800"`` in JSON) decode into Python strings but are not text: no tokenizer takes them."""
+    try:
+        for text in texts:
+            if isinstance(text, str):
+                text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _image_problem(path: Path, verify: bool) -> str | None:
@@ -117,18 +149,6 @@ def _is_image_file(path: Path) -> bool:
 
 
 # --------------------------------------------------------------------------- shared helpers
-
-
-def _read_json(path: Path) -> object:
-    try:
-        with open(path, encoding="utf-8") as file:
-            return json.load(file)
-    except FileNotFoundError:
-        raise DataError(f"{path}: file not found") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise DataError(f"{path}: not a JSON file ({exc})") from None
-    except OSError as exc:
-        raise DataError(f"{path}: cannot be read ({exc.strerror or exc})") from None
 
 
 def _natural_key(text: str) -> tuple:
@@ -173,17 +193,20 @@ def _is_id(value: object) -> bool:
 
 
 def load_llava(
-    json_path: str | os.PathLike, image_root: str | os.PathLike | None = None, verify_images: bool = False
+    json_path: str | os.PathLike, image_root: str | os.PathLike | None = None, verify_images: bool = False,
+    allow_outside_paths: bool = False,
 ) -> tuple[list[Record], LoadReport]:
     """LLaVA conversation JSON (a list of ``{"id", "image", "conversations"}``); images
-    relative to ``image_root``, by default the JSON file's folder."""
+    relative to ``image_root``, by default the JSON file's folder, and inside it unless
+    ``allow_outside_paths``."""
     json_path = Path(json_path)
-    data = _read_json(json_path)
-    return _llava_from_data(data, json_path, image_root, verify_images)
+    data = read_json(json_path)
+    return _llava_from_data(data, json_path, image_root, verify_images, allow_outside_paths)
 
 
 def _llava_from_data(
-    data: object, json_path: Path, image_root: str | os.PathLike | None, verify_images: bool
+    data: object, json_path: Path, image_root: str | os.PathLike | None, verify_images: bool,
+    allow_outside: bool = False,
 ) -> tuple[list[Record], LoadReport]:
     if not isinstance(data, list):
         raise DataError(f"{json_path}: a LLaVA file holds a JSON list of records, found {type(data).__name__}")
@@ -194,13 +217,16 @@ def _llava_from_data(
     records = []
     for index, entry in enumerate(data):
         try:
-            records.append(_llava_record(entry, index, json_path.stem, root, checker))
+            records.append(_llava_record(entry, index, json_path.stem, root, checker, allow_outside))
         except _Skip as skip:
             _skip(report, f"record {index}", skip.reason)
     return _finish(records, report)
 
 
-def _llava_record(entry: object, index: int, stem: str, root: Path, checker: _ImageChecker) -> Record:
+def _llava_record(entry: object, index: int, stem: str, root: Path, checker: _ImageChecker,
+                  allow_outside: bool) -> Record:
+    if entry is TOO_DEEP:
+        raise _Skip(NESTED_TOO_DEEP)
     if not isinstance(entry, dict):
         raise _Skip(MALFORMED)
     raw_id = entry.get("id")
@@ -213,7 +239,9 @@ def _llava_record(entry: object, index: int, stem: str, root: Path, checker: _Im
     if not isinstance(image, str) or not image.strip():
         raise _Skip(MALFORMED)
     turns = _llava_turns(entry.get("conversations"))
-    path = root / image.strip()
+    if not _valid_text(raw_id, image, *(text for turn in turns for text in (turn.question, turn.answer, turn.task))):
+        raise _Skip(BAD_TEXT)
+    path = _image_path(root, image.strip(), allow_outside)
     problem = checker.problem(path)
     if problem:
         raise _Skip(problem)
@@ -270,7 +298,8 @@ def _strip_placeholder(text: str) -> str:
 
 
 def load_coco_captions(
-    json_path: str | os.PathLike, image_root: str | os.PathLike | None = None, verify_images: bool = False
+    json_path: str | os.PathLike, image_root: str | os.PathLike | None = None, verify_images: bool = False,
+    allow_outside_paths: bool = False,
 ) -> tuple[list[Record], LoadReport]:
     """COCO ``captions_*.json``: one single-turn caption record per (image, caption) pair.
 
@@ -279,8 +308,8 @@ def load_coco_captions(
     inside it, and otherwise in the JSON's own folder; see :func:`coco_image_root`.
     """
     json_path = Path(json_path)
-    data = _read_json(json_path)
-    return _coco_from_data(data, json_path, image_root, verify_images)
+    data = read_json(json_path)
+    return _coco_from_data(data, json_path, image_root, verify_images, allow_outside_paths)
 
 
 def coco_image_root(json_path: str | os.PathLike) -> Path:
@@ -298,7 +327,8 @@ def coco_image_root(json_path: str | os.PathLike) -> Path:
 
 
 def _coco_from_data(
-    data: object, json_path: Path, image_root: str | os.PathLike | None, verify_images: bool
+    data: object, json_path: Path, image_root: str | os.PathLike | None, verify_images: bool,
+    allow_outside: bool = False,
 ) -> tuple[list[Record], LoadReport]:
     shaped = isinstance(data, dict) and all(isinstance(data.get(key), list) for key in ("images", "annotations"))
     if not shaped:
@@ -317,13 +347,16 @@ def _coco_from_data(
     records = []
     for index, annotation in enumerate(data["annotations"]):
         try:
-            records.append(_coco_record(annotation, index, files, root, checker))
+            records.append(_coco_record(annotation, index, files, root, checker, allow_outside))
         except _Skip as skip:
             _skip(report, f"annotation {index}", skip.reason)
     return _finish(records, report)
 
 
-def _coco_record(annotation: object, index: int, files: dict, root: Path, checker: _ImageChecker) -> Record:
+def _coco_record(annotation: object, index: int, files: dict, root: Path, checker: _ImageChecker,
+                 allow_outside: bool) -> Record:
+    if annotation is TOO_DEEP:
+        raise _Skip(NESTED_TOO_DEEP)
     if not isinstance(annotation, dict):
         raise _Skip(MALFORMED)
     image_id, caption, ann_id = annotation.get("image_id"), annotation.get("caption"), annotation.get("id")
@@ -334,7 +367,9 @@ def _coco_record(annotation: object, index: int, files: dict, root: Path, checke
     answer = " ".join(caption.split())  # COCO captions carry stray newlines and double spaces
     if not answer:
         raise _Skip(NO_CAPTION)
-    path = root / files[image_id]
+    if not _valid_text(caption, files[image_id], image_id, ann_id):
+        raise _Skip(BAD_TEXT)
+    path = _image_path(root, files[image_id], allow_outside)
     problem = checker.problem(path)
     if problem:
         raise _Skip(problem)
@@ -362,6 +397,9 @@ def load_image_folder(root: str | os.PathLike, verify_images: bool = False) -> t
         answer = class_dir.name.replace("_", " ").strip()
         for path in _files_under(class_dir):
             relative = path.relative_to(root).as_posix()
+            if not _valid_text(answer, relative):  # names in bytes that are not UTF-8 (surrogate-escaped)
+                _skip(report, relative.encode("utf-8", "replace").decode(), BAD_TEXT)
+                continue
             if not _is_image_file(path):
                 _skip(report, relative, NOT_AN_IMAGE)
                 continue
@@ -396,31 +434,33 @@ def _has_class_folders(root: Path) -> bool:
 
 
 def load_records(
-    path: str | os.PathLike, split: str = "train", verify_images: bool = False
+    path: str | os.PathLike, split: str = "train", verify_images: bool = False, allow_outside_paths: bool = False
 ) -> tuple[list[Record], LoadReport]:
     """Recognise a dataset's layout and load it.
 
     A folder holding ``{split}.json`` (vledge synthetic data, LLaVA with splits) or
     ``annotations/captions_{split}.json`` (COCO); a ``.json`` file (a list is LLaVA, an
     object with "annotations" is COCO captions); an ImageFolder, either
-    ``path/{split}/<class>/`` or ``path/<class>/``.
+    ``path/{split}/<class>/`` or ``path/<class>/``. Image names in a JSON file must stay
+    inside its image folder unless ``allow_outside_paths`` (see docs/data.md).
     """
+    outside = allow_outside_paths
     path = Path(path)
     if not path.exists():
         raise DataError(f"{path}: no such file or folder")
     if path.is_file():
-        return _load_json_file(path, verify_images)
+        return _load_json_file(path, verify_images, outside)
 
     split_json = path / f"{split}.json"
     if split_json.is_file():
-        return _load_json_file(split_json, verify_images)
+        return _load_json_file(split_json, verify_images, outside)
     coco_json = path / "annotations" / f"captions_{split}.json"
     if coco_json.is_file():
-        return load_coco_captions(coco_json, verify_images=verify_images)
+        return load_coco_captions(coco_json, verify_images=verify_images, allow_outside_paths=outside)
     # the official layout names splits with a year: annotations/captions_train2017.json beside train2017/
     dated = sorted((path / "annotations").glob(f"captions_{split}[0-9][0-9][0-9][0-9].json"))
     if len(dated) == 1:
-        return load_coco_captions(dated[0], verify_images=verify_images)
+        return load_coco_captions(dated[0], verify_images=verify_images, allow_outside_paths=outside)
     if (path / "annotations").is_dir() and any((path / "annotations").glob("captions_*.json")):
         found = ", ".join(p.name for p in sorted((path / "annotations").glob("captions_*.json")))
         raise DataError(f"{path}: COCO annotations found ({found}) but none for split {split!r}; choose it with --split")
@@ -442,12 +482,12 @@ def load_records(
     )
 
 
-def _load_json_file(path: Path, verify_images: bool) -> tuple[list[Record], LoadReport]:
+def _load_json_file(path: Path, verify_images: bool, outside: bool = False) -> tuple[list[Record], LoadReport]:
     if path.suffix.lower() != ".json":
         raise DataError(f"{path}: not a dataset file; expected a .json (LLaVA conversations or COCO captions)")
-    data = _read_json(path)
+    data = read_json(path)
     if isinstance(data, dict) and "annotations" in data:
-        return _coco_from_data(data, path, None, verify_images)
+        return _coco_from_data(data, path, None, verify_images, outside)
     if isinstance(data, list):
-        return _llava_from_data(data, path, None, verify_images)
+        return _llava_from_data(data, path, None, verify_images, outside)
     raise DataError(f"{path}: neither LLaVA (a JSON list) nor COCO captions (an object with 'annotations')")

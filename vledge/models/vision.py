@@ -118,6 +118,9 @@ def load_vision_weights(encoder: VisionEncoder, path: str | Path | None = None) 
         path = Path(path)
         if not path.is_file():
             raise WeightsError(f"vision weights file not found: {path}")
+        from vledge.checkpoint import require_safe_torch
+
+        require_safe_torch()  # weights_only=True is no protection before torch 2.6
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:
@@ -147,6 +150,9 @@ def _cached_torchvision_state(backbone: str, weights_name: str) -> dict:
             f"{backbone} weights {weights_name} are not in the torch cache ({cached}); vledge does not download "
             f"at run time: fetch the file once on a connected machine or pass --vision-weights PATH"
         )
+    from vledge.checkpoint import require_safe_torch
+
+    require_safe_torch()
     return torch.load(cached, map_location="cpu", weights_only=True)
 
 

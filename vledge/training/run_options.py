@@ -33,6 +33,7 @@ class RunOptions:
     lora_rank: int | None = None  # tune that LM through LoRA adapters of this rank (None: fully)
     lora_alpha: float = 16.0
     lora_dropout: float = 0.05
+    allow_outside_paths: bool = False  # image names in the dataset may leave its folder (docs/data.md)
 
     def __post_init__(self) -> None:
         if self.stage is not None and (not isinstance(self.stage, str) or not self.stage):
@@ -56,6 +57,8 @@ class RunOptions:
                 object.__setattr__(self, name, Path(value))
         if self.init is not None and self.vision_weights is not None:
             raise ConfigError("--init already holds vision weights; --vision-weights cannot be combined with it")
+        if not isinstance(self.allow_outside_paths, bool):
+            raise ConfigError(f"allow_outside_paths must be true or false, got {self.allow_outside_paths!r}")
         if not isinstance(self.device, str) or not _DEVICE.fullmatch(self.device):
             raise ConfigError(f"device must be auto, cpu, mps, cuda or cuda:N, got {self.device!r}")
         self.lora  # validates rank, alpha and dropout

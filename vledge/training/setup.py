@@ -22,6 +22,7 @@ from vledge.data.dataset import ConversationDataset, cache_images, filter_tasks
 from vledge.data.loaders import load_records
 from vledge.data.records import LoadReport, Record
 from vledge.errors import CheckpointError, ConfigError, DataError
+from vledge.files import check_output_dir
 from vledge.models.vision import load_vision_weights
 from vledge.models.vlm import VisionLanguageModel
 from vledge.tokenizer import Tokenizer
@@ -72,6 +73,7 @@ def prepare_run(data: Path, run_dir: Path, model_config: ModelConfig, train_conf
     """Set a run up; with ``resume`` the configs, options and state come from ``run_dir/last.pt``
     (only ``options.device`` is this call's)."""
     data, run_dir = Path(data), Path(run_dir)
+    check_output_dir(run_dir, "run folder")  # before minutes of loading data and building the model
     rank, world = _init_distributed(options.device)
     device = _pick_device(options.device)
     start = RunState()
@@ -82,7 +84,9 @@ def prepare_run(data: Path, run_dir: Path, model_config: ModelConfig, train_conf
             raise CheckpointError(f"{run_dir / 'last.pt'} holds no training state to resume")
         model_config, train_config = resume_from.model_config, resume_from.train_config
         start, saved = decode_train_state(resume_from.train_state, run_dir / "last.pt")
-        options = replace(saved, device=options.device)
+        # this call's device, and its budget when it gives one (to finish a run a budget cut short)
+        options = replace(saved, device=options.device,
+                          minutes=options.minutes if options.minutes is not None else saved.minutes)
     loaded_lm = None
     if resume_from is None and options.init is not None and options.language_model is None:
         model_config = load_checkpoint(options.init).model_config  # its weights define the architecture
@@ -91,10 +95,11 @@ def prepare_run(data: Path, run_dir: Path, model_config: ModelConfig, train_conf
                                                                  train_config.max_seq_len)
     torch.set_num_threads(train_config.threads or max(1, (os.cpu_count() or 1) // world))
 
-    all_train_records, train_report = load_records(data, split="train")
+    all_train_records, train_report = load_records(data, split="train",
+                                                   allow_outside_paths=options.allow_outside_paths)
     stages = usable_stages(stage_plan(train_config, options.stage), options.freeze, all_train_records, data,
                            model_config)
-    train_records, val_records = split_validation(data, all_train_records)
+    train_records, val_records = split_validation(data, all_train_records, options.allow_outside_paths)
     train_report.kept -= len(all_train_records) - len(train_records)  # held out for validation
     tokenizer = loaded_lm.tokenizer if loaded_lm is not None and options.init is None else _tokenizer(
         resume_from, options.init, model_config, train_records)
@@ -185,11 +190,12 @@ def usable_stages(stages: tuple[StageConfig, ...], freeze: tuple[str, ...], reco
     return tuple(usable)
 
 
-def split_validation(data: Path, train_records: list[Record]) -> tuple[list[Record], list[Record]]:
+def split_validation(data: Path, train_records: list[Record],
+                     allow_outside_paths: bool = False) -> tuple[list[Record], list[Record]]:
     """(training records, validation records): the val split when it is separate data, else every
     20th training image (all its records) held out, deterministically."""
     try:
-        records, _ = load_records(data, split="val")
+        records, _ = load_records(data, split="val", allow_outside_paths=allow_outside_paths)
     except DataError:
         records = []
     train_images = {str(r.image) for r in train_records}

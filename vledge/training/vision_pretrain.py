@@ -71,6 +71,8 @@ class VisionPretrainConfig:
         for name in ("steps", "batch_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ConfigError(f"lr must be a positive finite number, got {self.lr}")
 
 
 @dataclass
@@ -284,6 +286,9 @@ def load_projector_weights(projector: nn.Module, path: str | Path) -> bool:
     """
     if Path(path).is_dir():  # a Hugging Face vision tower folder holds no projector
         return False
+    from vledge.checkpoint import require_safe_torch
+
+    require_safe_torch()  # weights_only=True is no protection before torch 2.6
     try:
         state = torch.load(Path(path), map_location="cpu", weights_only=True)
     except Exception as exc:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import threading
 import time
 from dataclasses import dataclass
@@ -10,8 +11,11 @@ from typing import Any
 
 import numpy as np
 
+from vledge.errors import ImageError
 from vledge.webcam.capture import Frame
 from vledge.webcam.scene import SceneChangeDetector
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -92,6 +96,9 @@ class Captioner(threading.Thread):
                     return
             try:
                 event = self._process(job)
+            except ImageError as exc:  # one bad frame (over the pixel limit, a strange layout) is skipped
+                log.warning("frame %d skipped: %s", job.index, exc)
+                event = None
             except BaseException as exc:  # raised again by the demo loop
                 event = None
                 self.error = exc
