@@ -15,6 +15,7 @@ from pathlib import Path
 
 from vledge.errors import QuantizationError
 from vledge.export.fusion import fuse_attention
+from vledge.export.layer_fusion import fuse_layers
 from vledge.export.onnx_files import atomic_output, load_graph, op_types, source_graph, validate_graph
 
 log = logging.getLogger(__name__)
@@ -102,11 +103,13 @@ def optimize_graph(src: Path, dst: Path, level: str = "basic") -> Path:
 
 
 def optimize_component(component: str, src: Path, dst: Path, level: str = "basic", fuse: bool = True) -> Path:
-    """The recommended offline optimisation of one graph: ``level`` for all, attention fusion for the decoder."""
+    """The recommended offline optimisation of one graph: ``level`` for all; for the decoder, attention fusion
+    then residual + LayerNorm fusion and the mask inside attention (``vledge.export.layer_fusion``)."""
     if component not in COMPONENTS:
         raise QuantizationError(f"unknown component {component!r}; choose from {COMPONENTS}")
     optimize_graph(src, dst, level)
     if fuse and component == "decoder_model_merged":
         fuse_attention(dst, dst)
+        fuse_layers(dst, dst)
     return Path(dst)
 
