@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from vledge.files import atomic_path, write_json, write_text
+
+log = logging.getLogger(__name__)
 
 STAGE_LABELS = {
     "preprocess_ms": "preprocess",
@@ -148,6 +151,11 @@ def write_outputs(result: dict, out_dir: Path) -> dict[str, Path]:
     written = {"json": out_dir / "bench.json", "markdown": out_dir / "bench.md"}
     write_json(written["json"], result, indent=2)
     write_text(written["markdown"], markdown(result))
+    try:
+        import matplotlib  # noqa: F401  (the [train] extra; the tables do not need it)
+    except ImportError:
+        log.warning("matplotlib is not installed: no charts")
+        return written
     for path in charts(result, out_dir):
         written[path.stem] = path
     return written
