@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from vledge.checkpoint import file_sha256, load_checkpoint
-from vledge.errors import ConfigError, ExportError, OutputError, VledgeError
+from vledge.errors import ConfigError, ExportError, VledgeError
 from vledge.export.graphs import DEFAULT_OPSET, check_graph, export_graphs, tensor_names
 from vledge.export.parity import (
     FP32_ATOL,
@@ -112,10 +112,6 @@ def export(ckpt: str | Path, out_dir: str | Path | None = None, options: ExportO
     out_dir = Path(out_dir) if out_dir is not None else ckpt.parent / "model"
     if out_dir.exists() and not options.force:
         raise ExportError(f"{out_dir} already exists; pass --force to replace it")
-    try:
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise OutputError(f"cannot write the model directory {out_dir}: {exc.strerror or exc}") from None
     with atomic_directory(out_dir, prefix=f".{out_dir.name}.export-") as staging:
         result = _export_into(staging, checkpoint, ckpt, options, say)
     result.model_dir = out_dir

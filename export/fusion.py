@@ -238,7 +238,12 @@ def decoder_probe(session, seed: int = 0) -> list[list[np.ndarray]]:
 
 def _check_same_decoder(reference: Path, candidate: Path, tolerance: float, label: Path) -> None:
     """Raise unless ``candidate`` reproduces ``reference``'s outputs (``label`` names it in the message)."""
-    want = decoder_probe(cpu_session(reference))
+    try:
+        want = decoder_probe(cpu_session(reference))
+    except QuantizationError:
+        raise
+    except Exception as exc:  # onnxruntime raises its own exception classes
+        raise QuantizationError(f"{reference}: the unfused decoder fails to run on the probe inputs ({exc})") from exc
     try:
         got = decoder_probe(cpu_session(candidate))
     except QuantizationError:

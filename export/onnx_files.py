@@ -18,10 +18,6 @@ log = logging.getLogger(__name__)
 @contextlib.contextmanager
 def atomic_output(dst: Path) -> Iterator[Path]:
     """A temporary ``.onnx`` path beside ``dst`` that replaces it only when the block succeeds (``vledge.files``)."""
-    try:
-        Path(dst).parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise OutputError(f"cannot write {dst}: {exc.strerror or exc}") from None
     with atomic_path(dst, suffix=".onnx") as temp:
         yield temp
 

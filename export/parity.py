@@ -205,7 +205,7 @@ class VariantParity:
         return asdict(self)
 
 
-def measure_engine(engine: Engine, tokenizer: Tokenizer, samples: ParitySamples, reference: Reference,
+def measure_engine(engine: Engine, samples: ParitySamples, reference: Reference,
                    precisions: dict[str, str] | None = None, batch_size: int = 32,
                    progress: Callable[[int], None] | None = None) -> VariantParity:
     """Compare one engine with the PyTorch reference on the same pixels and prompts.
@@ -228,7 +228,7 @@ def measure_engine(engine: Engine, tokenizer: Tokenizer, samples: ParitySamples,
 
 
 def measure_runtime(runtime, samples: ParitySamples, reference: Reference, batch_size: int = 32) -> VariantParity:
-    return measure_engine(runtime, runtime.tokenizer, samples, reference,
+    return measure_engine(runtime, samples, reference,
                           precisions=runtime.precisions, batch_size=batch_size)
 
 

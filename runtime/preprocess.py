@@ -17,8 +17,7 @@ import numpy as np
 
 from vledge.config import PreprocessSpec, from_dict
 from vledge.errors import ConfigError, ImageError
-from vledge.runtime.image_decoding import (CHANNEL_ORDERS, MAX_PIXELS, ImageSource, array_name, decode_image,
-                                           pixel_limit)
+from vledge.runtime.image_decoding import CHANNEL_ORDERS, MAX_PIXELS, ImageSource, decode_image, pixel_limit
 from vledge.runtime.resampling import resize_and_crop
 
 __all__ = ["MAX_PIXELS", "ImagePreprocessor", "ImageSource", "decode_image"]
@@ -82,10 +81,6 @@ class ImagePreprocessor:
 
     def resize_and_crop(self, rgb: np.ndarray) -> np.ndarray:
         """Upright RGB uint8 [H, W, 3] -> uint8 [S, S, 3] after the spec's resize and centre crop."""
-        if not (isinstance(rgb, np.ndarray) and rgb.dtype == np.uint8 and rgb.ndim == 3 and rgb.shape[2] == 3
-                and rgb.size):
-            got = array_name(rgb) if isinstance(rgb, np.ndarray) else type(rgb).__name__
-            raise ImageError(f"resize_and_crop() needs an RGB uint8 HxWx3 array, got {got}")
         return resize_and_crop(rgb, self.spec)
 
     def normalize(self, pixels: np.ndarray) -> np.ndarray:

@@ -171,6 +171,11 @@ def resize_and_crop(rgb: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
 
     Only the output pixels that survive the crop are computed, from the input rows they need.
     """
+    if not (isinstance(rgb, np.ndarray) and rgb.dtype == np.uint8 and rgb.ndim == 3 and rgb.shape[2] == 3
+            and rgb.size):
+        got = (f"<array shape={tuple(rgb.shape)} dtype={rgb.dtype}>" if isinstance(rgb, np.ndarray)
+               else type(rgb).__name__)
+        raise ImageError(f"resize_and_crop() needs an RGB uint8 HxWx3 array, got {got}")
     size = spec.image_size
     in_h, in_w = rgb.shape[:2]
     new_h, new_w, top, left = output_geometry(in_h, in_w, spec)

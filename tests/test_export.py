@@ -369,3 +369,17 @@ def test_an_unreadable_graph_is_a_model_dir_error_naming_it(tiny_model_dir, synt
     assert done.returncode != 0
     assert "Traceback" not in done.stderr, done.stderr
     assert "Error: ModelDirError:" in done.stderr and graph in done.stderr, done.stderr
+
+
+def test_export_to_an_unwritable_place_is_one_output_error_line(tiny_run, tmp_path):
+    from click.testing import CliRunner
+
+    from vledge.cli import main
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    result = CliRunner().invoke(main, ["export", str(tiny_run.best_checkpoint), "-o", str(blocker / "model")])
+    assert result.exit_code != 0
+    assert "Error: OutputError: cannot write" in result.output and "a-file/model" in result.output, result.output
+    assert "Traceback" not in result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]

@@ -92,3 +92,20 @@ def test_commit_moves_a_finished_file_into_place(umask, tmp_path):
     assert done.stat().st_mode & 0o777 == 0o666 & ~umask
     assert not partial.exists()
 
+
+
+def test_targets_that_cannot_be_written_are_output_errors_naming_them(tmp_path):
+    from vledge.errors import OutputError
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    with pytest.raises(OutputError, match="cannot write .*a-file/report.json"):
+        files.write_json(blocker / "report.json", {})
+    with pytest.raises(OutputError, match="cannot write .*a-file/model"):
+        with files.atomic_directory(blocker / "model"):
+            raise AssertionError("the block must not run")
+    folder = tmp_path / "taken"
+    (folder / "inside").mkdir(parents=True)
+    with pytest.raises(OutputError, match="cannot write .*taken"):
+        files.write_text(folder, "a folder is in the way")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "taken"]

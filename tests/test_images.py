@@ -70,3 +70,28 @@ def test_bad_files_raise_image_errors_naming_them(tmp_path):
         load_rgb(tmp_path / "cut.jpg")
     with pytest.raises(ImageError):
         load_rgb(b"")
+
+
+def test_training_pixels_are_the_reference_pipelines(synth_data, tmp_path):
+    """Training now shares the runtime's implementation; it must still give what Pillow + torchvision give."""
+    import platform
+
+    import torchvision_reference as reference
+
+    exact = torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512") or platform.machine() in ("aarch64", "arm64")
+    rng = np.random.default_rng(5)
+    photo = cv2.GaussianBlur(rng.integers(0, 256, (90, 130, 3), dtype=np.uint8), (0, 0), 2)
+    Image.fromarray(photo).save(tmp_path / "photo.png")
+    paths = sorted((synth_data / "images").rglob("*.jpg"))[:12] + [tmp_path / "photo.png"]
+    for spec in (PreprocessSpec(image_size=32), PreprocessSpec(image_size=40, interpolation="bicubic"),
+                 PreprocessSpec(image_size=24, resize="squash")):
+        for path in paths:
+            ours = resize_and_crop(load_rgb(path), spec)
+            want = reference.resize_and_crop(reference.load_rgb(path), spec)
+            assert ours.dtype == torch.uint8 and ours.shape == want.shape == (3, spec.image_size, spec.image_size)
+            diff = (ours.int() - want.int()).abs()
+            if exact:
+                assert int(diff.max()) == 0, (path.name, spec)
+            else:
+                assert float(diff.float().mean()) <= 1.0, (path.name, spec)
+            assert torch.equal(preprocess(path, spec), reference.normalize(ours, spec))

@@ -37,11 +37,11 @@ INTERPOLATIONS = ("bilinear", "bicubic")
 
 @pytest.fixture(scope="module")
 def training():
-    """The training-side reference (needs torch, torchvision and Pillow: the [train] extra)."""
+    """The Pillow + torchvision pipeline the spec is defined by (needs torch, torchvision and Pillow)."""
     pytest.importorskip("torch")
     pytest.importorskip("torchvision")
     pytest.importorskip("PIL")
-    from vledge.data import images
+    import torchvision_reference as images
 
     return images
 

@@ -357,3 +357,18 @@ def test_other_grids(grid):
             assert turn.answer in names
     with pytest.raises(ConfigError, match="grid"):
         synth.render_scene(scene, options.image_size, rng, grid=3 if grid != 3 else 2)
+
+
+@pytest.mark.parametrize("umask, file_mode, folder_mode", [(0o022, 0o644, 0o755), (0o077, 0o600, 0o700)])
+def test_dataset_gets_ordinary_modes_under_the_umask(tmp_path, umask, file_mode, folder_mode):
+    import os
+
+    previous = os.umask(umask)
+    try:
+        out = generate_dataset(tmp_path / "synth", SynthOptions(size=6, seed=2), workers=1).out_dir
+    finally:
+        os.umask(previous)
+    files = {p.stat().st_mode & 0o777 for p in out.rglob("*") if p.is_file()}
+    folders = {p.stat().st_mode & 0o777 for p in [out, *out.rglob("*")] if p.is_dir()}
+    assert files == {file_mode} and folders == {folder_mode}, (sorted(map(oct, files)), sorted(map(oct, folders)))
+    assert [p.name for p in tmp_path.iterdir()] == ["synth"]

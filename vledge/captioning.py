@@ -92,11 +92,18 @@ class _AnswerEngine:
     max_positions: int | None  # None: no position limit (LSTM)
     caption_prompt: str = CAPTION_PROMPT
 
+    def __init__(self) -> None:
+        self._prompt_ids: dict[str, list[int]] = {}
+
     def prompt_ids(self, prompt: str) -> list[int]:
-        """The prompt's ids; ConfigError when it leaves the model no room to answer."""
-        ids = question_ids(self.engine.tokenizer, self.template, prompt)
-        clamp_to_positions(GenerationOptions(max_new_tokens=1), len(ids) - 1 + self.image_tokens, self.max_positions)
-        return ids
+        """The prompt's ids (encoded once per prompt); ConfigError when it leaves the model no room to answer."""
+        known = self._prompt_ids
+        if prompt not in known:
+            ids = question_ids(self.engine.tokenizer, self.template, prompt)
+            clamp_to_positions(GenerationOptions(max_new_tokens=1), len(ids) - 1 + self.image_tokens,
+                               self.max_positions)
+            known[prompt] = ids
+        return list(known[prompt])
 
     def answer(self, pixels: np.ndarray, prompt: str, options: GenerationOptions,
                stop_strings: Sequence[str]) -> list[Record]:
@@ -113,6 +120,7 @@ class RuntimeEngine(_AnswerEngine):
                  threads: int | None = None, strict: bool = False) -> None:
         from vledge.runtime import load
 
+        super().__init__()
         self.runtime = self.engine = load(model_dir, precision=precision, providers=providers, threads=threads,
                                           strict=strict)
         self.runtime.warmup()  # first-run costs here, not in the first image's timings
@@ -141,6 +149,7 @@ class CheckpointEngine(_AnswerEngine):
         from vledge.checkpoint import load_checkpoint
         from vledge.models.generate import TorchEngine
 
+        super().__init__()
         if threads:
             torch.set_num_threads(threads)
         checkpoint = load_checkpoint(ckpt)

@@ -61,3 +61,19 @@ class DisplayError(VledgeError):
 
 class SourceError(VledgeError):
     """A camera, video file, stream URL or image folder cannot be opened or stops delivering frames."""
+
+
+class RequestError(VledgeError):
+    """A request to ``vledge serve`` that cannot be answered as asked; carries its HTTP status and error code."""
+
+    def __init__(self, message: str, status: int = 400, code: str = "invalid_request", param: str | None = None,
+                 retry_after_s: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.param = param
+        self.retry_after_s = retry_after_s
+
+
+class BatchError(VledgeError):
+    """A bulk captioning run cannot go on: a worker process died, or the Ray cluster cannot run it."""

@@ -4,8 +4,9 @@ Each write goes to a temporary name beside its destination, is flushed to disk (
 renamed over it. Temporary files from ``mkstemp``/``mkdtemp`` are private (0600/0700); what lands
 in place gets the modes an ordinary ``open``/``mkdir`` would give, ``0o666 & ~umask`` for files and
 ``0o777 & ~umask`` for folders (0644 and 0755 under the usual umask 022), so a model directory or
-checkpoint copied to a server stays readable by the service user. Nothing here imports torch at
-module level: the torch-free runtime uses it too.
+checkpoint copied to a server stays readable by the service user. A target that cannot be written
+(no such folder, no permission, a folder where a file should go) is an ``OutputError`` naming it.
+Nothing here imports torch at module level.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from vledge.errors import OutputError
 
 _UMASK_LOCK = threading.Lock()  # guards the os.umask() round trip where /proc cannot tell
 
@@ -70,12 +73,19 @@ def _fsync_file(path: Path) -> None:
         os.close(fd)
 
 
+def _cannot_write(target: Path, exc: OSError) -> OutputError:
+    return OutputError(f"cannot write {target}: {exc.strerror or exc}")
+
+
 def commit(temp: str | os.PathLike, dst: str | os.PathLike) -> Path:
     """Flush a finished temporary file, give it the ordinary file mode and rename it over ``dst``."""
     temp, dst = Path(temp), Path(dst)
-    _fsync_file(temp)
-    os.chmod(temp, file_mode())
-    os.replace(temp, dst)
+    try:
+        _fsync_file(temp)
+        os.chmod(temp, file_mode())
+        os.replace(temp, dst)
+    except OSError as exc:
+        raise _cannot_write(dst, exc) from None
     _fsync_dir(dst.parent)
     return dst
 
@@ -88,8 +98,11 @@ def atomic_path(dst: str | os.PathLike, suffix: str = ".tmp") -> Iterator[Path]:
     ``dst`` is untouched. The temporary file is named ``.<dst name>.<random><suffix>``.
     """
     dst = Path(dst)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    handle, name = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=suffix, dir=dst.parent)
+    try:
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        handle, name = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=suffix, dir=dst.parent)
+    except OSError as exc:
+        raise _cannot_write(dst, exc) from None
     os.close(handle)
     temp = Path(name)
     try:
@@ -135,12 +148,18 @@ def atomic_directory(dst: str | os.PathLike, prefix: str | None = None) -> Itera
     the caller's job.
     """
     dst = Path(dst)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=prefix or f".{dst.name}.", suffix=".tmp", dir=dst.parent))
+    try:
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=prefix or f".{dst.name}.", suffix=".tmp", dir=dst.parent))
+    except OSError as exc:
+        raise _cannot_write(dst, exc) from None
     try:
         yield staging
-        os.chmod(staging, dir_mode())
-        _swap_into_place(staging, dst)
+        try:
+            os.chmod(staging, dir_mode())
+            _swap_into_place(staging, dst)
+        except OSError as exc:
+            raise _cannot_write(dst, exc) from None
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

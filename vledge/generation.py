@@ -65,6 +65,7 @@ class GenerationResult:
 
 class TextTokenizer(Protocol):
     eos_id: int
+    pad_id: int
 
     def decode(self, ids: Sequence[int]) -> str: ...
 

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from vledge.errors import ConfigError
+from vledge.files import write_json, write_text
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +138,7 @@ def run_quickstart(config: QuickstartConfig, progress: Progress | None = None,
     report = timed("eval", lambda: _evaluate(config, ckpt, data, threads))
     summary.accuracy = report.accuracy
     summary.structured_accuracy = structured_accuracy(report.accuracy, report.counts)
-    (out / "eval.json").write_text(json.dumps(report.to_dict(examples=20), indent=2) + "\n", encoding="utf-8")
+    write_json(out / "eval.json", report.to_dict(examples=20), indent=2)
     summary.artifacts["eval"] = str(out / "eval.json")
 
     model_dir = out / "model"
@@ -158,7 +159,7 @@ def run_quickstart(config: QuickstartConfig, progress: Progress | None = None,
 
     say("7/8 captioning held-out images with the torch-free runtime")
     summary.captions = timed("captions", lambda: _captions(config, model_dir, data, threads))
-    (out / "captions.jsonl").write_text("".join(json.dumps(c) + "\n" for c in summary.captions), encoding="utf-8")
+    write_text(out / "captions.jsonl", "".join(json.dumps(c) + "\n" for c in summary.captions))
     summary.artifacts["captions"] = str(out / "captions.jsonl")
 
     video = out / "demo.mp4"
@@ -167,8 +168,8 @@ def run_quickstart(config: QuickstartConfig, progress: Progress | None = None,
     summary.artifacts["demo"] = str(video)
 
     summary.seconds["total"] = time.perf_counter() - started
-    (out / "summary.json").write_text(json.dumps(summary.to_dict(), indent=2) + "\n", encoding="utf-8")
-    (out / "summary.md").write_text("```\n" + summary.describe() + "\n```\n", encoding="utf-8")
+    write_json(out / "summary.json", summary.to_dict(), indent=2)
+    write_text(out / "summary.md", "```\n" + summary.describe() + "\n```\n")
     summary.artifacts["summary"] = str(out / "summary.md")
     return summary
 

@@ -16,6 +16,7 @@ from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from vledge.errors import TokenizerError
+from vledge.files import write_text
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +79,7 @@ class Tokenizer:
         return self.backend.to_str()
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(self.to_json(), encoding="utf-8")
+        write_text(path, self.to_json())
 
     # ------------------------------------------------------------------ use
 

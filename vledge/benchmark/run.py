@@ -152,7 +152,7 @@ def run_benchmark(config: BenchConfig, progress: Callable[[str], None] | None = 
         del model
         samples_file = Path(work) / "parity.pickle"
         with open(samples_file, "wb") as handle:
-            pickle.dump((tokenizer, samples, reference), handle)
+            pickle.dump((samples, reference), handle)
 
         results: list[EngineResult] = []
         parity: dict[str, dict] = {}

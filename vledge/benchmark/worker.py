@@ -89,9 +89,9 @@ class _Server:
         from vledge.export.parity import measure_engine
 
         with open(samples, "rb") as handle:
-            tokenizer, parity_samples, reference = pickle.load(handle)
+            parity_samples, reference = pickle.load(handle)
         engine = self.engine
-        measured = measure_engine(engine, tokenizer, parity_samples, reference,
+        measured = measure_engine(engine, parity_samples, reference,
                                   precisions=getattr(engine, "precisions", {"all": engine.spec.precision}))
         result = measured.to_dict()
         result["size_bytes"] = engine.size_bytes()

@@ -5,7 +5,7 @@
 - ``base``: the ``main`` group, ``fail_cleanly`` (a typed ``VledgeError`` becomes one line
   ``Error: <Type>: <message>`` and exit status 1) and options several commands share;
 - ``data`` (data synth, data inspect), ``train`` (train, pretrain-vision, eval), ``infer``
-  (caption, ask), ``export``, ``bench``, ``webcam``, ``quickstart``.
+  (caption, ask), ``batch`` (bulk captioning), ``export``, ``bench``, ``webcam``, ``quickstart``, ``serve``.
 
 Adding a command: write ``vledge/cli/<name>.py`` that imports ``main`` and ``fail_cleanly`` from
 ``vledge.cli.base`` and decorates its function with ``@main.command("<name>")`` then
@@ -20,11 +20,13 @@ from __future__ import annotations
 from vledge.cli.base import fail_cleanly, main
 
 # Importing a command module registers its commands on ``main``.
+from vledge.cli import batch  # noqa: E402,F401
 from vledge.cli import bench  # noqa: E402,F401
 from vledge.cli import data  # noqa: E402,F401
 from vledge.cli import export  # noqa: E402,F401
 from vledge.cli import infer  # noqa: E402,F401
 from vledge.cli import quickstart  # noqa: E402,F401
+from vledge.cli import serve  # noqa: E402,F401
 from vledge.cli import train  # noqa: E402,F401
 from vledge.cli import webcam  # noqa: E402,F401
 

@@ -1,70 +1,35 @@
-"""Training-side image decoding and preprocessing (PIL + torchvision), following a PreprocessSpec.
+"""Training-side images: the runtime's one implementation of each PreprocessSpec, handed to torch.
 
-The runtime reimplements the same spec with OpenCV; both must agree within 1/255.
+Training, evaluation, calibration, parity and the runtime all decode, resize and crop through
+``vledge.runtime`` (OpenCV + numpy, following Pillow's decoding rules and replaying torch's
+antialiased uint8 kernels), so the pixels a model is trained on are the pixels it sees when
+deployed, on every machine. Only the normalisation runs in torch here, on whole batches, as
+``(x / 255 - mean) / std`` in float32 (the runtime's lookup table holds the same values).
 """
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
-from torchvision.transforms.v2 import InterpolationMode
-from torchvision.transforms.v2 import functional as TF
 
 from vledge.config import PreprocessSpec
-from vledge.errors import ImageError
+from vledge.runtime import resampling
+from vledge.runtime.image_decoding import MAX_PIXELS, decode_image
 
-MAX_PIXELS = 64_000_000
-
-_INTERPOLATION = {"bilinear": InterpolationMode.BILINEAR, "bicubic": InterpolationMode.BICUBIC}
-
-
-def _to_rgb(image: Image.Image) -> Image.Image:
-    """EXIF-upright RGB; alpha is composited on white, 16-bit is scaled to 8-bit."""
-    image = ImageOps.exif_transpose(image)
-    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
-        array = np.asarray(image, dtype=np.float64)
-        peak = 65535.0 if image.mode.startswith("I;16") or array.max() > 255 else 255.0
-        image = Image.fromarray(np.clip(np.rint(array * 255.0 / peak), 0, 255).astype(np.uint8), mode="L")
-    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        image = Image.alpha_composite(background, rgba)
-    return image.convert("RGB")
+__all__ = ["MAX_PIXELS", "load_rgb", "normalize", "preprocess", "resize_and_crop"]
 
 
-def load_rgb(source: str | Path | bytes) -> Image.Image:
-    """Decode a file path or encoded bytes; every failure is an ImageError naming the source."""
-    name = "<bytes>" if isinstance(source, (bytes, bytearray)) else str(source)
-    try:
-        handle = io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else open(source, "rb")
-    except OSError as exc:
-        raise ImageError(f"cannot open image {name}: {exc.strerror or exc}") from None
-    try:
-        with handle, Image.open(handle) as image:
-            if image.width * image.height > MAX_PIXELS:
-                raise ImageError(f"image {name} has {image.width}x{image.height} pixels, over the limit of {MAX_PIXELS}")
-            image.load()
-            return _to_rgb(image)
-    except ImageError:
-        raise
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-        raise ImageError(f"cannot decode image {name}: {exc}") from None
+def load_rgb(source: str | Path | bytes) -> np.ndarray:
+    """Decode a file path or encoded bytes to upright RGB uint8 [H, W, 3]; failures are ImageErrors naming it."""
+    return decode_image(source)
 
 
-def resize_and_crop(image: Image.Image, spec: PreprocessSpec) -> torch.Tensor:
+def resize_and_crop(rgb: np.ndarray, spec: PreprocessSpec) -> torch.Tensor:
     """uint8 [3, S, S] after the spec's resize and crop (before normalisation)."""
-    tensor = TF.pil_to_tensor(image)
-    size = spec.image_size
-    interpolation = _INTERPOLATION[spec.interpolation]
-    if spec.resize == "squash":
-        return TF.resize(tensor, [size, size], interpolation=interpolation, antialias=True)
-    if min(tensor.shape[-2:]) != size:
-        tensor = TF.resize(tensor, size, interpolation=interpolation, antialias=True)
-    return TF.center_crop(tensor, [size, size])
+    pixels = resampling.resize_and_crop(rgb, spec)
+    return torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1)))
 
 
 def normalize(pixels_uint8: torch.Tensor, spec: PreprocessSpec) -> torch.Tensor:

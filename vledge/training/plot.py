@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from vledge.files import atomic_path
+
 
 def plot_curves(rows: list[dict], path: Path) -> Path:
     import matplotlib
@@ -36,6 +38,7 @@ def plot_curves(rows: list[dict], path: Path) -> Path:
     if tasks:
         ax_acc.legend(fontsize=7, ncol=2)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    with atomic_path(path, suffix=".png") as temp:
+        fig.savefig(temp, dpi=110, format="png")
     plt.close(fig)
     return path

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from vledge.checkpoint import Checkpoint, save_checkpoint
 from vledge.config import to_dict
+from vledge.files import write_json, write_text
 from vledge.training.run_options import RunState, encode_train_state
 from vledge.training.setup import PreparedRun
 
@@ -39,7 +40,7 @@ def write_run_info(run: PreparedRun) -> None:
         "world_size": run.world,
         "device": str(run.device),
     }
-    (run.run_dir / "run.json").write_text(json.dumps(info, indent=2))
+    write_json(run.run_dir / "run.json", info, indent=2)
 
 
 def read_metrics(path: Path, up_to_step: int) -> list[dict]:
@@ -51,7 +52,7 @@ def read_metrics(path: Path, up_to_step: int) -> list[dict]:
 
 
 def rewrite_metrics(path: Path, rows: list[dict]) -> None:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
 
 
 def append_metrics(path: Path, row: dict) -> None:

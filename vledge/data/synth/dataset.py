@@ -11,11 +11,8 @@ import logging
 import math
 import multiprocessing
 import os
-import shutil
 import signal
-import tempfile
 import time
-import uuid
 from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -29,6 +26,7 @@ from vledge.data.synth.conversations import QUESTION_TASKS, scene_conversation
 from vledge.data.synth.options import SPLITS, SynthOptions
 from vledge.data.synth.scenes import COLORS, RELATIONS, SHAPES, SIZES, WORDS, position_names, random_scene, render_scene
 from vledge.errors import ConfigError, DataError
+from vledge.files import atomic_directory
 
 log = logging.getLogger(__name__)
 
@@ -153,9 +151,7 @@ def generate_dataset(
     workers = (os.cpu_count() or 1) if workers is None else int(workers)
     if workers < 1:
         raise ConfigError(f"workers must be at least 1, got {workers}")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
-    try:
+    with atomic_directory(out_dir) as tmp:
         (tmp / "images").mkdir()
         id_width = max(6, len(str(options.size - 1)))
         chunk = max(1, min(256, math.ceil(options.size / (workers * 8))))
@@ -201,25 +197,8 @@ def generate_dataset(
             "colors_bgr": {name: list(bgr) for name, bgr in COLORS.items()},
         }
         (tmp / "dataset.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
-        _move_into_place(tmp, out_dir, overwrite)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        _check_target(out_dir, overwrite)  # it may have appeared while we were drawing
     summary = SynthSummary(out_dir, counts, task_counts, time.perf_counter() - started)
     log.info("%s", summary.describe())
     return summary
 
-
-def _move_into_place(tmp: Path, out_dir: Path, overwrite: bool) -> None:
-    _check_target(out_dir, overwrite)  # it may have appeared while we were drawing
-    if not out_dir.exists():
-        tmp.rename(out_dir)
-        return
-    old = out_dir.parent / f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}"
-    out_dir.rename(old)
-    try:
-        tmp.rename(out_dir)
-    except BaseException:
-        old.rename(out_dir)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
