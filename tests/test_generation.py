@@ -29,18 +29,34 @@ def _engines(tiny_run, tiny_model_dir) -> dict[str, list[str]]:
             "model": ["--model", str(tiny_model_dir), "--precision", "fp32", "--provider", "cpu"]}
 
 
-def test_too_many_new_tokens_are_clamped_alike(tiny_run, tiny_model_dir, synth_data):
-    """--max-new-tokens beyond the model's positions is lowered to the room left, for both engines."""
+def _max_positions(model_dir: Path) -> int:
+    return json.loads((model_dir / "vledge.json").read_text())["architecture"]["max_positions"]
+
+
+def test_more_new_tokens_than_the_prompt_leaves_are_clamped_alike(tiny_run, tiny_model_dir, synth_data):
+    """--max-new-tokens beyond the room the prompt leaves is lowered to that room, for both engines."""
     image = _image(synth_data, 3)
+    limit = str(_max_positions(tiny_model_dir))  # fits the model, never the room after a prompt
     lines = {}
     for name, args in _engines(tiny_run, tiny_model_dir).items():
-        result = _ask(args, image, QUESTION, "--max-new-tokens", "10000")
+        result = _ask(args, image, QUESTION, "--max-new-tokens", limit)
         assert result.exit_code == 0, result.output
         assert "Traceback" not in result.output
         lines[name] = json.loads(result.stdout)
     assert lines["ckpt"]["token_ids"] == lines["model"]["token_ids"]
     assert lines["ckpt"]["text"] == lines["model"]["text"]
     assert lines["ckpt"]["finish_reason"] == lines["model"]["finish_reason"]
+
+
+def test_more_new_tokens_than_the_model_has_positions_is_one_error_line(tiny_run, tiny_model_dir, synth_data):
+    image = _image(synth_data, 3)
+    for name, args in _engines(tiny_run, tiny_model_dir).items():
+        result = _ask(args, image, QUESTION, "--max-new-tokens", "10000")
+        assert result.exit_code == 1, (name, result.output)
+        lines = [line for line in result.output.splitlines() if line.strip()]
+        assert len(lines) == 1 and "Traceback" not in result.output, (name, lines)
+        assert lines[0].startswith("Error: ConfigError: --max-new-tokens 10000"), (name, lines)
+        assert str(_max_positions(tiny_model_dir)) in lines[0], (name, lines)
 
 
 def test_a_question_that_leaves_no_room_is_one_error_line(tiny_run, tiny_model_dir, synth_data):

@@ -38,6 +38,11 @@ def _answer_images(ctx: click.Context, images, question: str | None, model_dir, 
                                           strict=strict)
     else:
         engine = captioning.CheckpointEngine(ckpt, threads=threads)
+    if engine.max_positions is not None and max_new_tokens > engine.max_positions:
+        from vledge.errors import ConfigError
+
+        raise ConfigError(f"--max-new-tokens {max_new_tokens} is more than the model can ever write: it has "
+                          f"{engine.max_positions} positions in all, the image and prompt included")
     log.info("answering with %s", engine.description)
     prompt = question or engine.caption_prompt
     total = len(files) + len(problems)
