@@ -15,6 +15,7 @@ from pathlib import Path
 
 from vledge.errors import QuantizationError
 from vledge.export.fusion import fuse_attention
+from vledge.export.layer_fusion import fuse_layers
 from vledge.export.onnx_files import atomic_output, load_graph, op_types, source_graph, validate_graph
 
 log = logging.getLogger(__name__)
@@ -103,8 +104,9 @@ def optimize_graph(src: Path, dst: Path, level: str = "basic") -> Path:
 
 def optimize_component(component: str, src: Path, dst: Path, level: str = "basic", fuse: bool = True,
                        language_kind: str | None = None) -> Path:
-    """The recommended offline optimisation of one graph: ``level`` for all, attention fusion for the decoder
-    (the fusion that fits ``language_kind``'s attention; the built-in transformer's by default)."""
+    """The recommended offline optimisation of one graph: ``level`` for all; for the decoder, the attention
+    fusion that fits ``language_kind``'s attention (the built-in transformer's by default), and for the built-in
+    transformer also residual + LayerNorm fusion and the mask inside attention (``vledge.export.layer_fusion``)."""
     if component not in COMPONENTS:
         raise QuantizationError(f"unknown component {component!r}; choose from {COMPONENTS}")
     optimize_graph(src, dst, level)
@@ -115,5 +117,6 @@ def optimize_component(component: str, src: Path, dst: Path, level: str = "basic
             fuse_llama_attention(dst, dst)
         else:
             fuse_attention(dst, dst)
+            fuse_layers(dst, dst)
     return Path(dst)
 

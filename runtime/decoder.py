@@ -277,6 +277,7 @@ class OrtTransformerSteps:
         self._embeds_handle, embeds_owner = binder.handle(self._embeds, on_device=False)
         self._position_handle, position_owner = binder.handle(self._next_position, on_device=False)
         self._step_owners = [embeds_owner, position_owner]
+        self._step_bound = False  # the fixed per-step buffers are bound once, before the first step
         self._logits = None
         if graphs.vocab_size > 0:
             self._logits = np.empty((rows, 1, graphs.vocab_size), dtype=graphs.logits_type)
@@ -331,13 +332,15 @@ class OrtTransformerSteps:
         if self._length >= self._mask_buffer.shape[1]:  # past the planned capacity: double the buffer
             self._mask_buffer = self._new_mask_buffer(self.mask, self._mask_buffer.shape[1])
         self._length += 1
-        binder.input_value("inputs_embeds", self._embeds_handle)
-        binder.input_array("attention_mask", np.ascontiguousarray(self.mask))
-        binder.input_value("position_ids", self._position_handle)
-        if self._logits is not None:
-            binder.output_value("logits", self._logits_handle)
-        else:
+        if not self._step_bound:  # a binding keeps what is bound: the in-place buffers need it once
+            binder.input_value("inputs_embeds", self._embeds_handle)
+            binder.input_value("position_ids", self._position_handle)
+            if self._logits is not None:
+                binder.output_value("logits", self._logits_handle)
+            self._step_bound = True
+        if self._logits is None:
             binder.output("logits", on_device=False)
+        binder.input_array("attention_mask", np.ascontiguousarray(self._mask_buffer[:, : self._length]))
         self._bind_past()
         outputs = binder.run()
         self._past = outputs[1:]

@@ -29,13 +29,23 @@ ImageSource = Union[str, "os.PathLike[str]", bytes, bytearray, memoryview, np.nd
 CHANNEL_ORDERS = ("BGR", "RGB")
 
 
-def decode_image(source: ImageSource, channel_order: str = "BGR", max_pixels: int = MAX_PIXELS) -> np.ndarray:
+# Reduced-scale JPEG decoding (libjpeg's DCT scaling) keeps at least this many times the target side:
+# measured on a 12-megapixel JPEG resized to 224 px (bilinear, antialiased), decoding at 1/4 (750 px,
+# 3.3x) differed from the full decode by 0.38 grey levels on average, 1/2 by 0.27, 1/8 (1.7x) by 1.9.
+JPEG_REDUCE_MARGIN = 3
+_JPEG_REDUCED = ((4, cv2.IMREAD_REDUCED_COLOR_4), (2, cv2.IMREAD_REDUCED_COLOR_2))
+
+
+def decode_image(source: ImageSource, channel_order: str = "BGR", max_pixels: int = MAX_PIXELS,
+                 reduce_for: int | None = None) -> np.ndarray:
     """Any supported source -> upright RGB uint8 [H, W, 3], as training's ``load_rgb`` would see it.
 
     ``source`` is a path, encoded bytes, or an array; ``channel_order`` says how a 3- or
     4-channel array is laid out ("BGR" as OpenCV produces it, or "RGB"); it is ignored for
-    files and bytes, whose layout the decoder knows. Every failure is an ImageError that names
-    the source.
+    files and bytes, whose layout the decoder knows. ``reduce_for`` (a side in pixels the image
+    will be resized to) lets a large JPEG be decoded at 1/2 or 1/4 scale, never below
+    ``JPEG_REDUCE_MARGIN`` times that side: much faster, not bit-identical (within one grey level
+    on average after the resize). Every failure is an ImageError that names the source.
     """
     order = _channel_order(channel_order)
     limit = pixel_limit(max_pixels)
@@ -43,10 +53,10 @@ def decode_image(source: ImageSource, channel_order: str = "BGR", max_pixels: in
         return _from_array(source, order, limit, array_name(source))
     if isinstance(source, (bytes, bytearray, memoryview)):
         data = bytes(source)
-        return _from_bytes(data, f"<{len(data)} bytes>", limit)
+        return _from_bytes(data, f"<{len(data)} bytes>", limit, reduce_for)
     if isinstance(source, (str, os.PathLike)):
         name = os.fspath(source)
-        return _from_bytes(_read_file(name), str(name), limit)
+        return _from_bytes(_read_file(name), str(name), limit, reduce_for)
     raise ImageError(
         f"unsupported image source of type {type(source).__name__}; "
         "pass a path, encoded bytes or a uint8/uint16 numpy array")
@@ -104,7 +114,17 @@ def _from_array(array: np.ndarray, order: str, limit: int, name: str) -> np.ndar
     return rgb.copy() if np.may_share_memory(rgb, array) else rgb
 
 
-def _from_bytes(data: bytes, name: str, limit: int) -> np.ndarray:
+def _jpeg_flag(probe: Probe, reduce_for: int | None) -> int:
+    """The imdecode flags for this file: full decode, or the smallest DCT scale that keeps the margin."""
+    if reduce_for and probe.fmt == "jpeg" and probe.size is not None:
+        shortest = min(probe.size)
+        for factor, flag in _JPEG_REDUCED:
+            if shortest >= factor * JPEG_REDUCE_MARGIN * reduce_for:
+                return flag | cv2.IMREAD_IGNORE_ORIENTATION  # the header's orientation is applied below
+    return cv2.IMREAD_UNCHANGED
+
+
+def _from_bytes(data: bytes, name: str, limit: int, reduce_for: int | None = None) -> np.ndarray:
     if not data:
         raise ImageError(f"cannot decode image {name}: the file is empty")
     probe = probe_header(data, name)
@@ -113,7 +133,7 @@ def _from_bytes(data: bytes, name: str, limit: int) -> np.ndarray:
     elif probe.fmt is None:
         logger.debug("image %s: unrecognised header, decoding without a size check first", name)
     try:
-        raw = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_UNCHANGED)
+        raw = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), _jpeg_flag(probe, reduce_for))
     except cv2.error as exc:
         raise ImageError(f"cannot decode image {name}: {_cv2_message(exc)}") from None
     if raw is None:

@@ -35,7 +35,7 @@ def load(
     optimization: str = "all",
     strict: bool = False,
     verify: bool = True,
-    spin: bool = True,
+    spin: bool = False,
     prefix_cache: bool = True,
     fast_binding: bool = True,
 ) -> VisionLanguageRuntime:
@@ -47,7 +47,9 @@ def load(
     else the CPU), "cpu", "cuda", "tensorrt", or a list in priority order; an explicit GPU request
     that cannot be met raises ProviderError. ``strict`` also fails when heavy nodes of a graph would
     run on the CPU under a GPU provider. ``threads``: intra-op threads per session (None: ONNX
-    Runtime's default); ``spin`` off saves CPU when several processes share the cores.
+    Runtime's default: physical cores); ``spin`` (off by default) lets the pool's threads busy-wait
+    between ops: with it on, 2 threads made captions 4-10x slower than 1 thread on a shared 2-core
+    machine, with it off 2 threads were never slower than 1 (``benchmarks/thread_defaults.py``).
     ``fast_binding`` off binds the decode loop's inputs and outputs through ONNX Runtime's public
     ``IOBinding`` API only (slower per token; on by default, it falls back by itself when it fails).
     """

@@ -30,7 +30,8 @@ class ImagePreprocessor:
     pure per-(size, interpolation) weight cache.
     """
 
-    def __init__(self, spec: PreprocessSpec | Mapping[str, Any], max_pixels: int = MAX_PIXELS) -> None:
+    def __init__(self, spec: PreprocessSpec | Mapping[str, Any], max_pixels: int = MAX_PIXELS,
+                 reduced_jpeg: bool = False) -> None:
         if isinstance(spec, Mapping):
             spec = from_dict(PreprocessSpec, spec)
         if not isinstance(spec, PreprocessSpec):
@@ -41,6 +42,7 @@ class ImagePreprocessor:
             raise ConfigError(f"preprocessing spec needs three means and three positive stds, got "
                               f"mean={spec.mean} std={spec.std}")
         self.spec = spec
+        self.reduced_jpeg = bool(reduced_jpeg)  # decode large JPEGs at 1/2 or 1/4 scale (see decode_image)
         self.max_pixels = pixel_limit(max_pixels)
         self.image_size = spec.image_size
         # (x / 255 - mean) / std for every uint8 value, in float32 as torch computes it.
@@ -58,7 +60,8 @@ class ImagePreprocessor:
 
     def preprocess(self, image: ImageSource, channel_order: str = "BGR") -> np.ndarray:
         """One image (path, bytes or array) -> float32 [3, S, S], as training's ``preprocess`` returns."""
-        rgb = decode_image(image, channel_order=channel_order, max_pixels=self.max_pixels)
+        rgb = decode_image(image, channel_order=channel_order, max_pixels=self.max_pixels,
+                           reduce_for=self.image_size if self.reduced_jpeg else None)
         return self.normalize(self.resize_and_crop(rgb))
 
     def batch(self, images: Sequence[ImageSource] | np.ndarray, channel_order: str = "BGR") -> np.ndarray:

@@ -52,7 +52,7 @@ class SessionConfig:
     device_id: int = 0
     threads: int | None = None  # intra-op threads; None: ONNX Runtime's default (physical cores)
     optimization: str = "all"
-    spin: bool = True  # busy-wait between ops: faster for one session, wasteful when sessions share cores
+    spin: bool = False  # busy-wait between ops: off by default, it made 2-thread captions slower than 1 thread
     strict: bool = False  # fail when heavy nodes run on the CPU under a GPU provider
 
     def __post_init__(self) -> None:

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import cv2
 import numpy as np
@@ -12,7 +15,11 @@ from vledge.benchmark.engines import EngineSpec
 from vledge.benchmark.run import STAGES, BenchConfig, run_benchmark
 from vledge.errors import ConfigError
 
-ENGINES = ("pytorch", "pytorch-int8", "ort-cpu-fp32", "ort-cpu-int8")
+from vledge.benchmark.openvino_engine import openvino_available
+
+# OpenVINO joins when its optional package is installed; the bench must work either way.
+ENGINES = ("pytorch", "pytorch-int8", "ort-cpu-fp32", "ort-cpu-int8") + (
+    ("openvino-cpu-fp32",) if openvino_available() else ())
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +38,7 @@ def test_bench_writes_json_markdown_and_charts(bench):
     result, written, out = bench
     data = json.loads(written["json"].read_text())
     assert data["engines"] == list(ENGINES)
-    for key in ("machine", "config", "reference", "latency", "parity", "cold_start", "seconds"):
+    for key in ("machine", "load", "config", "reference", "latency", "parity", "cold_start", "seconds"):
         assert key in data, key
     for key in ("cpu", "logical_cores", "cpu_flags", "versions", "providers_available"):
         assert key in data["machine"], key
@@ -98,7 +105,65 @@ def test_bench_parity_comes_from_real_outputs(bench, tiny_run, tiny_model_dir, s
 def test_engine_names_are_checked():
     assert EngineSpec.parse("ort-cuda-fp16") == EngineSpec("onnxruntime", "fp16", "cuda")
     assert EngineSpec.parse("pytorch-int8").name == "pytorch-int8"
+    assert EngineSpec.parse("pytorch-compile") == EngineSpec("pytorch", "compile")
+    assert EngineSpec.parse("openvino-cpu-q4") == EngineSpec("openvino", "q4", "cpu")
+    assert EngineSpec.parse("openvino-cpu-int8").name == "openvino-cpu-int8"
+    for bad in ("openvino-cuda-fp32", "openvino-cpu-fp16", "pytorch-fp16"):
+        with pytest.raises(ConfigError, match="unknown engine"):
+            EngineSpec.parse(bad)
     with pytest.raises(ConfigError, match="unknown engine"):
         EngineSpec.parse("tensorflow")
     with pytest.raises(ConfigError, match="repeats"):
         BenchConfig(ckpt=None, model_dir=None, repeats=1)
+
+
+def test_every_engine_is_timed_in_a_process_of_its_own(bench):
+    result, written, _ = bench
+    pids = [row["pid"] for row in result["latency"]]
+    assert len(set(pids)) == len(ENGINES) and os.getpid() not in pids
+    for row in result["latency"]:
+        assert row["load_ms"] > 0 and row["warmup_ms"] > 0
+    load = result["load"]
+    assert load["seconds"] > 0 and load["benchmark_cpu_cores"] > 0
+    assert load["other_processes_cpu_cores"] is None or load["other_processes_cpu_cores"] >= 0
+    assert "Machine load during the run" in written["markdown"].read_text()
+
+
+@pytest.mark.skipif(not openvino_available(), reason="openvino is not installed (the [bench] extra)")
+def test_openvino_runs_the_same_onnx_files(bench):
+    parity = bench[0]["parity"]["openvino-cpu-fp32"]
+    assert parity["precisions"]["decoder_model_merged"] == "fp32"
+    assert 0 <= parity["prefill_logits"]["max_abs"] < 1e-3
+    assert parity["generation"]["token_agreement"] > 0.95
+
+
+def test_worker_reports_failures_and_keeps_serving(tiny_model_dir, tiny_run):
+    from vledge.benchmark.worker import EngineWorker, WorkerError
+
+    with EngineWorker("ort-cpu-fp32", 1) as worker:
+        with pytest.raises(WorkerError, match="failed load"):
+            worker.call("load", engine="ort-cpu-fp32", ckpt=str(tiny_run.best_checkpoint),
+                        model_dir=str(tiny_model_dir / "missing"), threads=1)
+        loaded = worker.call("load", engine="ort-cpu-fp32", ckpt=str(tiny_run.best_checkpoint),
+                             model_dir=str(tiny_model_dir), threads=1)
+        assert loaded["pid"] == worker.process.pid != os.getpid()
+    assert worker.process.returncode == 0
+
+
+def test_default_engines_list_the_peers(tiny_model_dir):
+    from vledge.benchmark.run import default_engines
+
+    names = [spec.name for spec in default_engines(tiny_model_dir)]
+    assert names[:3] == ["pytorch", "pytorch-int8", "pytorch-compile"]
+    assert "ort-cpu-fp32" in names and "openvino-cpu-fp32" in names
+    for precision in ("int8", "q4"):
+        assert (f"ort-cpu-{precision}" in names) == (f"openvino-cpu-{precision}" in names)
+
+
+def test_missing_openvino_is_a_note_not_a_failure():
+    """With the package hidden, the engine says why it cannot run (run_benchmark skips it with that note)."""
+    code = ("import sys; sys.modules['openvino'] = None\n"
+            "from vledge.benchmark.engines import EngineSpec\n"
+            "print(EngineSpec.parse('openvino-cpu-q4').missing)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert "openvino package is not installed" in out

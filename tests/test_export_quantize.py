@@ -19,7 +19,7 @@ ort = pytest.importorskip("onnxruntime")
 torch = pytest.importorskip("torch")
 
 from vledge.errors import QuantizationError  # noqa: E402
-from vledge.export import fusion, onnx_files, optimize  # noqa: E402
+from vledge.export import fusion, layer_fusion, onnx_files, optimize  # noqa: E402
 from vledge.export import quantize as q  # noqa: E402
 from vledge.export.quantize import QuantizeOptions  # noqa: E402
 
@@ -228,11 +228,48 @@ def test_fuse_attention_replaces_each_layer(tiny, tmp_path):
     # the raw export (unoptimised) fuses too, and optimize_component chains both steps
     assert _ops(fusion.fuse_attention(src, tmp_path / "raw.onnx")).count("MultiHeadAttention") == config.language.layers
     both = optimize.optimize_component("decoder_model_merged", src, tmp_path / "both.onnx")
-    assert _ops(both) == ops
+    assert _ops(both) == _ops(layer_fusion.fuse_layers(fused, tmp_path / "layers.onnx"))
     # a fusion that does not reproduce the source (wrong head count) is refused and nothing is written
     with pytest.raises(QuantizationError, match="differs from"):
         fusion.fuse_attention(basic, tmp_path / "wrong.onnx", num_heads=1)
     assert not (tmp_path / "wrong.onnx").exists()
+
+
+def test_fuse_layers_drops_the_mask_subgraph_and_fuses_layer_norms(tiny, tmp_path):
+    """Residual + LayerNorm -> SkipLayerNormalization; the mask goes into each attention; outputs unchanged
+    wherever the mask is 1 (keys/values at padded positions are never read)."""
+    paths, config = tiny
+    src = paths["decoder_model_merged"]
+    fused = fusion.fuse_attention(optimize.optimize_graph(src, tmp_path / "basic.onnx"), tmp_path / "fused.onnx")
+    out = layer_fusion.fuse_layers(fused, tmp_path / "layers.onnx")
+    ops = _ops(out)
+    assert ops.count("SkipLayerNormalization") >= config.language.layers
+    for gone in ("Where", "Range", "LessOrEqual", "Softmax"):
+        assert gone not in ops, gone
+    model = onnx.load(str(out))
+    attentions = [node for node in model.graph.node if node.op_type == "MultiHeadAttention"]
+    assert len(attentions) == config.language.layers
+    for node in attentions:
+        assert node.input[4] == layer_fusion.MASK_NAME and (len(node.input) < 6 or not node.input[5])
+        assert onnx.helper.get_attribute_value(next(a for a in node.attribute if a.name == "unidirectional")) == 1
+    assert [i.name for i in model.graph.input] == [i.name for i in onnx.load(str(src)).graph.input]
+    reference, candidate = _decode(src), _decode(out)
+    _same_interface(reference, candidate)
+    for want, got in zip(reference, candidate):
+        np.testing.assert_allclose(got["logits"], want["logits"], rtol=1e-4, atol=1e-5)
+        for name in want:
+            if name != "logits":  # row 0's first two positions are padding in _decode
+                np.testing.assert_allclose(got[name][1], want[name][1], rtol=1e-4, atol=1e-5, err_msg=name)
+                np.testing.assert_allclose(got[name][0, :, 2:], want[name][0, :, 2:], rtol=1e-4, atol=1e-5,
+                                           err_msg=name)
+
+
+def test_fuse_layers_that_cannot_be_verified_leaves_the_graph_as_it_was(tiny, tmp_path, caplog):
+    paths, _ = tiny
+    fused = fusion.fuse_attention(paths["decoder_model_merged"], tmp_path / "fused.onnx")
+    out = layer_fusion.fuse_layers(fused, tmp_path / "out.onnx", tolerance=-1.0)  # no rewrite can pass
+    assert out.read_bytes() == fused.read_bytes()
+    assert "trying without the mask inside attention" in caplog.text and "left as it was" in caplog.text
 
 
 def test_fuse_attention_copies_lstm(tiny_lstm, tmp_path):

@@ -536,3 +536,30 @@ def test_runtime_preprocessing_needs_neither_torch_nor_pillow(photos, tmp_path):
     assert done.returncode == 0 and done.stdout.startswith("ok"), done.stderr
     in_process = float(ImagePreprocessor(PreprocessSpec(image_size=48))(path).mean())
     assert abs(float(done.stdout.split()[1]) - in_process) < 1e-6
+
+
+def test_reduced_jpeg_decoding_stays_within_one_grey_level(training):
+    """Opt-in DCT-scaled decoding of a large JPEG: a quarter of the pixels per side, upright, and after the
+    resize within one grey level on average of training's full decode; small JPEGs decode in full."""
+    from PIL import Image
+
+    rng = np.random.default_rng(3)
+    coarse = (rng.random((30, 40, 3)) * 255).astype(np.uint8)
+    picture = cv2.GaussianBlur(cv2.resize(coarse, (1600, 1200), interpolation=cv2.INTER_CUBIC), (0, 0), 2)
+    picture = np.clip(picture.astype(np.int16) + rng.integers(-8, 9, picture.shape), 0, 255).astype(np.uint8)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored 1600 x 1200, viewed 1200 x 1600
+    data = _encoded(Image.fromarray(picture), "JPEG", exif=exif, quality=90)
+    spec = PreprocessSpec(image_size=64)
+    reduced = decode_image(data, reduce_for=64)
+    assert reduced.shape == (400, 300, 3)  # 1200 >= 4 x 3 x 64: decoded at 1/4, then turned upright
+    assert decode_image(data, reduce_for=128).shape == (800, 600, 3)  # 1/4 would keep under 3 x 128: 1/2
+    assert decode_image(data, reduce_for=256).shape == (1600, 1200, 3)
+    ours = ImagePreprocessor(spec, reduced_jpeg=True)(data)
+    reference = training.preprocess(data, spec).numpy()
+    assert ours.shape == reference.shape
+    levels = np.abs(reference - ours) * np.asarray(spec.std, dtype=np.float32)[:, None, None] * 255  # grey levels
+    assert levels.mean() <= 1.0, levels.mean()
+    small = _encoded(Image.fromarray(picture[:150, :200]), "JPEG", quality=90)
+    assert np.array_equal(decode_image(small, reduce_for=64), decode_image(small))
+    assert np.array_equal(ImagePreprocessor(spec, reduced_jpeg=True)(small), ImagePreprocessor(spec)(small))

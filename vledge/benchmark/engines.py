@@ -2,9 +2,11 @@
 
 ``pytorch`` is the original model in eager mode under ``inference_mode``;
 ``pytorch-int8`` is PyTorch's own dynamic int8 quantization of its Linear/LSTM
-layers, the fair quantized baseline on the PyTorch side; ``ort-<provider>-<precision>``
-is the exported model through ``vledge.runtime``. Every engine answers the same
-calls with numpy outputs, so stage timings and parity are measured identically.
+layers, the fair quantized baseline on the PyTorch side; ``pytorch-compile`` is the
+original through ``torch.compile`` (inductor, dynamic shapes); ``ort-<provider>-<precision>``
+is the exported model through ``vledge.runtime``; ``openvino-cpu-<precision>`` is OpenVINO
+on the same ONNX files. Every engine answers the same calls with numpy outputs, so stage
+timings and parity are measured identically.
 """
 
 from __future__ import annotations
@@ -24,27 +26,44 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class EngineSpec:
-    kind: str  # "pytorch" | "onnxruntime"
-    precision: str  # pytorch: fp32 | int8; onnxruntime: fp32 | fp16 | int8 | q4 | auto
-    provider: str = "cpu"  # onnxruntime: cpu | cuda
+    kind: str  # "pytorch" | "onnxruntime" | "openvino"
+    precision: str  # pytorch: fp32 | int8 | compile; onnxruntime: fp32 | fp16 | int8 | q4 | auto; openvino: fp32 | int8 | q4
+    provider: str = "cpu"  # onnxruntime: cpu | cuda; openvino: cpu
 
     @property
     def name(self) -> str:
         if self.kind == "pytorch":
             return "pytorch" if self.precision == "fp32" else f"pytorch-{self.precision}"
-        return f"ort-{self.provider}-{self.precision}"
+        prefix = "ort" if self.kind == "onnxruntime" else "openvino"
+        return f"{prefix}-{self.provider}-{self.precision}"
+
+    @property
+    def missing(self) -> str | None:
+        """Why this engine cannot run here (an optional package is not installed), or None."""
+        if self.kind == "openvino":
+            from vledge.benchmark.openvino_engine import openvino_available
+
+            return None if openvino_available() else "the openvino package is not installed (pip install 'vledge[bench]')"
+        if self.kind == "pytorch" and self.precision == "compile":
+            import shutil
+
+            return None if shutil.which("cc") or shutil.which("gcc") else "torch.compile needs a C compiler (cc)"
+        return None
 
     @classmethod
     def parse(cls, text: str) -> "EngineSpec":
-        """``pytorch``, ``pytorch-int8``, ``ort-cpu-int8``, ``ort-cuda-fp16`` ..."""
+        """``pytorch``, ``pytorch-int8``, ``pytorch-compile``, ``ort-cpu-int8``, ``ort-cuda-fp16``, ``openvino-cpu-q4`` ..."""
         parts = text.split("-")
-        if parts[0] == "pytorch" and len(parts) <= 2:
+        if parts[0] == "pytorch" and len(parts) <= 2 and (len(parts) == 1 or parts[1] in ("fp32", "int8", "compile")):
             return cls("pytorch", parts[1] if len(parts) == 2 else "fp32")
         if parts[0] == "ort" and len(parts) == 3:
             return cls("onnxruntime", parts[2], parts[1])
+        if parts[0] == "openvino" and len(parts) == 3 and parts[1] == "cpu" and parts[2] in ("fp32", "int8", "q4"):
+            return cls("openvino", parts[2], "cpu")
         from vledge.errors import ConfigError
 
-        raise ConfigError(f"unknown engine {text!r}; use pytorch, pytorch-int8 or ort-<cpu|cuda>-<precision>")
+        raise ConfigError(f"unknown engine {text!r}; use pytorch, pytorch-int8, pytorch-compile, "
+                          "ort-<cpu|cuda>-<precision> or openvino-cpu-<fp32|int8|q4>")
 
 
 class _BenchEngine:
@@ -106,10 +125,16 @@ class TorchEngine(_BenchEngine):
             from torch.ao.quantization import quantize_dynamic
 
             model = quantize_dynamic(model, {torch.nn.Linear, torch.nn.LSTM}, dtype=torch.qint8)
+        elif self.spec.precision == "compile":
+            # Inductor with dynamic shapes, so the growing cache does not recompile at every step; the
+            # compilation itself happens in the first calls (the benchmark's warm-up, reported apart).
+            # The modules keep their types (the engine checks them), their forwards are compiled.
+            model.vision.forward = torch.compile(model.vision.forward, dynamic=True)
+            model.language.forward = torch.compile(model.language.forward, dynamic=True)
         elif self.spec.precision != "fp32":
             from vledge.errors import ConfigError
 
-            raise ConfigError(f"PyTorch engines are fp32 or int8, not {self.spec.precision}")
+            raise ConfigError(f"PyTorch engines are fp32, int8 or compile, not {self.spec.precision}")
         self.model = model.eval()
         self.engine = TorchModelEngine(self.model, checkpoint.tokenizer())
 
@@ -161,5 +186,31 @@ class OrtEngine(_BenchEngine):
                    for c, p in self.precisions.items())
 
 
+class OpenVinoBenchEngine(_BenchEngine):
+    """The same ONNX files through OpenVINO (``vledge.benchmark.openvino_engine``); the runtime's preprocessing."""
+
+    def __init__(self, spec: EngineSpec, model_dir: Path, threads: int) -> None:
+        self.spec, self.model_dir, self.threads = spec, model_dir, threads
+        self.name = spec.name
+
+    def load(self) -> None:
+        from vledge.benchmark.openvino_engine import OpenVinoEngine
+        from vledge.runtime.preprocess import ImagePreprocessor
+
+        self.engine = OpenVinoEngine(self.model_dir, self.spec.precision, self.threads)
+        self.precisions = dict(self.engine.precisions)
+        self.preprocessor = ImagePreprocessor(self.engine.manifest.preprocess)
+
+    def preprocess(self, images: Sequence[Path]) -> np.ndarray:
+        return self.preprocessor.batch(list(images))
+
+    def size_bytes(self) -> int:
+        return self.engine.size_bytes()
+
+
 def make_engine(spec: EngineSpec, ckpt: Path, model_dir: Path, threads: int):
-    return TorchEngine(spec, ckpt, threads) if spec.kind == "pytorch" else OrtEngine(spec, model_dir, threads)
+    if spec.kind == "pytorch":
+        return TorchEngine(spec, ckpt, threads)
+    if spec.kind == "openvino":
+        return OpenVinoBenchEngine(spec, model_dir, threads)
+    return OrtEngine(spec, model_dir, threads)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import platform
+import time
 from importlib import metadata
 
 
@@ -68,8 +69,53 @@ def describe_machine() -> dict:
         "os": f"{platform.system()} {platform.release()}",
         "python": platform.python_version(),
         "versions": {name: _version(name) for name in (
-            "vledge", "torch", "onnxruntime", "onnxruntime-gpu", "onnx", "numpy", "opencv-python-headless")},
+            "vledge", "torch", "onnxruntime", "onnxruntime-gpu", "onnx", "numpy", "opencv-python-headless", "openvino")},
         "providers_available": onnxruntime.get_available_providers(),
         # "available" above is what the build offers; this is whether CUDA really starts here, and why not
         "cuda": {"usable": (cuda := gpu_status("cuda")).usable, "reason": cuda.reason},
     }
+
+
+def _cpu_seconds_busy() -> float | None:
+    """Seconds all cores spent busy since boot (``/proc/stat``), or None off Linux."""
+    try:
+        with open("/proc/stat", encoding="utf-8") as handle:
+            fields = [float(v) for v in handle.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0.0)  # idle + iowait
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+def _own_cpu_seconds() -> float:
+    import resource
+
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+class LoadMonitor:
+    """How busy the machine was during a run, and how much of that was other processes.
+
+    Other processes' CPU is all busy CPU time (``/proc/stat``) minus this process's and its finished
+    children's (every benchmark worker is waited for before :meth:`stop`), in cores on average.
+    """
+
+    def __init__(self) -> None:
+        self.load_before = os.getloadavg() if hasattr(os, "getloadavg") else None
+        self._busy, self._own, self._wall = _cpu_seconds_busy(), _own_cpu_seconds(), time.perf_counter()
+
+    def stop(self) -> dict:
+        wall = time.perf_counter() - self._wall
+        busy = _cpu_seconds_busy()
+        own = _own_cpu_seconds() - self._own
+        result = {
+            "loadavg_before": list(self.load_before) if self.load_before else None,
+            "loadavg_after": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+            "seconds": wall,
+            "benchmark_cpu_cores": own / wall if wall > 0 else None,
+            "other_processes_cpu_cores": None,
+        }
+        if busy is not None and self._busy is not None and wall > 0:
+            result["other_processes_cpu_cores"] = max(busy - self._busy - own, 0.0) / wall
+        return result

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from vledge.files import atomic_path, write_json, write_text
+
+log = logging.getLogger(__name__)
 
 STAGE_LABELS = {
     "preprocess_ms": "preprocess",
@@ -25,6 +28,19 @@ def _cuda_line(cuda: dict | None) -> str:
     return "CUDA: usable." if cuda["usable"] else f"CUDA: not usable here ({cuda['reason']}); no CUDA engines."
 
 
+def _load_line(load: dict | None) -> str:
+    if not load:
+        return ""
+    parts = []
+    if load.get("loadavg_before"):
+        parts.append("load average " + " / ".join(f"{v:.1f}" for v in load["loadavg_before"]) + " before, "
+                     + " / ".join(f"{v:.1f}" for v in load["loadavg_after"]) + " after (1/5/15 min)")
+    if load.get("other_processes_cpu_cores") is not None:
+        parts.append(f"other processes used {load['other_processes_cpu_cores']:.2f} cores on average, "
+                     f"the benchmark {load['benchmark_cpu_cores']:.2f}")
+    return ("Machine load during the run: " + "; ".join(parts) + ".") if parts else ""
+
+
 def markdown(result: dict) -> str:
     machine = result["machine"]
     config = result["config"]
@@ -39,22 +55,27 @@ def markdown(result: dict) -> str:
         f"Checkpoint `{Path(config['ckpt']).name}`, model directory `{config['model_dir']}`; "
         f"{config['repeats']} interleaved repetitions after warm-up; decode timed over {config['decode_tokens']} "
         f"steps per repetition; captions capped at {config['caption_tokens']} new tokens; batch 1 unless stated. "
+        "Every engine runs in a worker process of its own, one engine computing at a time. "
         "Times are medians in milliseconds (p90 in the JSON); ×: PyTorch median / engine median at the same "
-        "thread count.",
+        "thread count; warm-up: the first calls after loading (for pytorch-compile, the compilation).",
+        _load_line(result.get("load")),
         "",
     ]
+    for name, reason in result.get("skipped", {}).items():
+        lines += [f"Skipped {name}: {reason}.", ""]
     for threads in config["threads"]:
         rows = [r for r in result["latency"] if r["threads"] == threads]
         batches = list(rows[0]["throughput"]) if rows else []
         lines += [f"## {threads} thread{'s' if threads > 1 else ''}", ""]
         header = ["engine"] + [STAGE_LABELS[s] for s in STAGE_LABELS] + ["caption ×", "decode ×"]
-        header += [f"img/s @{b}" for b in batches]
+        header += [f"img/s @{b}" for b in batches] + ["load ms", "warm-up ms"]
         lines.append("| " + " | ".join(header) + " |")
         lines.append("| --- " + "| ---: " * (len(header) - 1) + "|")
         for row in rows:
             cells = [row["engine"]] + [_ms(row["stages"][s]["median"]) for s in STAGE_LABELS]
             cells += [f"{row['ratio_to_pytorch']['caption_ms']:.2f}×", f"{row['ratio_to_pytorch']['decode_token_ms']:.2f}×"]
             cells += [f"{row['throughput'][b]:.1f}" for b in batches]
+            cells += [_ms(row.get("load_ms", 0.0)), _ms(row.get("warmup_ms", 0.0))]
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
     reference = result["reference"]
@@ -137,6 +158,11 @@ def write_outputs(result: dict, out_dir: Path) -> dict[str, Path]:
     written = {"json": out_dir / "bench.json", "markdown": out_dir / "bench.md"}
     write_json(written["json"], result, indent=2)
     write_text(written["markdown"], markdown(result))
+    try:
+        import matplotlib  # noqa: F401  (the [train] extra; the tables do not need it)
+    except ImportError:
+        log.warning("matplotlib is not installed: no charts")
+        return written
     for path in charts(result, out_dir):
         written[path.stem] = path
     return written

@@ -1,8 +1,10 @@
 """The benchmark: every engine, the same inputs and thread counts, interleaved, with parity next to speed.
 
-Method: each engine is loaded once per thread count and warmed up; then, for each
-repetition, every engine measures every stage once, in a rotating order, so a
-noisy neighbour slows all engines alike. Medians and ratios to the PyTorch
+Method: each engine is loaded once per thread count in a worker process of its own
+(``vledge.benchmark.worker``: thread pools of different engines never share a process) and
+warmed up; then, for each repetition, every worker in turn measures every stage once, in a
+rotating order, so a noisy neighbour slows all engines alike. The machine's load (load
+average before and after, other processes' CPU) is reported with the numbers. Medians and ratios to the PyTorch
 original are reported next to p90/p99 and the run counts. Cold start and peak
 resident memory come from a fresh process per engine (``vledge.benchmark.coldstart``).
 """
@@ -20,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from vledge.benchmark.engines import EngineSpec, make_engine
+from vledge.benchmark.engines import EngineSpec
 from vledge.benchmark.machine import describe_machine
 from vledge.errors import ConfigError
 
@@ -58,16 +60,24 @@ def summarize(values: Sequence[float]) -> dict[str, float]:
             "p99": float(np.percentile(array, 99)), "mean": float(array.mean()), "runs": int(array.size)}
 
 
-def default_engines(model_dir: Path) -> list[EngineSpec]:
-    """PyTorch fp32 and int8, then every ONNX Runtime CPU variant the directory has; CUDA ones if CUDA works."""
+def default_engines(model_dir: Path, peers: bool = True) -> list[EngineSpec]:
+    """PyTorch fp32, int8 and compiled, every ONNX Runtime CPU variant the directory has, OpenVINO on the
+    same files, and CUDA variants if CUDA works; ``peers`` False leaves out pytorch-compile and OpenVINO.
+    Engines whose optional package is missing are kept here and skipped with a note by :func:`run_benchmark`."""
     from vledge.manifest import read_manifest
 
     manifest = read_manifest(model_dir, verify=False)
     decoder = set(manifest.precisions("decoder_model_merged"))
-    specs = [EngineSpec("pytorch", "fp32"), EngineSpec("pytorch", "int8"), EngineSpec("onnxruntime", "fp32")]
+    specs = [EngineSpec("pytorch", "fp32"), EngineSpec("pytorch", "int8")]
+    transformer = manifest.model_config.language.kind == "transformer"
+    if peers and transformer:
+        specs.append(EngineSpec("pytorch", "compile"))
+    specs.append(EngineSpec("onnxruntime", "fp32"))
     specs += [EngineSpec("onnxruntime", p) for p in ("int8", "q4") if p in decoder]
     if manifest.selected.get("cpu") and any(v != "fp32" for v in manifest.selected["cpu"].values()):
         specs.append(EngineSpec("onnxruntime", "auto"))
+    if peers and transformer:
+        specs += [EngineSpec("openvino", p) for p in ("fp32", "int8", "q4") if p == "fp32" or p in decoder]
     if _cuda_works(model_dir, manifest):
         specs += [EngineSpec("onnxruntime", "fp32", "cuda")]
         if "fp16" in decoder:
@@ -93,26 +103,37 @@ class EngineResult:
     throughput: dict[str, float] = field(default_factory=dict)  # batch size -> images/s (median)
     ratio_to_pytorch: dict[str, float] = field(default_factory=dict)  # stage -> pytorch median / ours
     tokens_per_caption: float = 0.0
+    load_ms: float = 0.0  # in its own process, before the warm-up
+    warmup_ms: float = 0.0  # the first calls (for pytorch-compile: the compilation)
+    pid: int = 0  # the worker process that measured this engine
 
 
 def run_benchmark(config: BenchConfig, progress: Callable[[str], None] | None = None) -> dict:
+    """Every engine in a worker process of its own (``vledge.benchmark.worker``), interleaved per repetition."""
+    import pickle
+    import tempfile
+
+    from vledge.benchmark.machine import LoadMonitor
     from vledge.checkpoint import load_checkpoint
     from vledge.export.export import ExportOptions, _held_out_data
-    from vledge.export.parity import measure_engine, torch_reference
+    from vledge.export.parity import torch_reference
     from vledge.prompt import CAPTION_PROMPT, question_ids
 
     say = progress or (lambda message: log.info("%s", message))
+    monitor = LoadMonitor()
     started = time.perf_counter()
     specs = [EngineSpec.parse(name) for name in config.engines] if config.engines else default_engines(config.model_dir)
     if not any(s.kind == "pytorch" and s.precision == "fp32" for s in specs):
         specs.insert(0, EngineSpec("pytorch", "fp32"))  # every ratio is against the original
+    skipped = {s.name: s.missing for s in specs if s.missing}
+    for name, reason in skipped.items():
+        say(f"skipping {name}: {reason}")
+    specs = [s for s in specs if not s.missing]
     checkpoint = load_checkpoint(config.ckpt)
     tokenizer = checkpoint.tokenizer()
     model = checkpoint.build_model()
 
     say("loading held-out data")
-    import tempfile
-
     with tempfile.TemporaryDirectory(prefix="vledge-bench-") as work:
         _, samples = _held_out_data(ExportOptions(data=config.data, parity_samples=config.parity_samples,
                                                   calibration_samples=1), model, tokenizer, Path(work))
@@ -124,23 +145,25 @@ def run_benchmark(config: BenchConfig, progress: Callable[[str], None] | None = 
 
         torch.set_num_threads(max(config.threads))
         reference = torch_reference(model, tokenizer, samples)
+        del model
+        samples_file = Path(work) / "parity.pickle"
+        with open(samples_file, "wb") as handle:
+            pickle.dump((samples, reference), handle)
 
         results: list[EngineResult] = []
         parity: dict[str, dict] = {}
         for threads in config.threads:
-            engines = [make_engine(spec, config.ckpt, config.model_dir, threads) for spec in specs]
-            for engine in engines:
-                engine.load()
-            say(f"{threads} thread(s): timing {', '.join(e.name for e in engines)}")
-            results += _time_engines(engines, threads, image_paths, caption_prompt, config)
-            if threads == config.threads[0]:
-                for engine in engines:
-                    say(f"parity of {engine.name}")
-                    measured = measure_engine(engine, samples, reference,
-                                              precisions=getattr(engine, "precisions", {"all": engine.spec.precision}))
-                    parity[engine.name] = measured.to_dict()
-                    parity[engine.name]["size_bytes"] = engine.size_bytes()
-            del engines
+            workers = _start_workers(specs, config, threads, say)
+            try:
+                say(f"{threads} thread(s): timing {', '.join(w.name for w in workers)}, each in its own process")
+                results += _time_engines(workers, threads, image_paths, caption_prompt, config)
+                if threads == config.threads[0]:
+                    for worker in workers:
+                        say(f"parity of {worker.name}")
+                        parity[worker.name] = worker.call("parity", samples=str(samples_file))
+            finally:
+                for worker in workers:
+                    worker.close()
 
         cold: dict[str, dict] = {}
         if config.cold_start:
@@ -150,14 +173,33 @@ def run_benchmark(config: BenchConfig, progress: Callable[[str], None] | None = 
 
     return {
         "machine": describe_machine(),
+        "load": monitor.stop(),
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items()},
         "engines": [s.name for s in specs],
+        "skipped": skipped,
+        "isolation": "process per engine",
         "reference": {"engine": "pytorch", "accuracy": reference.accuracy, "questions": len(samples)},
         "latency": [asdict(r) for r in results],
         "parity": parity,
         "cold_start": cold,
         "seconds": time.perf_counter() - started,
     }
+
+
+def _start_workers(specs: Sequence[EngineSpec], config: BenchConfig, threads: int, say) -> list:
+    from vledge.benchmark.worker import EngineWorker
+
+    workers = [EngineWorker(spec.name, threads) for spec in specs]
+    try:
+        for worker in workers:
+            say(f"{threads} thread(s): loading {worker.name}")
+            worker.loaded = worker.call("load", engine=worker.name, ckpt=str(config.ckpt),
+                                        model_dir=str(config.model_dir), threads=threads)
+    except BaseException:
+        for worker in workers:
+            worker.close()
+        raise
+    return workers
 
 
 def _image_paths(config: BenchConfig, work: Path, count: int) -> list[Path]:
@@ -169,51 +211,36 @@ def _image_paths(config: BenchConfig, work: Path, count: int) -> list[Path]:
     return paths
 
 
-def _time_engines(engines, threads: int, images: list[Path], prompt: list[int], config: BenchConfig) -> list[EngineResult]:
-    samples: dict[str, dict[str, list[float]]] = {e.name: {s: [] for s in STAGES} for e in engines}
-    throughput: dict[str, dict[int, list[float]]] = {e.name: {b: [] for b in config.batches} for e in engines}
-    tokens: dict[str, list[int]] = {e.name: [] for e in engines}
-
-    def clock(call) -> tuple[float, object]:
-        tick = time.perf_counter()
-        value = call()
-        return (time.perf_counter() - tick) * 1e3, value
-
-    for engine in engines:  # warm-up: first calls allocate, JIT and fill caches
-        embeds = engine.encode_images(engine.preprocess(images[:1]))
-        engine.caption(images[:1], [prompt], config.caption_tokens)
-        engine.start(embeds, [prompt])
+def _time_engines(workers, threads: int, images: list[Path], prompt: list[int], config: BenchConfig) -> list[EngineResult]:
+    """Each repetition asks every worker in turn (rotating order) for one round of every stage, so a noisy
+    neighbour slows all engines alike, and only one engine computes at a time."""
+    samples: dict[str, dict[str, list[float]]] = {w.name: {s: [] for s in STAGES} for w in workers}
+    throughput: dict[str, dict[int, list[float]]] = {w.name: {b: [] for b in config.batches} for w in workers}
+    tokens: dict[str, list[int]] = {w.name: [] for w in workers}
+    warmup = {w.name: w.call("warmup", images=[str(p) for p in images[:1]], prompt=prompt,
+                             caption_tokens=config.caption_tokens)["warmup_ms"] for w in workers}
     for rep in range(config.repeats):
-        order = engines[rep % len(engines):] + engines[: rep % len(engines)]
+        order = workers[rep % len(workers):] + workers[: rep % len(workers)]
         image = images[rep % len(images)]
-        for engine in order:
-            times = samples[engine.name]
-            ms, pixels = clock(lambda: engine.preprocess([image]))
-            times["preprocess_ms"].append(ms)
-            ms, embeds = clock(lambda: engine.encode_images(pixels))
-            times["vision_ms"].append(ms)
-            ms, steps = clock(lambda: engine.start(embeds, [prompt]))
-            times["prefill_ms"].append(ms)
-            token = np.argmax(steps.first_logits, axis=-1)
-            for _ in range(config.decode_tokens):  # the cost of a step does not depend on the token: never stop
-                ms, logits = clock(lambda: steps.step(token))
-                times["decode_token_ms"].append(ms)
-                token = np.argmax(logits, axis=-1)
-            ms, out = clock(lambda: engine.caption([image], [prompt], config.caption_tokens))
-            times["caption_ms"].append(ms)
-            tokens[engine.name].append(len(out[0]))
+        batches = []
         if rep % 4 == 0:
-            for batch in config.batches:
-                chosen = [images[(rep + i) % len(images)] for i in range(batch)]
-                for engine in order:
-                    ms, _ = clock(lambda: engine.caption(chosen, [prompt] * batch, config.caption_tokens))
-                    throughput[engine.name][batch].append(batch / (ms / 1e3))
+            batches = [[str(images[(rep + i) % len(images)]) for i in range(batch)] for batch in config.batches]
+        for worker in order:
+            reply = worker.call("repetition", image=str(image), prompt=prompt, decode_tokens=config.decode_tokens,
+                                caption_tokens=config.caption_tokens, batches=batches)
+            for stage, value in reply["times"].items():
+                samples[worker.name][stage] += value if isinstance(value, list) else [value]
+            for batch, rate in zip(config.batches, reply["throughput"]):
+                throughput[worker.name][batch].append(rate)
+            tokens[worker.name].append(reply["tokens"])
     results = []
-    for engine in engines:
-        result = EngineResult(engine=engine.name, threads=threads,
-                              stages={s: summarize(v) for s, v in samples[engine.name].items()},
-                              throughput={str(b): float(np.median(v)) for b, v in throughput[engine.name].items()},
-                              tokens_per_caption=float(np.mean(tokens[engine.name])))
+    for worker in workers:
+        result = EngineResult(engine=worker.name, threads=threads,
+                              stages={s: summarize(v) for s, v in samples[worker.name].items()},
+                              throughput={str(b): float(np.median(v)) for b, v in throughput[worker.name].items()},
+                              tokens_per_caption=float(np.mean(tokens[worker.name])),
+                              load_ms=worker.loaded["load_ms"], warmup_ms=warmup[worker.name],
+                              pid=worker.loaded["pid"])
         results.append(result)
     base = next(r for r in results if r.engine == "pytorch")
     for result in results:

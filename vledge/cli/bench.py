@@ -28,15 +28,20 @@ def _int_list(text: str) -> tuple[int, ...]:
 @click.option("--threads", default="1,2", show_default=True, help="Thread counts, each given to every engine.")
 @click.option("--batch", "batches", default="1,8", show_default=True, help="Batch sizes for throughput.")
 @click.option("--engines", default=None,
-              help="Comma-separated: pytorch, pytorch-int8, ort-cpu-fp32, ort-cpu-int8, ort-cpu-q4, ort-cpu-auto, "
-                   "ort-cuda-fp32, ort-cuda-fp16 (default: all available).")
-@click.option("--providers", default=None, help="Shortcut: cpu or cpu,cuda to limit ONNX Runtime engines.")
+              help="Comma-separated: pytorch, pytorch-int8, pytorch-compile, ort-cpu-fp32, ort-cpu-int8, ort-cpu-q4, "
+                   "ort-cpu-auto, ort-cuda-fp32, ort-cuda-fp16, openvino-cpu-fp32, openvino-cpu-int8, "
+                   "openvino-cpu-q4 (default: all available).")
+@click.option("--providers", default=None,
+              help="Shortcut: cpu, cuda or cpu,cuda to limit ONNX Runtime engines (OpenVINO counts as cpu).")
+@click.option("--peers/--no-peers", default=True, show_default=True,
+              help="With the default engines: include pytorch-compile and openvino-cpu-* (skipped with a note "
+                   "when not installed).")
 @click.option("--repeats", type=click.IntRange(min=3), default=20, show_default=True)
 @click.option("--parity-samples", type=click.IntRange(min=1), default=200, show_default=True)
 @click.option("--no-cold-start", is_flag=True, help="Skip the fresh-process load and memory measurements.")
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), default=Path("bench"), show_default=True)
 @fail_cleanly
-def bench_command(ckpt, model_dir, data_dir, threads, batches, engines, providers, repeats, parity_samples,
+def bench_command(ckpt, model_dir, data_dir, threads, batches, engines, providers, peers, repeats, parity_samples,
                   no_cold_start, out_dir) -> None:
     """Latency and accuracy of PyTorch vs the exported variants, side by side."""
     from vledge.benchmark.engines import EngineSpec
@@ -44,9 +49,10 @@ def bench_command(ckpt, model_dir, data_dir, threads, batches, engines, provider
     from vledge.benchmark.run import BenchConfig, default_engines, run_benchmark
 
     names = tuple(e.strip() for e in engines.split(",") if e.strip()) if engines else None
-    if providers and names is None:
-        allowed = {p.strip() for p in providers.split(",")}
-        names = tuple(s.name for s in default_engines(model_dir) if s.kind == "pytorch" or s.provider in allowed)
+    if names is None and (providers or not peers):
+        allowed = {p.strip() for p in providers.split(",")} if providers else {"cpu", "cuda"}
+        specs = default_engines(model_dir, peers=peers and "cpu" in allowed)
+        names = tuple(s.name for s in specs if s.kind == "pytorch" or s.provider in allowed)
     for name in names or ():
         EngineSpec.parse(name)
     config = BenchConfig(ckpt=ckpt, model_dir=model_dir, data=data_dir, engines=names, threads=_int_list(threads),
