@@ -1,4 +1,4 @@
-"""Resampling: resize (and centre-crop) uint8 RGB images exactly as training's torchvision does.
+"""Resampling: resize (and centre-crop) uint8 RGB images exactly as training's torchvision (or Pillow) does.
 
 torch's uint8 antialiased kernels (the path torchvision takes on CPUs with AVX2/AVX512 or ARM) are
 replayed: per-axis filter weights quantised to int16, an integer horizontal pass, rounding to
@@ -20,6 +20,7 @@ import numpy as np
 
 from vledge.config import PreprocessSpec
 from vledge.errors import ImageError
+from vledge.runtime.pil_resampling import PIL_FILTERS, pil_weights
 
 
 def _triangle(x: np.ndarray) -> np.ndarray:
@@ -110,7 +111,8 @@ def _plan(in_size: int, out_size: int, interpolation: str, offset: int, count: i
 
     A pure function of its arguments, so this cache is the only shared state (lru_cache is thread-safe).
     """
-    starts, weights, precision = _int16_weights(in_size, out_size, interpolation, offset, offset + count)
+    quantise = pil_weights if interpolation in PIL_FILTERS else _int16_weights
+    starts, weights, precision = quantise(in_size, out_size, interpolation, offset, offset + count)
     used = np.nonzero(weights.any(axis=0))[0]
     taps = int(used.max()) + 1 if used.size else 1
     weights = weights[:, :taps]
@@ -150,20 +152,8 @@ def _apply_pass(plan: _Pass, pixels: np.ndarray) -> np.ndarray:
 
 
 def output_geometry(height: int, width: int, spec: PreprocessSpec) -> tuple[int, int, int, int]:
-    """(resized height, resized width, crop top, crop left) as torchvision computes them."""
-    size = spec.image_size
-    if spec.resize == "squash":
-        return size, size, 0, 0
-    if min(height, width) == size:
-        new_h, new_w = height, width
-    else:
-        short, long = (width, height) if width <= height else (height, width)
-        new_short, new_long = size, int(size * long / short)  # torchvision's _compute_resized_output_size
-        new_w, new_h = (new_short, new_long) if width <= height else (new_long, new_short)
-    top = int(round((new_h - size) / 2.0))  # torchvision's _center_crop_compute_crop_anchors
-    left = int(round((new_w - size) / 2.0))
-    return new_h, new_w, top, left
-
+    """(resized height, resized width, crop top, crop left), as the spec defines them."""
+    return spec.geometry(height, width)
 
 
 def resize_and_crop(rgb: np.ndarray, spec: PreprocessSpec) -> np.ndarray:

@@ -8,16 +8,89 @@ and the exported manifest stores them as JSON.
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass, field
 
 from vledge.errors import ConfigError
 
-VISION_BACKBONES = ("convnet", "resnet18", "mobilenet_v3_small", "efficientnet_b0")
+VISION_BACKBONES = ("convnet", "resnet18", "mobilenet_v3_small", "efficientnet_b0", "clip", "siglip")
+VIT_FAMILIES = ("clip", "siglip")
+VIT_ACTIVATIONS = ("quick_gelu", "gelu_pytorch_tanh", "gelu")
+VIT_SELECT = ("default", "full")
+VIT_REDUCTIONS = ("avg_pool_2x2", "pixel_shuffle_2x2")
 PROJECTORS = ("linear", "mlp2x_gelu")
+INTERPOLATIONS = ("bilinear", "bicubic", "bilinear_pil", "bicubic_pil")
 LANGUAGE_MODELS = ("transformer", "lstm", "llama")
 # Rotary scalings the Llama family defines that vledge implements ("default" is none).
 ROPE_SCALINGS = ("default", "linear", "llama3")
+
+
+@dataclass
+class ViTConfig:
+    """A CLIP or SigLIP vision transformer (the numbers of its Hugging Face ``vision_config``)."""
+
+    family: str = "clip"
+    hidden: int = 768
+    layers: int = 12
+    heads: int = 12
+    intermediate: int = 3072
+    patch_size: int = 16
+    image_size: int = 224
+    layer_norm_eps: float = 1e-5
+    hidden_act: str = "quick_gelu"
+    # Hidden states whose tokens become visual tokens (LLaVA's vision_feature_layer): index 0 is
+    # the embeddings, i the output of block i, negative counts from the last block; several are
+    # concatenated along the feature axis.
+    feature_layers: tuple[int, ...] = (-2,)
+    # "default" drops the first token (CLIP's class token), "full" keeps every token.
+    select: str = "default"
+    # Optional 2x2 token reduction for edge use: average pooling, or pixel shuffle (4x wider tokens).
+    reduction: str | None = None
+    # Apply the tower's final LayerNorm to the chosen hidden states (SigLIP's last_hidden_state).
+    post_norm: bool = False
+
+    def __post_init__(self) -> None:
+        if self.family not in VIT_FAMILIES:
+            raise ConfigError(f"unknown vision transformer family {self.family!r}; choose from {VIT_FAMILIES}")
+        if self.hidden_act not in VIT_ACTIVATIONS:
+            raise ConfigError(f"vision hidden_act {self.hidden_act!r} is not supported; choose from {VIT_ACTIVATIONS}")
+        if self.select not in VIT_SELECT:
+            raise ConfigError(f"vision_feature_select_strategy {self.select!r} is not supported; choose from {VIT_SELECT}")
+        if self.reduction is not None and self.reduction not in VIT_REDUCTIONS:
+            raise ConfigError(f"unknown token reduction {self.reduction!r}; choose from {VIT_REDUCTIONS}")
+        if min(self.hidden, self.layers, self.heads, self.intermediate, self.patch_size) < 1 or self.hidden % self.heads:
+            raise ConfigError(f"vision transformer: hidden {self.hidden} must be a positive multiple of heads {self.heads}")
+        if self.image_size % self.patch_size:
+            raise ConfigError(f"vision image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
+        if not self.feature_layers:
+            raise ConfigError("vision_feature_layer names no layer")
+        for layer in self.feature_layers:
+            if not -self.layers - 1 <= layer <= self.layers:
+                raise ConfigError(f"vision_feature_layer {layer} is outside the tower's {self.layers} layers")
+        if self.reduction is not None:
+            side = math.isqrt(self.tokens_before_reduction)
+            if side * side != self.tokens_before_reduction or side % 2:
+                raise ConfigError(f"token reduction {self.reduction!r} needs an even square grid of tokens, got "
+                                  f"{self.tokens_before_reduction} (select {self.select!r})")
+
+    @property
+    def grid(self) -> int:
+        return self.image_size // self.patch_size
+
+    @property
+    def tokens_before_reduction(self) -> int:
+        tokens = self.grid * self.grid + (1 if self.family == "clip" else 0)
+        return tokens - 1 if self.select == "default" else tokens
+
+    @property
+    def num_tokens(self) -> int:
+        return self.tokens_before_reduction // 4 if self.reduction else self.tokens_before_reduction
+
+    @property
+    def out_features(self) -> int:
+        width = self.hidden * len(self.feature_layers)
+        return width * 4 if self.reduction == "pixel_shuffle_2x2" else width
 
 
 @dataclass
@@ -31,10 +104,17 @@ class VisionConfig:
     token_grid: tuple[int, int] | None = None
     # torchvision weights name (e.g. "IMAGENET1K_V1"), used only when already in the torch cache.
     pretrained: str | None = None
+    # clip / siglip only: the vision transformer's architecture
+    vit: ViTConfig | None = None
 
     def __post_init__(self) -> None:
         if self.backbone not in VISION_BACKBONES:
             raise ConfigError(f"unknown vision backbone {self.backbone!r}; choose from {VISION_BACKBONES}")
+        if self.backbone in VIT_FAMILIES:
+            if self.vit is None or self.vit.family != self.backbone:
+                raise ConfigError(f"vision backbone {self.backbone!r} needs its vit config (family {self.backbone!r})")
+            if self.token_grid is not None:
+                raise ConfigError("token_grid applies to CNN backbones; a vision transformer uses vit.reduction")
 
 
 @dataclass
@@ -115,11 +195,18 @@ class LanguageConfig:
 class PreprocessSpec:
     """How a decoded RGB image becomes the model's pixel tensor; the runtime follows it exactly."""
 
-    image_size: int = 64
-    # "shortest_edge_center_crop": resize the short side to image_size, crop the centre square.
+    image_size: int = 64  # side of the square pixel tensor the vision encoder reads
+    # "shortest_edge_center_crop": resize the short side to resize_size, crop the centre square.
     # "squash": resize both sides to image_size, ignoring aspect ratio.
     resize: str = "shortest_edge_center_crop"
-    interpolation: str = "bilinear"  # antialiased when downscaling
+    # shortest_edge_center_crop only: the short side's length before the crop (None: image_size).
+    resize_size: int | None = None
+    # "bilinear" / "bicubic": torchvision's antialiased resize; "bilinear_pil" / "bicubic_pil":
+    # Pillow's Image.resize (what Hugging Face image processors use).
+    interpolation: str = "bilinear"
+    # Crop offset (resized - image_size) / 2: "round" as torchvision's center_crop rounds it,
+    # "floor" as Hugging Face image processors do.
+    crop_anchor: str = "round"
     mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
     std: tuple[float, float, float] = (0.5, 0.5, 0.5)
     channel_order: str = "RGB"
@@ -127,10 +214,34 @@ class PreprocessSpec:
     def __post_init__(self) -> None:
         if self.resize not in ("shortest_edge_center_crop", "squash"):
             raise ConfigError(f"unknown resize mode {self.resize!r}")
-        if self.interpolation not in ("bilinear", "bicubic"):
-            raise ConfigError(f"unknown interpolation {self.interpolation!r}")
+        if self.interpolation not in INTERPOLATIONS:
+            raise ConfigError(f"unknown interpolation {self.interpolation!r}; choose from {INTERPOLATIONS}")
+        if self.crop_anchor not in ("round", "floor"):
+            raise ConfigError(f"unknown crop_anchor {self.crop_anchor!r}; choose 'round' or 'floor'")
         if self.image_size < 8:
             raise ConfigError(f"image_size must be at least 8, got {self.image_size}")
+        if self.resize_size is not None:
+            if self.resize != "shortest_edge_center_crop":
+                raise ConfigError("resize_size applies only to resize 'shortest_edge_center_crop'")
+            if self.resize_size < self.image_size:
+                raise ConfigError(f"resize_size {self.resize_size} is smaller than the crop (image_size "
+                                  f"{self.image_size})")
+
+    def geometry(self, height: int, width: int) -> tuple[int, int, int, int]:
+        """(resized height, resized width, crop top, crop left) of an image, as torchvision / HF compute them."""
+        size = self.image_size
+        if self.resize == "squash":
+            return size, size, 0, 0
+        short_target = self.resize_size or size
+        if min(height, width) == short_target:
+            new_h, new_w = height, width
+        else:
+            short, long = (width, height) if width <= height else (height, width)
+            new_short, new_long = short_target, int(short_target * long / short)
+            new_w, new_h = (new_short, new_long) if width <= height else (new_long, new_short)
+        if self.crop_anchor == "floor":
+            return new_h, new_w, (new_h - size) // 2, (new_w - size) // 2
+        return new_h, new_w, int(round((new_h - size) / 2.0)), int(round((new_w - size) / 2.0))
 
 
 @dataclass

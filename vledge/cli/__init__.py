@@ -5,7 +5,7 @@
 - ``base``: the ``main`` group, ``fail_cleanly`` (a typed ``VledgeError`` becomes one line
   ``Error: <Type>: <message>`` and exit status 1) and options several commands share;
 - ``data`` (data synth, data inspect), ``train`` (train, pretrain-vision, eval), ``infer``
-  (caption, ask), ``batch`` (bulk captioning), ``export``, ``bench``, ``webcam``, ``quickstart``, ``serve``.
+  (caption, ask), ``batch`` (bulk captioning), ``export``, ``convert``, ``bench``, ``webcam``, ``quickstart``, ``serve``.
 
 Adding a command: write ``vledge/cli/<name>.py`` that imports ``main`` and ``fail_cleanly`` from
 ``vledge.cli.base`` and decorates its function with ``@main.command("<name>")`` then
@@ -22,6 +22,7 @@ from vledge.cli.base import fail_cleanly, main
 # Importing a command module registers its commands on ``main``.
 from vledge.cli import batch  # noqa: E402,F401
 from vledge.cli import bench  # noqa: E402,F401
+from vledge.cli import convert  # noqa: E402,F401
 from vledge.cli import data  # noqa: E402,F401
 from vledge.cli import export  # noqa: E402,F401
 from vledge.cli import infer  # noqa: E402,F401

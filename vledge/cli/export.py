@@ -7,12 +7,14 @@ from pathlib import Path
 import click
 
 from vledge.cli.base import fail_cleanly, main
+from vledge.cli.convert import BACKEND_HELP
 
 
 @main.command("export")
 @click.argument("ckpt", type=click.Path(path_type=Path))
 @click.option("-o", "--out", "out_dir", type=click.Path(path_type=Path), default=None,
-              help="Model directory to write (default: a 'model' folder next to the checkpoint).")
+              help="Model directory to write (default: a 'model' folder next to the checkpoint; required for a "
+                   "Hugging Face LLaVA folder).")
 @click.option("--quantize", default="auto", show_default=True,
               help="Comma-separated variants: int8, q4, fp16; 'auto' makes all and picks the fastest per graph "
                    "within --max-accuracy-drop; 'none' writes fp32 only.")
@@ -29,11 +31,14 @@ from vledge.cli.base import fail_cleanly, main
 @click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True,
               help="Threads for the latency measurements that rank variants.")
 @click.option("--force", is_flag=True, help="Replace an existing model directory.")
+@click.option("--image-processor-backend", "backend", type=click.Choice(["pil", "torchvision"]), default="pil",
+              show_default=True, help="LLaVA folders only: " + BACKEND_HELP)
 @fail_cleanly
 def export_command(ckpt, out_dir, quantize, data_dir, calibration_method, parity_samples, max_accuracy_drop, opset,
-                   threads, force) -> None:
-    """Export a checkpoint to an ONNX model directory, gated by parity with PyTorch."""
-    from vledge.export import ExportOptions, export
+                   threads, force, backend) -> None:
+    """Export a checkpoint (or a Hugging Face LLaVA folder) to an ONNX model directory, gated by parity with PyTorch."""
+    from vledge.errors import ConfigError
+    from vledge.export import ExportOptions, export, export_llava
 
     options = ExportOptions(
         quantize=tuple(part.strip() for part in quantize.split(",") if part.strip()), data=data_dir,
@@ -47,7 +52,12 @@ def export_command(ckpt, out_dir, quantize, data_dir, calibration_method, parity
         step += 1
         click.echo(f"[{step:2d}] {message}", err=True)
 
-    result = export(ckpt, out_dir, options, progress=progress)
+    if ckpt.is_dir():
+        if out_dir is None:
+            raise ConfigError(f"exporting the folder {ckpt} needs -o MODEL_DIR")
+        result = export_llava(ckpt, out_dir, options, progress=progress, backend=backend)
+    else:
+        result = export(ckpt, out_dir, options, progress=progress)
     click.echo(f"model directory: {result.model_dir}")
     for label, parity in result.parity.items():
         click.echo(f"  {label:<28} token agreement {parity.generation.token_agreement:6.1%}  "

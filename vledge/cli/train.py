@@ -30,11 +30,18 @@ from vledge.cli.base import fail_cleanly, main
 @click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda | cuda:N")
 @click.option("--resume", is_flag=True, help="Continue RUN/last.pt exactly.")
 @click.option("--init", "init_ckpt", type=click.Path(path_type=Path), default=None,
-              help="Start from this checkpoint's weights and tokenizer (e.g. the align stage's ckpt.pt).")
+              help="Start from this checkpoint's weights, tokenizer and model configuration (e.g. the align stage's ckpt.pt, or one from vledge convert).")
 @click.option("--vision-weights", type=click.Path(path_type=Path), default=None,
               help="Pretrained vision backbone weights (a local state-dict file).")
 @click.option("--freeze", multiple=True, type=click.Choice(["vision", "projector", "language"]),
               help="Keep this part fixed in every stage (repeatable), e.g. a pretrained vision encoder.")
+@click.option("--vision-model", type=click.Path(path_type=Path), default=None,
+              help="A local Hugging Face CLIPVisionModel / SiglipVisionModel folder as the vision encoder (its "
+                   "preprocessor_config.json sets the preprocessing), instead of the preset's.")
+@click.option("--vision-feature-layer", type=int, default=-2, show_default=True,
+              help="With --vision-model: the hidden layer whose tokens become visual tokens.")
+@click.option("--vision-token-reduction", type=click.Choice(["avg_pool_2x2", "pixel_shuffle_2x2"]), default=None,
+              help="With --vision-model: 4x fewer visual tokens by 2x2 average pooling or pixel shuffle.")
 @click.option("--language-model", type=click.Path(path_type=Path), default=None,
               help="A local Hugging Face folder of a Llama-family LM (Llama, Qwen2, Mistral, SmolLM2) to fine-tune.")
 @click.option("--lora", "lora_rank", type=click.IntRange(min=1), default=None,
@@ -45,8 +52,8 @@ from vledge.cli.base import fail_cleanly, main
               help="Longest training sequence in tokens, visual tokens included (default: preset).")
 @fail_cleanly
 def train(data_dir, preset, run_dir, stage, max_steps, minutes, batch_size, grad_accum, lr, eval_every, seed, threads,
-          precision, device, resume, init_ckpt, vision_weights, freeze, language_model, lora_rank, lora_alpha,
-          lora_dropout, max_seq_len) -> None:
+          precision, device, resume, init_ckpt, vision_weights, freeze, vision_model, vision_feature_layer,
+          vision_token_reduction, language_model, lora_rank, lora_alpha, lora_dropout, max_seq_len) -> None:
     """Train a fusion model: align the projector on captions, then instruction-tune."""
     import dataclasses
 
@@ -62,6 +69,15 @@ def train(data_dir, preset, run_dir, stage, max_steps, minutes, batch_size, grad
                                       max_seq_len=max_seq_len).items()
                  if v is not None}
     train_config = dataclasses.replace(train_config, **overrides)
+    if vision_model is not None:
+        from vledge.errors import ConfigError
+        from vledge.hf.vision import tower_model_config
+
+        if vision_weights is not None:
+            raise ConfigError("--vision-model brings its own weights; --vision-weights cannot be combined with it")
+        vision, spec = tower_model_config(vision_model, vision_feature_layer, reduction=vision_token_reduction)
+        model_config = dataclasses.replace(model_config, vision=vision, preprocess=spec)
+        vision_weights = vision_model
     if resume and (overrides or minutes or stage or freeze or init_ckpt or vision_weights or language_model
                    or lora_rank):
         click.echo("note: --resume continues with the run's saved configuration; the other options are ignored",

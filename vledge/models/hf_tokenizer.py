@@ -62,7 +62,8 @@ def _chat_template(folder: Path, config: dict[str, Any]) -> str | None:
     return template if isinstance(template, str) and template else None
 
 
-def adapt_tokenizer(folder: Path) -> AdaptedTokenizer:
+def adapt_tokenizer(folder: Path, use_chat_template: bool = True) -> AdaptedTokenizer:
+    """``use_chat_template`` False: the folder's template is not this module's to read (a LLaVA processor's)."""
     path = folder / "tokenizer.json"
     if not path.is_file():
         raise TokenizerError(
@@ -85,7 +86,7 @@ def adapt_tokenizer(folder: Path) -> AdaptedTokenizer:
     if "unk" in named:
         roles["unk"] = named["unk"]
     prompt, eos, uses_bos, from_template = PromptTemplate(), named.get("eos"), None, False
-    template = _chat_template(folder, config)
+    template = _chat_template(folder, config) if use_chat_template else None
     if template is not None:
         specials = [token.content for token in backend.get_added_tokens_decoder().values() if token.special]
         try:

@@ -8,8 +8,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from vledge.config import VisionConfig
-from vledge.errors import WeightsError
+from vledge.config import VIT_FAMILIES, VisionConfig
+from vledge.errors import ConfigError, WeightsError
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +66,13 @@ class VisionEncoder(nn.Module):
     def __init__(self, config: VisionConfig) -> None:
         super().__init__()
         self.config = config
-        if config.backbone == "convnet":
+        self.is_vit = config.backbone in VIT_FAMILIES
+        if self.is_vit:
+            from vledge.models.vit import VisionTransformer
+
+            self.backbone = VisionTransformer(config.vit)
+            self.out_channels = self.backbone.out_features
+        elif config.backbone == "convnet":
             self.backbone: nn.Module = ConvNet(config.widths, config.patch_shortcut)
             self.out_channels = self.backbone.out_channels
         else:
@@ -74,11 +80,18 @@ class VisionEncoder(nn.Module):
         self.pool = nn.AdaptiveAvgPool2d(config.token_grid) if config.token_grid else nn.Identity()
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        if self.is_vit:
+            return self.backbone(pixel_values)
         grid = self.pool(self.backbone(pixel_values))
         return grid.flatten(2).transpose(1, 2)
 
     @torch.no_grad()
     def num_tokens(self, image_size: int) -> int:
+        if self.is_vit:
+            if image_size != self.config.vit.image_size:
+                raise ConfigError(f"the preprocessing image_size {image_size} differs from the vision transformer's "
+                                  f"{self.config.vit.image_size}")
+            return self.backbone.num_tokens
         was_training = self.training
         self.eval()
         tokens = self(torch.zeros(1, 3, image_size, image_size)).shape[1]
@@ -92,6 +105,15 @@ def load_vision_weights(encoder: VisionEncoder, path: str | Path | None = None) 
     Nothing is ever downloaded: an offline machine without the file gets a clear error at once.
     """
     config = encoder.config
+    if path is not None and Path(path).is_dir():  # a Hugging Face CLIP / SigLIP folder (--vision-model)
+        if not encoder.is_vit:
+            raise WeightsError(f"{path} is a folder: a Hugging Face vision tower needs a clip/siglip backbone "
+                               "(vledge train --vision-model PATH)")
+        from vledge.hf.vision import load_tower_weights
+
+        load_tower_weights(encoder.backbone, path)
+        log.info("loaded the vision tower from %s", path)
+        return
     if path is not None:
         path = Path(path)
         if not path.is_file():

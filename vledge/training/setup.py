@@ -84,6 +84,8 @@ def prepare_run(data: Path, run_dir: Path, model_config: ModelConfig, train_conf
         start, saved = decode_train_state(resume_from.train_state, run_dir / "last.pt")
         options = replace(saved, device=options.device)
     loaded_lm = None
+    if resume_from is None and options.init is not None and options.language_model is None:
+        model_config = load_checkpoint(options.init).model_config  # its weights define the architecture
     if resume_from is None:
         model_config, loaded_lm = pretrained_lm.prepare_language(model_config, options.language_model, options.init,
                                                                  train_config.max_seq_len)

@@ -282,6 +282,8 @@ def load_projector_weights(projector: nn.Module, path: str | Path) -> bool:
 
     Returns whether one was loaded; a projector of another shape is a :class:`WeightsError`.
     """
+    if Path(path).is_dir():  # a Hugging Face vision tower folder holds no projector
+        return False
     try:
         state = torch.load(Path(path), map_location="cpu", weights_only=True)
     except Exception as exc:

@@ -1,0 +1,1 @@
+"""Reading local Hugging Face folders (config.json + safetensors) into vledge configs and weights."""
