@@ -104,19 +104,16 @@ def optimize_graph(src: Path, dst: Path, level: str = "basic") -> Path:
 
 def optimize_component(component: str, src: Path, dst: Path, level: str = "basic", fuse: bool = True,
                        language_kind: str | None = None) -> Path:
-    """The recommended offline optimisation of one graph: ``level`` for all; for the decoder, the attention
-    fusion that fits ``language_kind``'s attention (the built-in transformer's by default), and for the built-in
-    transformer also residual + LayerNorm fusion and the mask inside attention (``vledge.export.layer_fusion``)."""
+    """The recommended offline optimisation of one graph: ``level`` for all; for the built-in transformer's
+    decoder (``language_kind`` None or "transformer") also attention fusion, residual + LayerNorm fusion and the
+    mask inside attention (``vledge.export.layer_fusion``)."""
     if component not in COMPONENTS:
         raise QuantizationError(f"unknown component {component!r}; choose from {COMPONENTS}")
     optimize_graph(src, dst, level)
-    if fuse and component == "decoder_model_merged":
-        if language_kind == "llama":
-            from vledge.export.fusion_llama import fuse_llama_attention
-
-            fuse_llama_attention(dst, dst)
-        else:
-            fuse_attention(dst, dst)
-            fuse_layers(dst, dst)
+    # A Llama-family decoder's grouped attention has no fusion of its own yet: it stays MatMul-Softmax-MatMul
+    # over the shared key/value heads, with ONNX Runtime's session-time optimisations only.
+    if fuse and component == "decoder_model_merged" and language_kind != "llama":
+        fuse_attention(dst, dst)
+        fuse_layers(dst, dst)
     return Path(dst)
 

@@ -29,9 +29,9 @@ def expected_io(manifest: Manifest) -> dict[str, tuple[dict[str, Shape], dict[st
     }
     inputs: dict[str, Shape] = {"inputs_embeds": (None, None, hidden)}
     outputs: dict[str, Shape] = {"logits": (None, None, vocab)}
-    if language.kind == "transformer":
+    if language.has_kv_cache:
         inputs.update(attention_mask=(None, None), position_ids=(None, None))
-        cache = (None, language.heads, None, language.head_dim)
+        cache = (None, language.key_value_heads, None, language.head_dim)
         for layer in range(language.layers):
             for part in ("key", "value"):
                 inputs[f"past_key_values.{layer}.{part}"] = cache

@@ -7,25 +7,12 @@ and the exported manifest stores them as JSON.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import typing
 from dataclasses import dataclass, field
 
+from vledge.config_fields import from_dict, require_finite, require_positive, to_dict  # noqa: F401 (re-exported)
 from vledge.errors import ConfigError
-
-
-def _require_positive(owner: str, **values: int | float) -> None:
-    for name, value in values.items():
-        if not value > 0 or (isinstance(value, float) and not math.isfinite(value)):
-            raise ConfigError(f"{owner}.{name} must be a positive finite number, got {value!r}")
-
-
-def _require_finite(owner: str, **values: float) -> None:
-    for name, value in values.items():
-        if not math.isfinite(value):
-            raise ConfigError(f"{owner}.{name} must be finite, got {value!r}")
-
 
 VISION_BACKBONES = ("convnet", "resnet18", "mobilenet_v3_small", "efficientnet_b0", "clip", "siglip")
 VIT_FAMILIES = ("clip", "siglip")
@@ -130,11 +117,11 @@ class VisionConfig:
                 raise ConfigError("token_grid applies to CNN backbones; a vision transformer uses vit.reduction")
         if not self.widths:
             raise ConfigError("VisionConfig.widths must name at least one stage")
-        _require_positive("VisionConfig", **{f"widths[{i}]": w for i, w in enumerate(self.widths)})
+        require_positive("VisionConfig", **{f"widths[{i}]": w for i, w in enumerate(self.widths)})
         if self.token_grid is not None:
             if len(self.token_grid) != 2:
                 raise ConfigError(f"VisionConfig.token_grid must be (rows, cols), got {self.token_grid!r}")
-            _require_positive("VisionConfig", token_grid_rows=self.token_grid[0], token_grid_cols=self.token_grid[1])
+            require_positive("VisionConfig", token_grid_rows=self.token_grid[0], token_grid_cols=self.token_grid[1])
 
 
 @dataclass
@@ -178,7 +165,7 @@ class LanguageConfig:
     def __post_init__(self) -> None:
         if self.kind not in LANGUAGE_MODELS:
             raise ConfigError(f"unknown language model {self.kind!r}; choose from {LANGUAGE_MODELS}")
-        _require_positive("LanguageConfig", hidden=self.hidden, layers=self.layers, heads=self.heads,
+        require_positive("LanguageConfig", hidden=self.hidden, layers=self.layers, heads=self.heads,
                           max_positions=self.max_positions)
         if not 0 <= self.dropout < 1:
             raise ConfigError(f"LanguageConfig.dropout must be in [0, 1), got {self.dropout!r}")
@@ -248,8 +235,8 @@ class PreprocessSpec:
             raise ConfigError(f"image_size must be at least 8, got {self.image_size}")
         if len(self.mean) != 3 or len(self.std) != 3:
             raise ConfigError(f"PreprocessSpec.mean and std need 3 values each, got {self.mean!r} and {self.std!r}")
-        _require_finite("PreprocessSpec", **{f"mean[{i}]": m for i, m in enumerate(self.mean)})
-        _require_positive("PreprocessSpec", **{f"std[{i}]": v for i, v in enumerate(self.std)})
+        require_finite("PreprocessSpec", **{f"mean[{i}]": m for i, m in enumerate(self.mean)})
+        require_positive("PreprocessSpec", **{f"std[{i}]": v for i, v in enumerate(self.std)})
         if self.channel_order not in ("RGB", "BGR"):
             raise ConfigError(f"PreprocessSpec.channel_order must be RGB or BGR, got {self.channel_order!r}")
         if self.resize_size is not None:
@@ -303,7 +290,7 @@ class ModelConfig:
     special_tokens: dict[str, str] | None = None
 
     def __post_init__(self) -> None:
-        _require_positive("ModelConfig", tokenizer_vocab_size=self.tokenizer_vocab_size)
+        require_positive("ModelConfig", tokenizer_vocab_size=self.tokenizer_vocab_size)
 
 
 @dataclass
@@ -325,7 +312,7 @@ class StageConfig:
         if not 0 < self.fraction <= 1:
             raise ConfigError(f"stage {self.name!r}: fraction must be in (0, 1], got {self.fraction}")
         if self.lr is not None:
-            _require_positive(f"stage {self.name!r}", lr=self.lr)
+            require_positive(f"stage {self.name!r}", lr=self.lr)
 
 
 # More optimizer steps than any run could take; a bound keeps schedules and ETAs finite.
@@ -370,9 +357,9 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.max_steps > MAX_STEPS:
             raise ConfigError(f"max_steps must be at most {MAX_STEPS:,}, got {self.max_steps:,}")
-        _require_positive("TrainConfig", lr=self.lr, grad_clip=self.grad_clip)
+        require_positive("TrainConfig", lr=self.lr, grad_clip=self.grad_clip)
         if self.vision_lr is not None:
-            _require_positive("TrainConfig", vision_lr=self.vision_lr)
+            require_positive("TrainConfig", vision_lr=self.vision_lr)
         if not 0 <= self.min_lr_ratio <= 1:
             raise ConfigError(f"TrainConfig.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio!r}")
         if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
@@ -463,68 +450,3 @@ def preset(name: str) -> tuple[ModelConfig, TrainConfig]:
     except KeyError:
         raise ConfigError(f"unknown preset {name!r}; choose from {sorted(PRESETS)}") from None
     return factory()
-
-
-# --------------------------------------------------------------------------- dict round trip
-
-
-def to_dict(config: typing.Any) -> dict:
-    """A plain-container copy (lists, not tuples) fit for JSON and weights-only checkpoints."""
-
-    def plain(value: typing.Any) -> typing.Any:
-        if dataclasses.is_dataclass(value):
-            return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
-        if isinstance(value, (list, tuple)):
-            return [plain(v) for v in value]
-        if isinstance(value, dict):
-            return {k: plain(v) for k, v in value.items()}
-        return value
-
-    return plain(config)
-
-
-def from_dict(cls: type, data: typing.Mapping) -> typing.Any:
-    """Rebuild a dataclass from ``to_dict`` output, rejecting unknown keys by name."""
-    if not isinstance(data, typing.Mapping):
-        raise ConfigError(f"{cls.__name__}: expected a mapping, got {type(data).__name__}")
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = set(data) - names
-    if unknown:
-        raise ConfigError(f"{cls.__name__}: unknown fields {sorted(unknown)}")
-    kwargs = {key: _coerce(hints[key], value, f"{cls.__name__}.{key}") for key, value in data.items()}
-    try:
-        return cls(**kwargs)
-    except TypeError as exc:
-        raise ConfigError(f"{cls.__name__}: {exc}") from None
-
-
-def _coerce(hint: typing.Any, value: typing.Any, where: str) -> typing.Any:
-    origin = typing.get_origin(hint)
-    args = typing.get_args(hint)
-    if value is None:
-        return None
-    if dataclasses.is_dataclass(hint):
-        return from_dict(hint, value)
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
-        inner = [a for a in args if a is not type(None)]
-        return _coerce(inner[0], value, where) if len(inner) == 1 else value
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where}: expected a list, got {type(value).__name__}")
-        if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_coerce(args[0], v, where) for v in value)
-        if len(value) != len(args):
-            raise ConfigError(f"{where}: expected {len(args)} values, got {len(value)}")
-        return tuple(_coerce(a, v, where) for a, v in zip(args, value))
-    if hint is bool and not isinstance(value, bool):
-        raise ConfigError(f"{where}: expected true or false, got {type(value).__name__} {value!r}")
-    if hint is int and (isinstance(value, bool) or not isinstance(value, int)):
-        raise ConfigError(f"{where}: expected an integer, got {type(value).__name__} {value!r}")
-    if hint is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{where}: expected a number, got {type(value).__name__} {value!r}")
-        return float(value)
-    if hint is str and not isinstance(value, str):
-        raise ConfigError(f"{where}: expected text, got {type(value).__name__} {value!r}")
-    return value

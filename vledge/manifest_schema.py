@@ -15,7 +15,7 @@ from vledge.errors import ModelDirError
 Rule = Callable[[Any, str], None]
 COMPONENTS = ("vision_encoder", "embed_tokens", "decoder_model_merged")
 PRECISIONS = ("fp32", "fp16", "int8", "q4")
-SPECIAL_TOKENS = ("pad", "bos", "eos", "image")
+SPECIAL_TOKENS = ("pad", "eos", "image")  # required; "bos" and "unk" only where the tokenizer has them
 SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
