@@ -62,6 +62,9 @@ class ExportOptions:
     calibration_samples: int = 64
     parity_samples: int = 128
     max_accuracy_drop: float = 1.0  # points; for auto
+    # for auto: a variant must also pick PyTorch's greedy tokens this often (accuracy alone says nothing
+    # where the reference itself scores near zero, e.g. an imported model on the built-in scenes)
+    min_token_agreement: float = 0.9
     opset: int = DEFAULT_OPSET
     threads: int = 1  # for the latency measurements that decide auto
     force: bool = False
@@ -84,6 +87,8 @@ class ExportOptions:
             raise ConfigError(f"opset {self.opset} is newer than the exporter writes; choose 17 to {MAX_OPSET}")
         if not (math.isfinite(self.max_accuracy_drop) and self.max_accuracy_drop >= 0):
             raise ConfigError(f"max_accuracy_drop must be a finite number >= 0, got {self.max_accuracy_drop}")
+        if not (math.isfinite(self.min_token_agreement) and 0 <= self.min_token_agreement <= 1):
+            raise ConfigError(f"min_token_agreement must be in [0, 1], got {self.min_token_agreement}")
         if self.parity_samples < 1 or self.calibration_samples < 1:
             raise ConfigError("parity and calibration need at least one sample")
 
@@ -218,6 +223,7 @@ def _export_into(root: Path, checkpoint, ckpt_path: Path, options: ExportOptions
         "not_measured": skipped,
         "tolerance": {"atol": FP32_ATOL, "rtol": FP32_RTOL, "min_token_agreement": FP32_MIN_TOKEN_AGREEMENT},
         "max_accuracy_drop": options.max_accuracy_drop,
+        "min_token_agreement": options.min_token_agreement,
         "data": str(options.data) if options.data else "built-in synthetic scenes (fresh seed)",
     }
     write_parity_markdown(root / "parity.md", manifest, parity, reference, skipped)
@@ -241,7 +247,7 @@ def _measure(root: Path, precisions: dict[str, str], samples: ParitySamples, ref
 
 def _select(parity: dict[str, VariantParity], variants: dict[str, dict[str, str]],
             options: ExportOptions) -> dict[str, dict[str, str]]:
-    """Per component, the fastest CPU variant within the accuracy budget; fp16 for CUDA where made."""
+    """Per component, the fastest CPU variant within the accuracy and token-agreement budgets; fp16 for CUDA."""
     stage_key = {"vision_encoder": "vision_ms", "embed_tokens": "embed_ms", "decoder_model_merged": "decode_step_ms"}
     cpu: dict[str, str] = {}
     for component in COMPONENTS:
@@ -251,6 +257,11 @@ def _select(parity: dict[str, VariantParity], variants: dict[str, dict[str, str]
             if precision in ("fp32", "fp16") or measured is None:
                 continue  # fp16 runs through casts on a CPU: it is for GPUs
             if measured.accuracy_delta < -options.max_accuracy_drop:
+                continue
+            if measured.generation.token_agreement < options.min_token_agreement:
+                log.info("auto passes over %s:%s: greedy tokens agree %.1f%% with PyTorch, below %.1f%%",
+                         component, precision, 100 * measured.generation.token_agreement,
+                         100 * options.min_token_agreement)
                 continue
             ms = measured.latency_ms.get(stage_key[component], float("inf"))
             if ms < best_ms:

@@ -383,3 +383,31 @@ def test_export_to_an_unwritable_place_is_one_output_error_line(tiny_run, tmp_pa
     assert "Error: OutputError: cannot write" in result.output and "a-file/model" in result.output, result.output
     assert "Traceback" not in result.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]
+
+
+def _measured(agreement: float, accuracy_delta: float, decode_ms: float):
+    from vledge.export.parity import Agreement, Drift, VariantParity
+
+    drift = Drift(0.0, 0.0, 1.0, True)
+    return VariantParity(precisions={}, image_embeds=drift, prefill_logits=drift,
+                         generation=Agreement(agreement, agreement, None, None, None), accuracy={"overall": 0.0},
+                         accuracy_delta=accuracy_delta, questions=10,
+                         latency_ms={"vision_ms": 1.0, "embed_ms": 1.0, "decode_step_ms": decode_ms})
+
+
+def test_auto_passes_over_a_fast_variant_that_does_not_pick_pytorchs_tokens():
+    """Accuracy alone says nothing when the reference scores 0%: token agreement must hold too."""
+    from vledge.errors import ConfigError
+    from vledge.export import ExportOptions
+    from vledge.export.export import _select
+
+    variants = {"vision_encoder": {"fp32": "v.onnx"}, "embed_tokens": {"fp32": "e.onnx"},
+                "decoder_model_merged": {"fp32": "d.onnx", "int8": "d8.onnx", "q4": "d4.onnx"}}
+    parity = {"fp32": _measured(1.0, 0.0, 1.0),
+              "decoder_model_merged:int8": _measured(0.99, 0.0, 0.8),
+              "decoder_model_merged:q4": _measured(0.17, 0.0, 0.5)}  # fastest, same (zero) accuracy, wrong tokens
+    assert _select(parity, variants, ExportOptions())["cpu"]["decoder_model_merged"] == "int8"
+    lenient = ExportOptions(min_token_agreement=0.1)
+    assert _select(parity, variants, lenient)["cpu"]["decoder_model_merged"] == "q4"
+    with pytest.raises(ConfigError, match="min_token_agreement"):
+        ExportOptions(min_token_agreement=1.5)

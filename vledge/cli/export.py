@@ -27,6 +27,8 @@ from vledge.cli.convert import BACKEND_HELP
               help="Held-out questions compared against PyTorch.")
 @click.option("--max-accuracy-drop", type=FiniteFloat(min=0), default=1.0, show_default=True,
               help="Points of exact-match accuracy a variant may lose to be chosen by auto.")
+@click.option("--min-token-agreement", type=FiniteFloat(min=0, max=1), default=0.9, show_default=True,
+              help="Share of PyTorch's greedy tokens a variant must reproduce to be chosen by auto.")
 @click.option("--opset", type=click.IntRange(min=17), default=17, show_default=True)
 @click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True,
               help="Threads for the latency measurements that rank variants.")
@@ -34,8 +36,8 @@ from vledge.cli.convert import BACKEND_HELP
 @click.option("--image-processor-backend", "backend", type=click.Choice(["pil", "torchvision"]), default="pil",
               show_default=True, help="LLaVA folders only: " + BACKEND_HELP)
 @fail_cleanly
-def export_command(ckpt, out_dir, quantize, data_dir, calibration_method, parity_samples, max_accuracy_drop, opset,
-                   threads, force, backend) -> None:
+def export_command(ckpt, out_dir, quantize, data_dir, calibration_method, parity_samples, max_accuracy_drop,
+                   min_token_agreement, opset, threads, force, backend) -> None:
     """Export a checkpoint (or a Hugging Face LLaVA folder) to an ONNX model directory, gated by parity with PyTorch."""
     from vledge.errors import ConfigError
     from vledge.export import ExportOptions, export, export_llava
@@ -43,7 +45,7 @@ def export_command(ckpt, out_dir, quantize, data_dir, calibration_method, parity
     options = ExportOptions(
         quantize=tuple(part.strip() for part in quantize.split(",") if part.strip()), data=data_dir,
         calibration_method=calibration_method, parity_samples=parity_samples,
-        max_accuracy_drop=max_accuracy_drop, opset=opset, threads=threads, force=force,
+        max_accuracy_drop=max_accuracy_drop, min_token_agreement=min_token_agreement, opset=opset, threads=threads, force=force,
     )
     step = 0
 
