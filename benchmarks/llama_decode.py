@@ -42,12 +42,12 @@ PREFILL = 128
 def build_model():
     import torch
 
-    from vledge.config import LanguageConfig, ModelConfig, preset
+    from vledge.config import ModelConfig, language_config, preset
     from vledge.models.vlm import VisionLanguageModel
 
     tiny, _ = preset("tiny")
     config = ModelConfig(vision=tiny.vision, projector=tiny.projector, preprocess=tiny.preprocess,
-                         language=LanguageConfig(**SMOLLM2_135M))
+                         language=language_config(**SMOLLM2_135M))
     torch.manual_seed(0)
     return VisionLanguageModel(config, image_token_id=0).eval()
 

@@ -20,7 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from vledge.checkpoint import file_sha256, load_checkpoint
+from vledge.checkpoint import load_checkpoint
+from vledge.hashing import file_sha256
 from vledge.errors import ConfigError, ExportError, VledgeError
 from vledge.export.graphs import DEFAULT_OPSET, MAX_OPSET, check_graph, export_graphs, tensor_names
 from vledge.export.parity import (
@@ -118,24 +119,40 @@ def export(ckpt: str | Path, out_dir: str | Path | None = None, options: ExportO
            progress: Progress | None = None) -> ExportResult:
     """Export a checkpoint; see the module docstring for the guarantees."""
     options = options or ExportOptions()
-    started = time.perf_counter()
     ckpt = Path(ckpt)
+    out_dir = Path(out_dir) if out_dir is not None else ckpt.parent / "model"
+    _check_out_dir(out_dir, options)
     say = progress or (lambda message: log.info("%s", message))
     say("loading checkpoint")
     checkpoint = load_checkpoint(ckpt)
-    out_dir = Path(out_dir) if out_dir is not None else ckpt.parent / "model"
-    if out_dir.exists() and not options.force:
-        raise ExportError(f"{out_dir} already exists; pass --force to replace it")
-    check_output_dir(out_dir, "model directory")  # before minutes of export: /proc/x, a read-only mount
+    origin = {"checkpoint": ckpt.name, "checkpoint_sha256": file_sha256(ckpt)}
+    return export_checkpoint(checkpoint, out_dir, origin, options, progress)
+
+
+def export_checkpoint(checkpoint, out_dir: str | Path, origin: dict, options: ExportOptions | None = None,
+                      progress: Progress | None = None) -> ExportResult:
+    """Export a checkpoint held in memory (``vledge export HF_DIR`` builds one from the folder's tensors, so no
+    float32 copy is written to disk); ``origin`` goes into the manifest's provenance."""
+    options = options or ExportOptions()
+    started = time.perf_counter()
+    out_dir = Path(out_dir)
+    _check_out_dir(out_dir, options)
+    say = progress or (lambda message: log.info("%s", message))
     with atomic_directory(out_dir, tag="export-") as staging:
-        result = _export_into(staging, checkpoint, ckpt, options, say)
+        result = _export_into(staging, checkpoint, origin, options, say)
     result.model_dir = out_dir
     result.seconds = time.perf_counter() - started
     say(f"wrote {out_dir} in {result.seconds:.1f} s")
     return result
 
 
-def _export_into(root: Path, checkpoint, ckpt_path: Path, options: ExportOptions, say: Progress) -> ExportResult:
+def _check_out_dir(out_dir: Path, options: ExportOptions) -> None:
+    if out_dir.exists() and not options.force:
+        raise ExportError(f"{out_dir} already exists; pass --force to replace it")
+    check_output_dir(out_dir, "model directory")  # before minutes of export: /proc/x, a read-only mount
+
+
+def _export_into(root: Path, checkpoint, origin: dict, options: ExportOptions, say: Progress) -> ExportResult:
     import torch
 
     from vledge.export import optimize, quantize
@@ -168,7 +185,7 @@ def _export_into(root: Path, checkpoint, ckpt_path: Path, options: ExportOptions
     finally:
         torch.set_num_threads(threads_before)
 
-    manifest = _manifest(checkpoint, ckpt_path, tokenizer, model, variants, root)
+    manifest = _manifest(checkpoint, origin, tokenizer, model, variants, root)
     _write_manifest(root, manifest)
 
     say("parity gate: fp32 graphs against PyTorch")
@@ -181,10 +198,9 @@ def _export_into(root: Path, checkpoint, ckpt_path: Path, options: ExportOptions
                           + "; ".join(problems))
 
     skipped: dict[str, str] = {}
-    # A pretrained LM's head is vocab x hidden (49152 x 576 for SmolLM2-135M): in float32 it is as large as all its
-    # 4-bit layers together and dominates a q4 decode step, so q4 stores it 8-bit there (PERFORMANCE.md: int8 or float).
+    # The family says how a q4 decoder keeps its LM head (a pretrained LM's head stays 8-bit: vledge.families.llama).
     qoptions = quantize.QuantizeOptions(calibration_method=options.calibration_method,
-                                        keep_bits=8 if config.language.kind == "llama" else None)
+                                        keep_bits=config.language.family.q4_head_bits)
     for precision in options.precisions:
         for component in COMPONENTS:
             if precision not in quantize.AVAILABLE.get(component, ()):
@@ -202,7 +218,7 @@ def _export_into(root: Path, checkpoint, ckpt_path: Path, options: ExportOptions
                 target.unlink(missing_ok=True)
                 continue
             variants[component][precision] = variant_filename(component, precision)
-            manifest = _manifest(checkpoint, ckpt_path, tokenizer, model, variants, root)
+            manifest = _manifest(checkpoint, origin, tokenizer, model, variants, root)
             _write_manifest(root, manifest)
             say(f"measuring {label}")
             chosen = {c: "fp32" for c in COMPONENTS}
@@ -215,7 +231,7 @@ def _export_into(root: Path, checkpoint, ckpt_path: Path, options: ExportOptions
         parity["selected:cpu"] = _measure(root, selected["cpu"], samples, reference, options)
 
     shutil.rmtree(work, ignore_errors=True)
-    manifest = _manifest(checkpoint, ckpt_path, tokenizer, model, variants, root)
+    manifest = _manifest(checkpoint, origin, tokenizer, model, variants, root)
     manifest.selected = selected
     manifest.parity = {
         "reference": {"engine": "pytorch", "accuracy": reference.accuracy, "questions": len(samples)},
@@ -316,7 +332,7 @@ def _split(data: Path, names: Sequence[str]):
     raise ExportError(f"no usable {'/'.join(names)} split in {data}: {'; '.join(problems) or 'empty'}")
 
 
-def _manifest(checkpoint, ckpt_path: Path, tokenizer, model, variants, root: Path) -> Manifest:
+def _manifest(checkpoint, origin: dict, tokenizer, model, variants, root: Path) -> Manifest:
     import onnx
     import onnxruntime
     import torch
@@ -335,8 +351,7 @@ def _manifest(checkpoint, ckpt_path: Path, tokenizer, model, variants, root: Pat
         generation={"max_new_tokens": 32, "caption_prompt": CAPTION_PROMPT, "temperature": 0.0,
                     "eos_token_id": tokenizer.eos_id, "pad_token_id": tokenizer.pad_id},
         provenance={
-            "checkpoint": ckpt_path.name,
-            "checkpoint_sha256": file_sha256(ckpt_path),
+            **origin,
             "checkpoint_metrics": _plain(checkpoint.metrics),
             "vledge": vledge.__version__,
             "torch": torch.__version__,

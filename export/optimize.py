@@ -14,6 +14,7 @@ import logging
 from pathlib import Path
 
 from vledge.errors import QuantizationError
+from vledge.families import language_family
 from vledge.export.fusion import fuse_attention
 from vledge.export.layer_fusion import fuse_layers
 from vledge.export.onnx_files import atomic_output, load_graph, op_types, source_graph, validate_graph
@@ -102,18 +103,24 @@ def optimize_graph(src: Path, dst: Path, level: str = "basic") -> Path:
 
 
 
+# The decoder fusion passes a family may name (LanguageFamily.decoder_fusions), in the order they run.
+DECODER_FUSIONS = {"attention": fuse_attention, "layers": fuse_layers}
+
+
 def optimize_component(component: str, src: Path, dst: Path, level: str = "basic", fuse: bool = True,
-                       language_kind: str | None = None) -> Path:
-    """The recommended offline optimisation of one graph: ``level`` for all; for the built-in transformer's
-    decoder (``language_kind`` None or "transformer") also attention fusion, residual + LayerNorm fusion and the
-    mask inside attention (``vledge.export.layer_fusion``)."""
+                       language_kind: str = "transformer") -> Path:
+    """The recommended offline optimisation of one graph: ``level`` for all; for a decoder also the fusion passes
+    its language model family names (the built-in transformer's: attention fusion, residual + LayerNorm fusion and
+    the mask inside attention, ``vledge.export.layer_fusion``). A family that names none keeps ONNX Runtime's
+    session-time optimisations only."""
     if component not in COMPONENTS:
         raise QuantizationError(f"unknown component {component!r}; choose from {COMPONENTS}")
     optimize_graph(src, dst, level)
-    # A Llama-family decoder's grouped attention has no fusion of its own yet: it stays MatMul-Softmax-MatMul
-    # over the shared key/value heads, with ONNX Runtime's session-time optimisations only.
-    if fuse and component == "decoder_model_merged" and language_kind != "llama":
-        fuse_attention(dst, dst)
-        fuse_layers(dst, dst)
+    if fuse and component == "decoder_model_merged":
+        for name in language_family(language_kind).decoder_fusions:
+            if name not in DECODER_FUSIONS:
+                raise QuantizationError(f"the {language_kind} family names an unknown fusion pass {name!r}; "
+                                        f"known: {', '.join(DECODER_FUSIONS)}")
+            DECODER_FUSIONS[name](dst, dst)
     return Path(dst)
 

@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from vledge.errors import QuantizationError
+from vledge.families import language_family
 from vledge.export.onnx_files import (atomic_output, copy_graph, load_graph, op_types, quiet, save_graph,
                                       source_graph, validate_graph)
 from vledge.export.optimize import COMPONENTS
@@ -376,8 +377,8 @@ def quantize_component(component: str, precision: str, src: Path, dst: Path,
                        language_kind: str | None = None) -> Path:
     """Write the ``precision`` variant of one exported graph; ``AVAILABLE`` lists what exists.
 
-    ``language_kind`` ("transformer"/"lstm") lets a caller that knows the model refuse LSTM q4
-    before reading the graph; without it the graph itself tells.
+    ``language_kind`` (a language model family's name) lets a caller that knows the model refuse a variant its
+    family rules out (q4 of an LSTM) before reading the graph; without it the graph itself tells.
     """
     options = options if options is not None else QuantizeOptions()
     if not isinstance(options, QuantizeOptions):
@@ -394,9 +395,10 @@ def quantize_component(component: str, precision: str, src: Path, dst: Path,
         raise QuantizationError(
             f"no {precision} variant of {component}; it has {AVAILABLE[component]}" + (f" ({why})" if why else "")
         )
-    if (component, precision, language_kind) == ("decoder_model_merged", "q4", "lstm"):
-        raise QuantizationError("q4 is not applicable to an LSTM decoder: its only MatMul weight is the LM head, "
-                                "which stays float; use int8 instead")
+    if (component, precision) == ("decoder_model_merged", "q4") and language_kind is not None:
+        refusal = language_family(language_kind).q4_refusal
+        if refusal:
+            raise QuantizationError(refusal)
     src = source_graph(src)
     if calibration is not None and (component, precision) != ("vision_encoder", "int8"):
         log.warning("calibration data is only used for the int8 vision encoder; ignored for %s %s",

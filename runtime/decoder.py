@@ -49,7 +49,7 @@ class Graphs:
     vision: ort.InferenceSession
     embed: ort.InferenceSession
     decoder: ort.InferenceSession
-    language_kind: str
+    cache: str  # the decoder's state: "kv" (past_key_values.*) or "recurrent" (past_hidden / past_cell)
     layers: int
     heads: int
     head_dim: int

@@ -79,7 +79,7 @@ def load(
     language = manifest.model_config.language
     graphs = Graphs(
         vision=sessions["vision_encoder"], embed=sessions["embed_tokens"], decoder=sessions["decoder_model_merged"],
-        language_kind=language.kind, layers=language.layers,
+        cache=language.family.cache, layers=language.layers,
         heads=language.key_value_heads if language.has_kv_cache else 0,  # the cache's heads: kv_heads under GQA
         head_dim=language.head_dim if language.has_kv_cache else 0, hidden=language.hidden,
         device=device, device_id=device_id, vocab_size=int(language.vocab_size), fast_binding=fast_binding,

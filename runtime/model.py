@@ -280,7 +280,7 @@ class VisionLanguageRuntime:
             at = rest.index(image_id)
             image = image_embeds[row].astype(row_text.dtype)
             rows_embeds.append(np.concatenate([row_text[:at], image, row_text[at + 1:]]))
-        if self.graphs.language_kind == "lstm":
+        if self.graphs.cache == "recurrent":
             state = self._prefix_state() if use_prefix else None
             return OrtLSTMSteps(self.graphs, rows_embeds, state), options
         lengths = [len(r) for r in rows_embeds]
@@ -363,7 +363,7 @@ class VisionLanguageRuntime:
             "embed_tokens": {"input_ids": np.ones((1, 4), np.int64)},
         }
         embeds = np.zeros((1, 4, graphs.hidden), floats)
-        if graphs.language_kind != "lstm":
+        if graphs.cache == "kv":
             decoder = {"inputs_embeds": embeds, "attention_mask": np.ones((1, 4), np.int64),
                        "position_ids": np.arange(4, dtype=np.int64)[None]}
             for i in range(graphs.layers):

@@ -10,7 +10,7 @@ import torch
 
 from hf_folders import make_lm_folder
 from vledge.errors import ConfigError, TokenizerError, WeightsError
-from vledge.models.hf_folder import load_pretrained_lm
+from vledge.hf.language_model import load_pretrained_lm
 from vledge.models.llama import LlamaLM
 from vledge.models.vlm import position_ids_from_mask
 
@@ -172,10 +172,10 @@ def test_short_mistral_sliding_window_and_unknown_rope_are_config_errors(broken)
     _edit_config(broken, architectures=["MistralForCausalLM"], model_type="mistral", sliding_window=64)
     with pytest.raises(ConfigError, match="sliding_window 64 is shorter than the context"):
         load_pretrained_lm(broken, context=128)
-    assert load_pretrained_lm(broken, context=64).config.kind == "llama"  # a window as long as the context is fine
+    assert load_pretrained_lm(broken, context=64).config.kind == "mistral"  # a window as long as the context is fine
     _edit_config(broken, architectures=["LlamaForCausalLM"], model_type="llama", sliding_window=None,
                  rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0})
-    with pytest.raises(ConfigError, match="unsupported rope_scaling type 'yarn'"):
+    with pytest.raises(ConfigError, match="rope type 'yarn' is not supported"):
         load_pretrained_lm(broken)
 
 
@@ -197,10 +197,10 @@ def test_new_tokens_take_unused_padding_rows_unchanged(tmp_path):
 
 
 def test_lora_starts_at_the_base_model_and_merges_to_what_it_computes():
-    from vledge.config import LanguageConfig
+    from vledge.families.llama import LlamaConfig
     from vledge.models.lora import LoRAOptions, add_lora, lora_parameters, merge_lora, merged_state_dict
 
-    config = LanguageConfig(kind="llama", hidden=32, layers=1, heads=4, kv_heads=2, intermediate=48, vocab_size=50)
+    config = LlamaConfig(hidden=32, layers=1, heads=4, kv_heads=2, intermediate=48, vocab_size=50)
     torch.manual_seed(0)
     base = LlamaLM(config).eval()
     x, mask, positions = torch.randn(2, 5, 32), torch.ones(2, 5, dtype=torch.long), torch.arange(5).expand(2, 5)

@@ -91,7 +91,7 @@ def _language_weights(state):
 
 @pytest.mark.slow
 def test_align_freezes_the_lm_and_lora_is_merged_into_the_checkpoint(lm_folders, synth_data, tmp_path):
-    from vledge.models.hf_folder import load_pretrained_lm
+    from vledge.hf.language_model import load_pretrained_lm
     from vledge.training.trainer import RunOptions, train
 
     source = _language_weights(load_pretrained_lm(lm_folders["llama"]).state_dict)

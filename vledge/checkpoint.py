@@ -8,7 +8,6 @@ go to a temporary file renamed into place, so a crash never leaves half a file.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import pickle
 import re
@@ -19,6 +18,7 @@ from typing import Any
 from vledge.config import ModelConfig, PreprocessSpec, TrainConfig, from_dict, to_dict
 from vledge.errors import CheckpointError, ConfigError
 from vledge.files import save_torch
+from vledge.hashing import file_sha256  # noqa: F401 (the checkpoint's digest, re-exported)
 
 log = logging.getLogger(__name__)
 
@@ -59,9 +59,12 @@ class Checkpoint:
         tokenizer = self.tokenizer()
         model = VisionLanguageModel(self.model_config, image_token_id=tokenizer.image_id)
         try:
-            model.load_state_dict(self.state_dict)
+            # assign: the model takes these tensors rather than copying them, so a large model is held once
+            model.load_state_dict(self.state_dict, assign=True)
         except RuntimeError as exc:
             raise CheckpointError(f"{self.source}: weights do not fit its own config: {exc}") from None
+        if self.model_config.language.tie_embeddings:  # assign replaced both by the same tensor: one parameter again
+            model.language.lm_head.weight = model.embed_tokens.weight
         return model.eval()
 
 
@@ -187,11 +190,3 @@ def validate_weights(state_dict: Any, model_config: ModelConfig, source: str) ->
             raise CheckpointError(
                 f"{source}: weight {name} has shape {tuple(state_dict[name].shape)}, its config needs {tuple(tensor.shape)}"
             )
-
-
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()

@@ -7,23 +7,20 @@ and the exported manifest stores them as JSON.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import typing
 from dataclasses import dataclass, field
 
 from vledge.config_fields import from_dict, require_finite, require_positive, to_dict  # noqa: F401 (re-exported)
 from vledge.errors import ConfigError
+from vledge.families import language_family, vision_family
 
-VISION_BACKBONES = ("convnet", "resnet18", "mobilenet_v3_small", "efficientnet_b0", "clip", "siglip")
-VIT_FAMILIES = ("clip", "siglip")
 VIT_ACTIVATIONS = ("quick_gelu", "gelu_pytorch_tanh", "gelu")
 VIT_SELECT = ("default", "full")
 VIT_REDUCTIONS = ("avg_pool_2x2", "pixel_shuffle_2x2")
 PROJECTORS = ("linear", "mlp2x_gelu")
 INTERPOLATIONS = ("bilinear", "bicubic", "bilinear_pil", "bicubic_pil")
-LANGUAGE_MODELS = ("transformer", "lstm", "llama")
-# Rotary scalings the Llama family defines that vledge implements ("default" is none).
-ROPE_SCALINGS = ("default", "linear", "llama3")
 
 
 @dataclass
@@ -51,8 +48,8 @@ class ViTConfig:
     post_norm: bool = False
 
     def __post_init__(self) -> None:
-        if self.family not in VIT_FAMILIES:
-            raise ConfigError(f"unknown vision transformer family {self.family!r}; choose from {VIT_FAMILIES}")
+        if vision_family(self.family).config_field != "vit":
+            raise ConfigError(f"vision family {self.family!r} is not a vision transformer")
         if self.hidden_act not in VIT_ACTIVATIONS:
             raise ConfigError(f"vision hidden_act {self.hidden_act!r} is not supported; choose from {VIT_ACTIVATIONS}")
         if self.select not in VIT_SELECT:
@@ -80,7 +77,7 @@ class ViTConfig:
 
     @property
     def tokens_before_reduction(self) -> int:
-        tokens = self.grid * self.grid + (1 if self.family == "clip" else 0)
+        tokens = self.grid * self.grid + (1 if vision_family(self.family).class_token else 0)
         return tokens - 1 if self.select == "default" else tokens
 
     @property
@@ -108,9 +105,8 @@ class VisionConfig:
     vit: ViTConfig | None = None
 
     def __post_init__(self) -> None:
-        if self.backbone not in VISION_BACKBONES:
-            raise ConfigError(f"unknown vision backbone {self.backbone!r}; choose from {VISION_BACKBONES}")
-        if self.backbone in VIT_FAMILIES:
+        family = vision_family(self.backbone)  # ConfigError naming the known backbones
+        if family.config_field == "vit":
             if self.vit is None or self.vit.family != self.backbone:
                 raise ConfigError(f"vision backbone {self.backbone!r} needs its vit config (family {self.backbone!r})")
             if self.token_grid is not None:
@@ -122,6 +118,7 @@ class VisionConfig:
             if len(self.token_grid) != 2:
                 raise ConfigError(f"VisionConfig.token_grid must be (rows, cols), got {self.token_grid!r}")
             require_positive("VisionConfig", token_grid_rows=self.token_grid[0], token_grid_cols=self.token_grid[1])
+        family.check(self)
 
 
 @dataclass
@@ -140,68 +137,88 @@ class ProjectorConfig:
             raise ConfigError(f"unknown projector {self.kind!r}; choose from {PROJECTORS}")
 
 
+# Fields the flat language config of earlier releases wrote for every family, with the values they had when
+# unused: a checkpoint or manifest from then still reads, as long as a field that does not apply holds that value.
+_FLAT_DEFAULTS = {"kv_heads": 0, "intermediate": 0, "attention_head_dim": 0, "rope_theta": 10000.0,
+                  "rope_scaling": None, "rms_norm_eps": 1e-6, "tie_embeddings": False, "qkv_bias": False}
+
+
 @dataclass
 class LanguageConfig:
+    """The numbers every language model family has; each family's own config derives from it.
+
+    ``kind`` names the family (``vledge.families``); the family's module defines the class that adds its own fields
+    (``LlamaConfig``'s rotary settings, say). Built through that class: ``language_config(kind, **numbers)``.
+    """
+
     kind: str = "transformer"
     hidden: int = 256
     layers: int = 4
-    heads: int = 4  # transformer and llama
-    max_positions: int = 256  # transformer: learned absolute positions; llama: its context length
+    heads: int = 4
+    max_positions: int = 256  # learned absolute positions, or the rotary models' context length
     dropout: float = 0.0
     vocab_size: int = 0  # filled in from the tokenizer
-    # llama only (Llama, Qwen2, Mistral, SmolLM2 as Hugging Face's config.json describes them)
-    kv_heads: int = 0  # grouped-query attention: key/value heads; 0 means ``heads``
-    intermediate: int = 0  # SwiGLU MLP width
-    attention_head_dim: int = 0  # 0 means hidden // heads
-    rope_theta: float = 10000.0
-    # None or Hugging Face's rope_scaling mapping: {"rope_type": "linear"|"llama3", "factor": ..., ...}
-    rope_scaling: dict | None = None
-    rms_norm_eps: float = 1e-6
     tie_embeddings: bool = False  # the LM head shares the token embedding matrix
-    qkv_bias: bool = False  # Qwen2: biases on the query/key/value projections
-    # Where the pretrained weights came from: folder, architecture, config.json, weight files' sha256.
+    # Where pretrained weights came from: folder, architecture, config.json, weight files' sha256.
     source: dict | None = None
 
     def __post_init__(self) -> None:
-        if self.kind not in LANGUAGE_MODELS:
-            raise ConfigError(f"unknown language model {self.kind!r}; choose from {LANGUAGE_MODELS}")
-        require_positive("LanguageConfig", hidden=self.hidden, layers=self.layers, heads=self.heads,
-                          max_positions=self.max_positions)
+        family = language_family(self.kind)
+        if not isinstance(self, family.config_class):
+            raise ConfigError(f"a {self.kind!r} language model is configured by {family.config_class.__name__}, "
+                              f"not {type(self).__name__}")
+        require_positive(type(self).__name__, hidden=self.hidden, layers=self.layers, heads=self.heads,
+                         max_positions=self.max_positions)
         if not 0 <= self.dropout < 1:
             raise ConfigError(f"LanguageConfig.dropout must be in [0, 1), got {self.dropout!r}")
         if self.vocab_size < 0:
             raise ConfigError(f"LanguageConfig.vocab_size must not be negative, got {self.vocab_size}")
-        if self.kind in ("transformer", "llama") and not self.attention_head_dim and self.hidden % self.heads:
-            raise ConfigError(f"hidden size {self.hidden} is not divisible by {self.heads} heads")
-        if self.kind == "llama":
-            if self.heads % self.key_value_heads:
-                raise ConfigError(f"{self.heads} attention heads are not a multiple of {self.key_value_heads} "
-                                  "key/value heads")
-            if self.intermediate < 1:
-                raise ConfigError("a llama language model needs its MLP width (intermediate)")
-            rope_type = self.rope_type
-            if rope_type not in ROPE_SCALINGS:
-                raise ConfigError(f"unsupported rope_scaling type {rope_type!r}; vledge implements "
-                                  f"{', '.join(ROPE_SCALINGS)}")
+
+    @property
+    def family(self):
+        return language_family(self.kind)
 
     @property
     def head_dim(self) -> int:
-        return self.attention_head_dim or self.hidden // self.heads
+        return self.hidden // self.heads
 
     @property
     def key_value_heads(self) -> int:
-        """Heads of the key/value cache: fewer than ``heads`` under grouped-query attention."""
-        return self.kv_heads or self.heads
+        """Heads of the key/value cache (fewer than ``heads`` under grouped-query attention)."""
+        return self.heads
 
     @property
     def has_kv_cache(self) -> bool:
-        """True for attention LMs (past_key_values in and present out); False for the LSTM."""
-        return self.kind in ("transformer", "llama")
+        """True for attention LMs (past_key_values in and present out); False for a recurrent state."""
+        return self.family.has_kv_cache
 
-    @property
-    def rope_type(self) -> str:
-        scaling = self.rope_scaling or {}
-        return str(scaling.get("rope_type", scaling.get("type", "default")))
+    @classmethod
+    def __from_plain__(cls, data: typing.Mapping) -> LanguageConfig:
+        """The family's own config class from a plain dict (``to_dict`` output, or an earlier release's flat one)."""
+        if not isinstance(data, typing.Mapping):
+            raise ConfigError(f"LanguageConfig: expected a mapping, got {type(data).__name__}")
+        kind = data.get("kind", "transformer")
+        if not isinstance(kind, str):
+            raise ConfigError(f"LanguageConfig.kind: expected text, got {type(kind).__name__} {kind!r}")
+        target = language_family(kind).config_class
+        names = {f.name for f in dataclasses.fields(target)}
+        kept = {}
+        for key, value in data.items():
+            if key in names:
+                kept[key] = value
+            elif key in _FLAT_DEFAULTS and value == _FLAT_DEFAULTS[key]:
+                continue  # an earlier release's flat config: a field of another family, unused
+            else:
+                raise ConfigError(f"{target.__name__}: field {key!r} does not apply to a {kind!r} language model")
+        return from_dict(target, kept)
+
+
+def language_config(kind: str, **numbers) -> LanguageConfig:
+    """A language config of the family ``kind`` (its own class, with its own fields)."""
+    try:
+        return language_family(kind).config_class(kind=kind, **numbers)
+    except TypeError as exc:
+        raise ConfigError(f"{kind} language model: {exc}") from None
 
 
 @dataclass
@@ -280,7 +297,7 @@ class PromptTemplate:
 class ModelConfig:
     vision: VisionConfig = field(default_factory=VisionConfig)
     projector: ProjectorConfig = field(default_factory=ProjectorConfig)
-    language: LanguageConfig = field(default_factory=LanguageConfig)
+    language: LanguageConfig = field(default_factory=lambda: language_config("transformer"))
     preprocess: PreprocessSpec = field(default_factory=PreprocessSpec)
     prompt: PromptTemplate = field(default_factory=PromptTemplate)
     tokenizer_vocab_size: int = 1024
@@ -380,7 +397,7 @@ class TrainConfig:
 
 
 def _transformer(hidden: int, layers: int, heads: int, max_positions: int = 256) -> LanguageConfig:
-    return LanguageConfig(kind="transformer", hidden=hidden, layers=layers, heads=heads, max_positions=max_positions)
+    return language_config("transformer", hidden=hidden, layers=layers, heads=heads, max_positions=max_positions)
 
 
 PRESETS: dict[str, typing.Callable[[], tuple[ModelConfig, TrainConfig]]] = {
@@ -423,7 +440,7 @@ PRESETS: dict[str, typing.Callable[[], tuple[ModelConfig, TrainConfig]]] = {
         ModelConfig(
             vision=VisionConfig(backbone="resnet18", token_grid=(1, 1)),
             projector=ProjectorConfig("linear"),
-            language=LanguageConfig(kind="lstm", hidden=512, layers=1),
+            language=language_config("lstm", hidden=512, layers=1),
             preprocess=PreprocessSpec(image_size=224, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)),
             tokenizer_vocab_size=4096,
         ),
@@ -433,7 +450,7 @@ PRESETS: dict[str, typing.Callable[[], tuple[ModelConfig, TrainConfig]]] = {
         ModelConfig(
             vision=VisionConfig(backbone="convnet", widths=(8, 16), token_grid=(2, 2)),
             projector=ProjectorConfig("linear"),
-            language=LanguageConfig(kind="lstm", hidden=32, layers=2),
+            language=language_config("lstm", hidden=32, layers=2),
             preprocess=PreprocessSpec(image_size=32),
             tokenizer_vocab_size=320,
         ),

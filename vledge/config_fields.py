@@ -64,7 +64,9 @@ def _coerce(hint: typing.Any, value: typing.Any, where: str) -> typing.Any:
     if value is None:
         return None
     if dataclasses.is_dataclass(hint):
-        return from_dict(hint, value)
+        # A base config whose concrete class depends on the data (a language model family's) reads itself.
+        from_plain = getattr(hint, "__from_plain__", None)
+        return from_plain(value) if from_plain is not None else from_dict(hint, value)
     if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
         inner = [a for a in args if a is not type(None)]
         return _coerce(inner[0], value, where) if len(inner) == 1 else value

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from vledge.checkpoint import file_sha256 as sha256_of
+from vledge.hashing import file_sha256 as sha256_of
 from vledge.config import ModelConfig, PreprocessSpec, PromptTemplate, from_dict
 from vledge.errors import ConfigError, ModelDirError
 from vledge.external_data import external_data_locations
@@ -98,13 +98,8 @@ class Manifest:
             "vision_backbone": self.model_config.vision.backbone,
             "projector": self.model_config.projector.kind,
         }
-        if language.has_kv_cache:
-            numbers.update(heads=language.heads, kv_heads=language.key_value_heads, head_dim=language.head_dim,
-                           max_positions=language.max_positions)
-        if language.kind == "llama":
-            numbers.update(rope_theta=language.rope_theta, rope_scaling=language.rope_scaling,
-                           intermediate=language.intermediate, tie_embeddings=language.tie_embeddings,
-                           source_architecture=(language.source or {}).get("architecture"))
+        numbers["cache"] = language.family.cache
+        numbers.update(language.family.architecture_facts(language))
         return numbers
 
     def to_dict(self) -> dict[str, Any]:

@@ -76,8 +76,8 @@ class OpenVinoEngine:
 
         manifest = read_manifest(model_dir, verify=False)
         language = manifest.model_config.language
-        if language.kind != "transformer":
-            raise ConfigError("the OpenVINO engine serves transformer language models only")
+        if not language.family.bench_peers:
+            raise ConfigError(f"the OpenVINO engine does not serve {language.kind} language models")
         self.manifest, self.language = manifest, language
         self.tokenizer = Tokenizer.from_file(resolve_inside(model_dir, TOKENIZER_NAME))
         core = ov.Core()

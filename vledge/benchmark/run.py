@@ -69,14 +69,14 @@ def default_engines(model_dir: Path, peers: bool = True) -> list[EngineSpec]:
     manifest = read_manifest(model_dir, verify=False)
     decoder = set(manifest.precisions("decoder_model_merged"))
     specs = [EngineSpec("pytorch", "fp32"), EngineSpec("pytorch", "int8")]
-    transformer = manifest.model_config.language.kind == "transformer"
-    if peers and transformer:
+    peer_engines = manifest.model_config.language.family.bench_peers  # what torch.compile and OpenVINO serve
+    if peers and peer_engines:
         specs.append(EngineSpec("pytorch", "compile"))
     specs.append(EngineSpec("onnxruntime", "fp32"))
     specs += [EngineSpec("onnxruntime", p) for p in ("int8", "q4") if p in decoder]
     if manifest.selected.get("cpu") and any(v != "fp32" for v in manifest.selected["cpu"].values()):
         specs.append(EngineSpec("onnxruntime", "auto"))
-    if peers and transformer:
+    if peers and peer_engines:
         specs += [EngineSpec("openvino", p) for p in ("fp32", "int8", "q4") if p == "fp32" or p in decoder]
     if _cuda_works(model_dir, manifest):
         specs += [EngineSpec("onnxruntime", "fp32", "cuda")]

@@ -40,7 +40,7 @@ class BatchSummary:
 
 def model_manifest_sha256(model_dir: Path) -> str:
     """The sha256 of the model's ``vledge.json``; it pins every graph file's hash, so it names the model."""
-    from vledge.checkpoint import file_sha256
+    from vledge.hashing import file_sha256
     from vledge.manifest import MANIFEST_NAME
 
     manifest = Path(model_dir) / MANIFEST_NAME

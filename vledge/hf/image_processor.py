@@ -1,4 +1,4 @@
-"""A Hugging Face ``preprocessor_config.json`` (CLIP / SigLIP image processors) -> a PreprocessSpec.
+"""A Hugging Face ``preprocessor_config.json`` -> a PreprocessSpec, with the defaults of the processor's family.
 
 Only what the spec reproduces exactly is accepted; any other setting is a ConfigError naming the
 field, rather than a model that silently sees different pixels than it was trained on.
@@ -12,19 +12,8 @@ from typing import Any
 
 from vledge.config import PreprocessSpec
 from vledge.errors import ConfigError
+from vledge.families import vision_family_for_processor
 
-_SHORTEST_EDGE = ("CLIPImageProcessor", "CLIPImageProcessorFast", "CLIPImageProcessorPil")
-_SQUARE = ("SiglipImageProcessor", "SiglipImageProcessorFast", "SiglipImageProcessorPil")
-# transformers' class defaults, for the keys a saved config may leave out
-_DEFAULTS = {
-    "clip": {"do_resize": True, "size": {"shortest_edge": 224}, "resample": 3, "do_center_crop": True,
-             "crop_size": {"height": 224, "width": 224}, "do_rescale": True, "rescale_factor": 1 / 255,
-             "do_normalize": True, "image_mean": [0.48145466, 0.4578275, 0.40821073],
-             "image_std": [0.26862954, 0.26130258, 0.27577711], "do_convert_rgb": True},
-    "siglip": {"do_resize": True, "size": {"height": 224, "width": 224}, "resample": 3, "do_center_crop": False,
-               "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": [0.5, 0.5, 0.5],
-               "image_std": [0.5, 0.5, 0.5], "do_convert_rgb": True},
-}
 _RESAMPLE = {2: "bilinear", 3: "bicubic"}  # PIL.Image.Resampling values
 # Settings of other processors (LLaVA-NeXT tiling, ConvNeXt's crop_pct, padding) that vledge cannot follow.
 _UNSUPPORTED = ("image_grid_pinpoints", "crop_pct", "do_pad", "pad_size", "do_image_splitting", "max_image_tiles")
@@ -40,21 +29,14 @@ def preprocess_spec_from_hf(config: Mapping[str, Any], where: str = "preprocesso
     """
     if backend not in BACKENDS:
         raise ConfigError(f"unknown image processor backend {backend!r}; choose from {BACKENDS}")
-    kind = config.get("image_processor_type")
-    if kind in _SHORTEST_EDGE:
-        family = "clip"
-    elif kind in _SQUARE:
-        family = "siglip"
-    else:
-        raise ConfigError(f"{where}: image_processor_type {kind!r} is not supported; "
-                          f"supported: {sorted(_SHORTEST_EDGE + _SQUARE)}")
+    family = vision_family_for_processor(config.get("image_processor_type"), where)
     for key in _UNSUPPORTED:
         if config.get(key) not in (None, False, [], {}):
             raise ConfigError(f"{where}: {key} = {config[key]!r} is not supported")
 
     def get(key: str) -> Any:
         value = config.get(key)
-        return _DEFAULTS[family].get(key) if value is None else value
+        return family.processor_defaults.get(key) if value is None else value
 
     for flag in ("do_convert_rgb", "do_resize", "do_rescale"):
         if get(flag) is not True:
@@ -97,8 +79,8 @@ def _side(value: Any, where: str, key: str, square_default: bool) -> dict:
     raise ConfigError(f"{where}: {key} {value!r} is not a size")
 
 
-def _geometry(family: str, size: Any, center_crop: bool, crop_size: Any, where: str) -> dict:
-    size = _side(size, where, "size", square_default=family == "siglip")
+def _geometry(family, size: Any, center_crop: bool, crop_size: Any, where: str) -> dict:
+    size = _side(size, where, "size", square_default=family.processor_int_size_is_square)
     crop = _side(crop_size, where, "crop_size", square_default=True) if center_crop else None
     if crop is not None and (set(crop) != {"height", "width"} or crop["height"] != crop["width"]):
         raise ConfigError(f"{where}: crop_size {crop_size!r} is not supported (only a square height = width)")

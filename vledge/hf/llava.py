@@ -1,10 +1,10 @@
 """A local ``LlavaForConditionalGeneration`` folder -> a vledge checkpoint (config, tokenizer, weights).
 
-The vision tower (CLIP / SigLIP), the projector (``linear_1`` -> GELU -> ``linear_2``) and the
-Llama-family LM become vledge's VisionLanguageModel with the same numbers, so ``vledge export``
-and ``vledge train --init`` treat the result as any vledge checkpoint. The LM goes through the
-same helpers as ``vledge train --language-model`` (``vledge.models.hf_folder``). Both weight
-layouts transformers writes are read: ``language_model.model.*`` / ``vision_tower.*`` and
+The vision tower, the projector (``linear_1`` -> GELU -> ``linear_2``) and the LM become vledge's
+VisionLanguageModel with the same numbers, so ``vledge export`` and ``vledge train --init`` treat the result as
+any vledge checkpoint. The tower and the LM are read by their families (``vledge.families``) through the same
+code as ``vledge train --vision-model`` / ``--language-model`` (``vledge.hf.vision``, ``vledge.hf.language_model``).
+Both weight layouts transformers writes are read: ``language_model.model.*`` / ``vision_tower.*`` and
 ``model.language_model.*`` / ``model.vision_tower.*``.
 """
 
@@ -20,9 +20,13 @@ import torch
 
 from vledge.config import ModelConfig, ProjectorConfig, VisionConfig
 from vledge.errors import ConfigError, WeightsError
+from vledge.families import language_family_for_hf_model_type, vision_family
+from vledge.families.size import check_fits_memory
+from vledge.hf.folder import local_folder, read_config_json, read_safetensors, source_record, weight_files
 from vledge.hf.image_processor import preprocess_spec_from_hf
+from vledge.hf.language_model import lm_state_from_hf
 from vledge.hf.llava_prompt import llava_prompt
-from vledge.hf.vision import vit_config_from_hf, vit_state_from_hf
+from vledge.hf.vision import read_json, vit_config_from_hf, vit_state_from_hf
 
 log = logging.getLogger(__name__)
 
@@ -34,18 +38,6 @@ LLAVA_DEFAULTS = {"image_token_index": 32000, "projector_hidden_act": "gelu", "v
 # Settings of LLaVA's relatives (LLaVA-NeXT tiling, video, several images per prompt) vledge does not run.
 UNSUPPORTED_FIELDS = ("image_grid_pinpoints", "video_token_index", "video_token_id", "spatial_pool_mode",
                       "vision_aspect_ratio", "multimodal_patch_merge_type")
-# The text model's class defaults (transformers' LlamaConfig, Qwen2Config, MistralConfig) for absent keys.
-TEXT_DEFAULTS = {
-    "llama": {"vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
-              "num_attention_heads": 32, "max_position_embeddings": 2048, "rms_norm_eps": 1e-6,
-              "tie_word_embeddings": False},
-    "qwen2": {"vocab_size": 151936, "hidden_size": 4096, "intermediate_size": 22016, "num_hidden_layers": 32,
-              "num_attention_heads": 32, "num_key_value_heads": 32, "max_position_embeddings": 32768,
-              "rms_norm_eps": 1e-6, "tie_word_embeddings": False},
-    "mistral": {"vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
-                "num_attention_heads": 32, "num_key_value_heads": 8, "max_position_embeddings": 131072,
-                "rms_norm_eps": 1e-6, "sliding_window": 4096, "tie_word_embeddings": False},
-}
 _VISION_PREFIXES = ("vision_tower.vision_model.", "vision_tower.", "model.vision_tower.vision_model.",
                     "model.vision_tower.")
 _PROJECTOR_PREFIXES = ("multi_modal_projector.", "model.multi_modal_projector.")
@@ -65,8 +57,6 @@ class LlavaImport:
 
 def read_llava_config(folder: Path) -> dict[str, Any]:
     """config.json of a LLaVA folder with LlavaConfig's defaults filled in; ConfigError for what vledge cannot run."""
-    from vledge.models.hf_folder import read_config_json
-
     config = read_config_json(folder)
     for key in UNSUPPORTED_FIELDS:
         if config.get(key) not in (None, [], {}):
@@ -74,7 +64,7 @@ def read_llava_config(folder: Path) -> dict[str, Any]:
                               "prompt are not supported")
     architectures = config.get("architectures") or []
     if ARCHITECTURE not in architectures and not (not architectures and config.get("model_type") == "llava"):
-        shown = ", ".join(architectures) or f"model_type {config.get('model_type')!r}"
+        shown = ", ".join(map(str, architectures)) or f"model_type {config.get('model_type')!r}"
         raise ConfigError(f"{folder}/config.json: architectures {shown} is not supported; vledge converts "
                           f"{ARCHITECTURE} folders")
     if "image_token_index" not in config and config.get("image_token_id") is not None:  # the newer spelling
@@ -86,18 +76,19 @@ def read_llava_config(folder: Path) -> dict[str, Any]:
     for part in ("vision_config", "text_config"):
         if not isinstance(config.get(part), Mapping):
             raise ConfigError(f"{folder}/config.json has no {part}")
+    index = config["image_token_index"]
+    if isinstance(index, bool) or not isinstance(index, int) or index < 0:
+        raise ConfigError(f"{folder}/config.json: image_token_index must be a non-negative integer, got {index!r}")
+    if not isinstance(config["multimodal_projector_bias"], bool):
+        raise ConfigError(f"{folder}/config.json: multimodal_projector_bias must be true or false")
     return config
 
 
 def text_config_json(text_config: Mapping[str, Any], where: str) -> dict[str, Any]:
-    """The LM's config as its own config.json would hold it (model_type's defaults filled in)."""
-    model_type = text_config.get("model_type", "llama")
-    if model_type not in TEXT_DEFAULTS:
-        raise ConfigError(f"{where}: text_config.model_type {model_type!r} is not supported; "
-                          f"supported: {sorted(TEXT_DEFAULTS)}")
-    values = {**TEXT_DEFAULTS[model_type], **{k: v for k, v in text_config.items() if v is not None}}
-    values["model_type"] = model_type
-    values.pop("architectures", None)  # the model_type says which family
+    """The LM's config as its own config.json would hold it (``model_type`` says the family; llama if absent)."""
+    family = language_family_for_hf_model_type(text_config.get("model_type", "llama"), where)
+    values = {k: v for k, v in text_config.items() if k != "architectures"}
+    values["model_type"] = family.hf_model_types[0]
     return values
 
 
@@ -138,8 +129,6 @@ def _lm_tensors(tensors: Mapping[str, torch.Tensor], folder: Path) -> dict[str, 
 
 def image_processor_config(folder: Path) -> tuple[dict[str, Any], str]:
     """The image processor's settings: preprocessor_config.json, or the image_processor in processor_config.json."""
-    from vledge.hf.vision import read_json
-
     single = folder / "preprocessor_config.json"
     if single.is_file():
         return read_json(single, "image processor config"), str(single)
@@ -158,10 +147,7 @@ def load_llava_folder(path: str | Path, context: int = 4096, backend: str = "pil
     ``backend`` says which transformers image-processor backend the spec reproduces ("pil", as
     the model was trained with in transformers 4.x, or "torchvision").
     """
-    from vledge.models.hf_folder import (check_weight_names, grow_rows, llama_language_config, llama_weight_names,
-                                         local_folder, read_safetensors, source_record, to_fusion_names,
-                                         weight_files)
-    from vledge.models.hf_tokenizer import adapt_tokenizer
+    from vledge.hf.tokenizer import adapt_tokenizer
     from vledge.models.vit import VisionTransformer
 
     folder = local_folder(path, "LLaVA model")
@@ -170,7 +156,8 @@ def load_llava_folder(path: str | Path, context: int = 4096, backend: str = "pil
     vit = vit_config_from_hf(config["vision_config"], config["vision_feature_layer"],
                              config["vision_feature_select_strategy"], where=f"{where} vision_config")
     text_json = text_config_json(config["text_config"], where)
-    language = llama_language_config(text_json, folder, context)
+    family = language_family_for_hf_model_type(text_json["model_type"], where)
+    language = family.from_hf_config(text_json, f"{where} text_config", context)
     if vit.num_tokens + MIN_TEXT_POSITIONS > language.max_positions:
         raise ConfigError(f"{where}: the vision tower's {vit.num_tokens} image tokens leave too little room in the "
                           f"language model's {language.max_positions} positions (text_config.max_position_embeddings)")
@@ -179,6 +166,9 @@ def load_llava_folder(path: str | Path, context: int = 4096, backend: str = "pil
     if spec.image_size != vit.image_size:
         raise ConfigError(f"{processor_where}: the processor makes {spec.image_size} px images, the vision tower "
                           f"reads {vit.image_size} px")
+    vision = VisionConfig(backbone=vit.family, vit=vit)
+    check_fits_memory(family.parameter_count(language) + (vision_family(vit.family).parameter_count(vision) or 0),
+                      where)
 
     files = weight_files(folder)
     tensors = read_safetensors(files)
@@ -189,39 +179,27 @@ def load_llava_folder(path: str | Path, context: int = 4096, backend: str = "pil
         skeleton = VisionTransformer(vit)
     state = {f"vision.backbone.{name}": tensor
              for name, tensor in vit_state_from_hf(tensors, vision_prefix, skeleton, str(folder)).items()}
-    state.update(_projector_state(tensors, bool(config["multimodal_projector_bias"]), folder))
+    state.update(_projector_state(tensors, config["multimodal_projector_bias"], folder))
     projected = state["projector.0.weight"].shape
     if tuple(projected) != (language.hidden, vit.out_features):
         raise WeightsError(f"{folder}: multi_modal_projector.linear_1 is {tuple(projected)}, the configs imply "
                            f"({language.hidden}, {vit.out_features})")
 
-    lm = _lm_tensors(tensors, folder)
-    if language.tie_embeddings:
-        lm.pop("lm_head.weight", None)
-    lm = {name: tensor for name, tensor in lm.items() if not name.endswith(".rotary_emb.inv_freq")}
-    check_weight_names(lm, llama_weight_names(language), folder)
     adapted = adapt_tokenizer(folder, use_chat_template=False)
     tokenizer = adapted.tokenizer
     image_token_id = int(config["image_token_index"])
     if tokenizer.image_id != image_token_id:
         raise ConfigError(f"{where}: image_token_index is {image_token_id}, but the tokenizer's <image> token has id "
                           f"{tokenizer.image_id}")
-    embed = lm["model.embed_tokens.weight"]
-    if tuple(embed.shape) != (language.vocab_size, language.hidden):
-        raise WeightsError(f"{folder}: embed_tokens is {tuple(embed.shape)}, text_config says "
-                           f"({language.vocab_size}, {language.hidden})")
     rows = max(language.vocab_size, tokenizer.vocab_size)
-    lm["model.embed_tokens.weight"] = grow_rows(embed, rows)
-    if not language.tie_embeddings:
-        lm["lm_head.weight"] = grow_rows(lm["lm_head.weight"], rows)
-    state.update(to_fusion_names(lm, language.tie_embeddings))
+    state.update(lm_state_from_hf(language, _lm_tensors(tensors, folder), folder, rows))
     source = source_record(folder, config, files)
     language = replace(language, vocab_size=rows, source=source)
 
     bos = adapted.roles.get("bos")
     prompt = llava_prompt(folder, bos_token=bos or "", eos_token=adapted.roles["eos"], fallback=adapted.prompt)
     model_config = ModelConfig(
-        vision=VisionConfig(backbone=vit.family, vit=vit),
+        vision=vision,
         projector=ProjectorConfig("mlp2x_gelu"),
         language=language,
         preprocess=spec,
@@ -230,7 +208,7 @@ def load_llava_folder(path: str | Path, context: int = 4096, backend: str = "pil
         special_tokens=adapted.roles,
     )
     log.info("LLaVA folder %s: %s tower (%d layers, %d image tokens), %s LM (%d layers, hidden %d)", folder,
-             vit.family, len(skeleton.encoder.layers), vit.num_tokens, text_json["model_type"], language.layers,
+             vit.family, len(skeleton.encoder.layers), vit.num_tokens, language.kind, language.layers,
              language.hidden)
     return LlavaImport(model_config=model_config, tokenizer_json=tokenizer.to_json(), state_dict=state,
                        image_token_id=image_token_id, source=source)
@@ -267,12 +245,18 @@ def check_fusion_state(model_config: ModelConfig, state: Mapping[str, torch.Tens
                            f"{unexpected}, other shapes {wrong}")
 
 
-def convert_llava(path: str | Path, out: str | Path, context: int = 4096, backend: str = "pil") -> Path:
-    """Write a LLaVA folder as a vledge ``ckpt.pt`` (atomically), its weights checked against the model first."""
-    from vledge.checkpoint import Checkpoint, save_checkpoint
+def llava_checkpoint(path: str | Path, context: int = 4096, backend: str = "pil"):
+    """A LLaVA folder as a checkpoint held in memory, its weights checked against the model first."""
+    from vledge.checkpoint import Checkpoint
 
     imported = load_llava_folder(path, context=context, backend=backend)
     check_fusion_state(imported.model_config, imported.state_dict, imported.image_token_id, Path(path))
-    checkpoint = Checkpoint(model_config=imported.model_config, tokenizer_json=imported.tokenizer_json,
-                            state_dict=imported.state_dict)
-    return save_checkpoint(out, checkpoint)
+    return Checkpoint(model_config=imported.model_config, tokenizer_json=imported.tokenizer_json,
+                      state_dict=imported.state_dict, source=str(path))
+
+
+def convert_llava(path: str | Path, out: str | Path, context: int = 4096, backend: str = "pil") -> Path:
+    """Write a LLaVA folder as a vledge ``ckpt.pt`` (atomically), its weights checked against the model first."""
+    from vledge.checkpoint import save_checkpoint
+
+    return save_checkpoint(out, llava_checkpoint(path, context=context, backend=backend))

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vledge.config import LanguageConfig
+from vledge.families.llama import LlamaConfig
 from vledge.models.transformer import attention_bias
 
 KV = tuple[torch.Tensor, torch.Tensor]
@@ -35,7 +35,7 @@ class RMSNorm(nn.Module):
         return self.weight * x.to(dtype)
 
 
-def rotary_inverse_frequencies(config: LanguageConfig) -> torch.Tensor:
+def rotary_inverse_frequencies(config: LlamaConfig) -> torch.Tensor:
     """[head_dim / 2] angular frequencies, scaled as ``rope_scaling`` says."""
     dim = config.head_dim
     inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
@@ -63,7 +63,7 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 class RotaryEmbedding(nn.Module):
-    def __init__(self, config: LanguageConfig) -> None:
+    def __init__(self, config: LlamaConfig) -> None:
         super().__init__()
         self.register_buffer("inv_freq", rotary_inverse_frequencies(config), persistent=False)
 
@@ -75,7 +75,7 @@ class RotaryEmbedding(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, config: LanguageConfig) -> None:
+    def __init__(self, config: LlamaConfig) -> None:
         super().__init__()
         self.heads, self.kv_heads, self.head_dim = config.heads, config.key_value_heads, config.head_dim
         self.q_proj = nn.Linear(config.hidden, self.heads * self.head_dim, bias=config.qkv_bias)
@@ -124,26 +124,32 @@ class Attention(nn.Module):
         return torch.matmul(weights, v).view(batch, heads, seq, dim)
 
 
-class MLP(nn.Module):
-    """SwiGLU: down(silu(gate(x)) * up(x))."""
+# A gated MLP's activation by its Hugging Face name (``hidden_act``).
+ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu, "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+               "relu": F.relu}
 
-    def __init__(self, config: LanguageConfig) -> None:
+
+class MLP(nn.Module):
+    """Gated MLP: down(act(gate(x)) * up(x)); SwiGLU with the default silu."""
+
+    def __init__(self, config: LlamaConfig, activation: str = "silu") -> None:
         super().__init__()
         self.gate_proj = nn.Linear(config.hidden, config.intermediate, bias=False)
         self.up_proj = nn.Linear(config.hidden, config.intermediate, bias=False)
         self.down_proj = nn.Linear(config.intermediate, config.hidden, bias=False)
+        self.act = ACTIVATIONS[activation]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: LanguageConfig) -> None:
+    def __init__(self, config: LlamaConfig, activation: str = "silu") -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden, config.rms_norm_eps)
         self.self_attn = Attention(config)
         self.post_attention_layernorm = RMSNorm(config.hidden, config.rms_norm_eps)
-        self.mlp = MLP(config)
+        self.mlp = MLP(config, activation)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor],
                 past: KV | None) -> tuple[torch.Tensor, KV]:
@@ -159,11 +165,11 @@ class LlamaLM(nn.Module):
     ``norm.weight``, ``lm_head.weight``), so a pretrained state dict maps over by a prefix change.
     """
 
-    def __init__(self, config: LanguageConfig) -> None:
+    def __init__(self, config: LlamaConfig, activation: str = "silu") -> None:
         super().__init__()
         self.config = config
         self.rotary = RotaryEmbedding(config)
-        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.layers))
+        self.layers = nn.ModuleList(DecoderLayer(config, activation) for _ in range(config.layers))
         self.norm = RMSNorm(config.hidden, config.rms_norm_eps)
         self.lm_head = nn.Linear(config.hidden, config.vocab_size, bias=False)
 

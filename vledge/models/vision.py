@@ -1,4 +1,4 @@
-"""Vision encoders: a CNN feature grid flattened into visual tokens."""
+"""The vision encoder: a family's backbone (vledge.families) whose feature grid or tokens become visual tokens."""
 
 from __future__ import annotations
 
@@ -8,8 +8,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from vledge.config import VIT_FAMILIES, VisionConfig
-from vledge.errors import ConfigError, WeightsError
+from vledge.config import VisionConfig
+from vledge.errors import WeightsError
+from vledge.families import vision_family
 
 log = logging.getLogger(__name__)
 
@@ -45,53 +46,42 @@ class ConvNet(nn.Module):
         return features
 
 
-def _torchvision_backbone(name: str) -> tuple[nn.Module, int]:
-    """A torchvision classifier without its pooling and head, and its feature width."""
+def torchvision_body(name: str) -> nn.Module:
+    """A torchvision classifier without its pooling and head (the cut is the family's: vledge.families)."""
     import torchvision.models as tvm
 
     if name == "resnet18":
         net = tvm.resnet18(weights=None)
-        body = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool, net.layer1, net.layer2, net.layer3, net.layer4)
-        return body, 512
-    if name == "mobilenet_v3_small":
-        return tvm.mobilenet_v3_small(weights=None).features, 576
-    if name == "efficientnet_b0":
-        return tvm.efficientnet_b0(weights=None).features, 1280
-    raise WeightsError(f"no torchvision backbone named {name!r}")
+        return nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool, net.layer1, net.layer2, net.layer3, net.layer4)
+    return getattr(tvm, name)(weights=None).features
 
 
 class VisionEncoder(nn.Module):
-    """pixel_values [B, 3, H, W] -> visual tokens [B, rows*cols, channels] in reading order."""
+    """pixel_values [B, 3, H, W] -> visual tokens [B, tokens, channels] in reading order.
+
+    The backbone comes from its family (``vledge.families``): a feature grid (pooled to ``token_grid`` if set,
+    then flattened) or tokens the backbone makes itself.
+    """
 
     def __init__(self, config: VisionConfig) -> None:
         super().__init__()
         self.config = config
-        self.is_vit = config.backbone in VIT_FAMILIES
-        if self.is_vit:
-            from vledge.models.vit import VisionTransformer
-
-            self.backbone = VisionTransformer(config.vit)
-            self.out_channels = self.backbone.out_features
-        elif config.backbone == "convnet":
-            self.backbone: nn.Module = ConvNet(config.widths, config.patch_shortcut)
-            self.out_channels = self.backbone.out_channels
-        else:
-            self.backbone, self.out_channels = _torchvision_backbone(config.backbone)
+        self.family = vision_family(config.backbone)
+        self.makes_tokens = self.family.output == "tokens"
+        self.backbone, self.out_channels = self.family.backbone(config)
         self.pool = nn.AdaptiveAvgPool2d(config.token_grid) if config.token_grid else nn.Identity()
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        if self.is_vit:
+        if self.makes_tokens:
             return self.backbone(pixel_values)
         grid = self.pool(self.backbone(pixel_values))
         return grid.flatten(2).transpose(1, 2)
 
     @torch.no_grad()
     def num_tokens(self, image_size: int) -> int:
-        if self.is_vit:
-            if image_size != self.config.vit.image_size:
-                raise ConfigError(f"the preprocessing image_size {image_size} differs from the vision transformer's "
-                                  f"{self.config.vit.image_size}")
-            return self.backbone.num_tokens
+        known = self.family.num_tokens(self.config, image_size)
+        if known is not None:
+            return known
         was_training = self.training
         self.eval()
         tokens = self(torch.zeros(1, 3, image_size, image_size)).shape[1]
@@ -100,43 +90,36 @@ class VisionEncoder(nn.Module):
 
 
 def load_vision_weights(encoder: VisionEncoder, path: str | Path | None = None) -> None:
-    """Pretrained backbone weights from a local file, or torchvision's named weights already cached.
+    """Pretrained backbone weights from a local file or folder, or the family's named weights already cached.
 
     Nothing is ever downloaded: an offline machine without the file gets a clear error at once.
     """
     config = encoder.config
-    if path is not None and Path(path).is_dir():  # a Hugging Face CLIP / SigLIP folder (--vision-model)
-        if not encoder.is_vit:
-            raise WeightsError(f"{path} is a folder: a Hugging Face vision tower needs a clip/siglip backbone "
-                               "(vledge train --vision-model PATH)")
-        from vledge.hf.vision import load_tower_weights
-
-        load_tower_weights(encoder.backbone, path)
-        log.info("loaded the vision tower from %s", path)
+    if path is None and not config.pretrained:
         return
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise WeightsError(f"vision weights file not found: {path}")
-        from vledge.checkpoint import require_safe_torch
+    encoder.family.load_pretrained(encoder.backbone, config, path)
 
-        require_safe_torch()  # weights_only=True is no protection before torch 2.6
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:
-            raise WeightsError(f"cannot read vision weights {path}: {exc}") from None
-    elif config.pretrained:
-        if config.backbone == "convnet":
-            raise WeightsError("the convnet backbone has no torchvision pretrained weights; pass a weights file")
-        state = _cached_torchvision_state(config.backbone, config.pretrained)
-    else:
-        return
+
+def load_state_file(backbone: nn.Module, path: Path, backbone_name: str, rename) -> None:
+    """Backbone weights from a torch file: the backbone's own names, or its classifier's (``rename`` maps them)."""
+    if path.is_dir():
+        raise WeightsError(f"{path} is a folder: a Hugging Face vision tower needs a clip/siglip backbone "
+                           "(vledge train --vision-model PATH)")
+    if not path.is_file():
+        raise WeightsError(f"vision weights file not found: {path}")
+    from vledge.checkpoint import require_safe_torch
+
+    require_safe_torch()  # weights_only=True is no protection before torch 2.6
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise WeightsError(f"cannot read vision weights {path}: {exc}") from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
-    _load_backbone_state(encoder, state, source=str(path or config.pretrained))
+    load_state_dict_into(backbone, state, str(path), backbone_name, rename)
 
 
-def _cached_torchvision_state(backbone: str, weights_name: str) -> dict:
+def cached_torchvision_state(backbone: str, weights_name: str) -> dict:
     import torchvision.models as tvm
 
     try:
@@ -156,30 +139,13 @@ def _cached_torchvision_state(backbone: str, weights_name: str) -> dict:
     return torch.load(cached, map_location="cpu", weights_only=True)
 
 
-def _load_backbone_state(encoder: VisionEncoder, state: dict, source: str) -> None:
-    """Accept either a full classifier state dict (keys of torchvision's model) or our backbone's own keys."""
-    target = encoder.backbone
+def load_state_dict_into(target: nn.Module, state: dict, source: str, backbone_name: str, rename) -> None:
+    """Accept either a full classifier state dict (``rename`` maps its keys) or the backbone's own keys."""
     own_keys = set(target.state_dict())
-    if own_keys & set(state):
-        mapped = state
-    else:
-        mapped = _map_torchvision_keys(encoder.config.backbone, state)
+    mapped = state if own_keys & set(state) else rename(state)
     missing, unexpected = target.load_state_dict({k: v for k, v in mapped.items() if k in own_keys}, strict=False)
     if len(missing) == len(own_keys):
-        raise WeightsError(f"vision weights {source} match none of the {encoder.config.backbone} backbone's tensors")
+        raise WeightsError(f"vision weights {source} match none of the {backbone_name} backbone's tensors")
     if missing:
         log.warning("vision weights %s left %d backbone tensors at their initial values", source, len(missing))
     log.info("loaded vision weights from %s", source)
-
-
-def _map_torchvision_keys(backbone: str, state: dict) -> dict:
-    if backbone == "resnet18":
-        order = ["conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4"]
-        mapped = {}
-        for key, value in state.items():
-            head, _, rest = key.partition(".")
-            if head in order:
-                mapped[f"{order.index(head)}.{rest}"] = value
-        return mapped
-    # mobilenet_v3_small / efficientnet_b0: the backbone is the classifier's `features` module
-    return {key[len("features."):]: value for key, value in state.items() if key.startswith("features.")}

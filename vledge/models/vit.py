@@ -1,4 +1,4 @@
-"""CLIP and SigLIP vision transformers: pixel_values -> the tokens of the chosen hidden layer(s).
+"""Vision transformers (the CLIP and SigLIP families, vledge.families): pixel_values -> the tokens of the chosen hidden layer(s).
 
 Module and parameter names follow Hugging Face's ``CLIPVisionModel`` / ``SiglipVisionModel``
 (``embeddings.patch_embedding``, ``encoder.layers.{i}.self_attn.q_proj``, ...), so their
@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vledge.config import ViTConfig
+from vledge.families import vision_family
 
 
 def _activation(name: str):
@@ -28,10 +29,11 @@ def _activation(name: str):
 class Embeddings(nn.Module):
     def __init__(self, config: ViTConfig) -> None:
         super().__init__()
-        clip = config.family == "clip"
-        self.patch_embedding = nn.Conv2d(3, config.hidden, config.patch_size, config.patch_size, bias=not clip)
-        self.class_embedding = nn.Parameter(torch.zeros(config.hidden)) if clip else None
-        positions = config.grid * config.grid + (1 if clip else 0)
+        family = vision_family(config.family)
+        self.patch_embedding = nn.Conv2d(3, config.hidden, config.patch_size, config.patch_size,
+                                         bias=family.patch_bias)
+        self.class_embedding = nn.Parameter(torch.zeros(config.hidden)) if family.class_token else None
+        positions = config.grid * config.grid + (1 if family.class_token else 0)
         self.position_embedding = nn.Embedding(positions, config.hidden)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -104,7 +106,8 @@ class VisionTransformer(nn.Module):
         self.feature_layers = resolved_feature_layers(config)
         self.embeddings = Embeddings(config)
         # CLIP normalises the embeddings before the first block (HF spells it "pre_layrnorm").
-        self.pre_layrnorm = nn.LayerNorm(config.hidden, eps=config.layer_norm_eps) if config.family == "clip" else None
+        self.pre_layrnorm = (nn.LayerNorm(config.hidden, eps=config.layer_norm_eps)
+                             if vision_family(config.family).pre_layernorm else None)
         self.encoder = Encoder(config, max(self.feature_layers))
         self.post_layernorm = nn.LayerNorm(config.hidden, eps=config.layer_norm_eps) if config.post_norm else None
         self.out_features = config.out_features

@@ -10,15 +10,9 @@ from torch import nn
 
 from vledge.config import ModelConfig
 from vledge.errors import ConfigError
-from vledge.models.llama import LlamaLM
 from vledge.models.lora import lora_parameters
-from vledge.models.lstm import LSTMLM
 from vledge.models.projector import build_projector
-from vledge.models.transformer import TransformerLM
 from vledge.models.vision import VisionEncoder
-
-# LanguageConfig.kind -> the module; every one but the LSTM follows TransformerLM's KV-cache contract.
-LANGUAGE_MODULES: dict[str, type[nn.Module]] = {"transformer": TransformerLM, "lstm": LSTMLM, "llama": LlamaLM}
 
 IGNORE_INDEX = -100
 IMAGE_POSITION_INIT_STD = 0.5
@@ -54,7 +48,8 @@ class VisionLanguageModel(nn.Module):
         self.vision = VisionEncoder(config.vision)
         self.projector = build_projector(config.projector, self.vision.out_channels, config.language.hidden)
         self.embed_tokens = nn.Embedding(config.language.vocab_size, config.language.hidden)
-        self.language: nn.Module = LANGUAGE_MODULES[config.language.kind](config.language)
+        # The family's module; a KV-cache family follows TransformerLM's forward contract, a recurrent one LSTMLM's.
+        self.language: nn.Module = config.language.family.module(config.language)
         self.num_image_tokens = self.vision.num_tokens(config.preprocess.image_size)
         # One learned vector per visual token position, as loud as the visual tokens themselves.
         self.image_positions = (
@@ -79,7 +74,7 @@ class VisionLanguageModel(nn.Module):
 
     @property
     def is_transformer(self) -> bool:
-        """An attention LM with a KV cache (the built-in transformer or a Llama-family one), not the LSTM."""
+        """An LM with a key/value cache (its family's ``cache`` is "kv"), not a recurrent state."""
         return self.config.language.has_kv_cache
 
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:

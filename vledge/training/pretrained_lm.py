@@ -17,7 +17,7 @@ from torch import nn
 from vledge.checkpoint import load_checkpoint
 from vledge.config import ModelConfig, StageConfig
 from vledge.errors import CheckpointError, ConfigError
-from vledge.models.hf_folder import PretrainedLM, load_pretrained_lm
+from vledge.hf.language_model import PretrainedLM, load_pretrained_lm
 from vledge.models.lora import LoRAOptions, adapter_state, add_lora, merged_state_dict, unmerge_into
 
 log = logging.getLogger(__name__)
@@ -72,7 +72,7 @@ def attach_lora(model: nn.Module, options: LoRAOptions | None, adapters: dict[st
     """Adapters on the LM's projections; ``adapters`` (a resumed run's) restore them exactly."""
     if options is None:
         return
-    if model.config.language.kind != "llama":
+    if not model.config.language.family.lora:
         raise ConfigError("LoRA adapters need a pretrained language model (--language-model)")
     count = add_lora(model.language, options)
     if adapters:
