@@ -10,22 +10,19 @@ from __future__ import annotations
 
 import logging
 import pickle
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from vledge.config import ModelConfig, PreprocessSpec, TrainConfig, from_dict, to_dict
 from vledge.errors import CheckpointError, ConfigError
-from vledge.files import save_torch
 from vledge.hashing import file_sha256  # noqa: F401 (the checkpoint's digest, re-exported)
+from vledge.torch_io import SAFE_TORCH, require_safe_torch, save_torch  # noqa: F401 (re-exported)
 
 log = logging.getLogger(__name__)
 
 FORMAT = "vledge-checkpoint"
 VERSION = 1
-# torch.load(weights_only=True) can still run code in torch < 2.6 (CVE-2025-32434).
-SAFE_TORCH = (2, 6)
 # Weights are floating point; integer tensors are only BatchNorm's step counters.
 WEIGHT_DTYPES = ("float32", "float16", "bfloat16")
 COUNTER_SUFFIX = "num_batches_tracked"
@@ -85,19 +82,6 @@ def save_checkpoint(path: str | Path, checkpoint: Checkpoint) -> Path:
     save_torch(payload, path)
     log.debug("saved checkpoint %s", path)
     return path
-
-
-def require_safe_torch() -> None:
-    """Refuse to unpickle anything under a torch whose ``weights_only`` loader can be bypassed."""
-    import torch
-
-    version = str(torch.__version__)
-    match = re.match(r"(\d+)\.(\d+)", version)
-    if match is None or (int(match[1]), int(match[2])) < SAFE_TORCH:
-        raise CheckpointError(
-            f"torch {version} cannot load checkpoints safely (weights_only=True can run code before "
-            f"torch {SAFE_TORCH[0]}.{SAFE_TORCH[1]}, CVE-2025-32434); install torch>={SAFE_TORCH[0]}.{SAFE_TORCH[1]}"
-        )
 
 
 def load_checkpoint(path: str | Path, map_location: str = "cpu") -> Checkpoint:

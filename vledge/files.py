@@ -155,15 +155,6 @@ def write_json(path: str | os.PathLike, value: Any, indent: int | None = 2, **du
     return write_text(path, json.dumps(value, indent=indent, **dumps) + "\n")
 
 
-def save_torch(value: Any, path: str | os.PathLike) -> Path:
-    """``torch.save`` to ``path`` atomically (torch is imported only here)."""
-    import torch
-
-    with atomic_path(path) as temp:
-        torch.save(value, temp)
-    return Path(path)
-
-
 @contextlib.contextmanager
 def atomic_directory(dst: str | os.PathLike, tag: str = "") -> Iterator[Path]:
     """A private staging folder beside ``dst`` that replaces it, with the ordinary folder mode, on success.

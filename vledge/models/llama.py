@@ -11,13 +11,16 @@ holds the un-repeated key/value heads, [batch, kv_heads, past, head_dim], alread
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vledge.families.llama import LlamaConfig
 from vledge.models.transformer import attention_bias
+
+if TYPE_CHECKING:  # the config's class lives in its family module, which imports this module lazily
+    from vledge.families.llama import LlamaConfig
 
 KV = tuple[torch.Tensor, torch.Tensor]
 

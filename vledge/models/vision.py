@@ -107,7 +107,7 @@ def load_state_file(backbone: nn.Module, path: Path, backbone_name: str, rename)
                            "(vledge train --vision-model PATH)")
     if not path.is_file():
         raise WeightsError(f"vision weights file not found: {path}")
-    from vledge.checkpoint import require_safe_torch
+    from vledge.torch_io import require_safe_torch
 
     require_safe_torch()  # weights_only=True is no protection before torch 2.6
     try:
@@ -133,7 +133,7 @@ def cached_torchvision_state(backbone: str, weights_name: str) -> dict:
             f"{backbone} weights {weights_name} are not in the torch cache ({cached}); vledge does not download "
             f"at run time: fetch the file once on a connected machine or pass --vision-weights PATH"
         )
-    from vledge.checkpoint import require_safe_torch
+    from vledge.torch_io import require_safe_torch
 
     require_safe_torch()
     return torch.load(cached, map_location="cpu", weights_only=True)

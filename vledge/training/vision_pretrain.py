@@ -38,7 +38,7 @@ from vledge.data.images import normalize
 from vledge.data.records import LoadReport, Record
 from vledge.data.synth import COLORS, SHAPES, SIZES, WORDS
 from vledge.errors import ConfigError, DataError, TrainingError, WeightsError
-from vledge.files import save_torch
+from vledge.torch_io import save_torch
 from vledge.models.projector import build_projector
 from vledge.models.vision import VisionEncoder
 from vledge.training.schedule import learning_rate
@@ -286,7 +286,7 @@ def load_projector_weights(projector: nn.Module, path: str | Path) -> bool:
     """
     if Path(path).is_dir():  # a Hugging Face vision tower folder holds no projector
         return False
-    from vledge.checkpoint import require_safe_torch
+    from vledge.torch_io import require_safe_torch
 
     require_safe_torch()  # weights_only=True is no protection before torch 2.6
     try:
