@@ -156,8 +156,13 @@ def validate_weights(state_dict: Any, model_config: ModelConfig, source: str) ->
             raise CheckpointError(f"{source}: weight {name} has dtype {dtype}; weights are {', '.join(WEIGHT_DTYPES)}")
         if not bool(torch.isfinite(tensor).all()):
             raise CheckpointError(f"{source}: weight {name} holds NaN or infinite values")
+    from vledge.families.size import check_model_fits
     from vledge.models.vlm import VisionLanguageModel
 
+    try:
+        check_model_fits(model_config, source)  # before building even a meta model of a hostile size
+    except ConfigError as exc:
+        raise CheckpointError(str(exc)) from None
     try:
         with torch.device("meta"):
             expected = VisionLanguageModel(model_config, image_token_id=0).state_dict()

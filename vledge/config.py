@@ -12,9 +12,16 @@ import math
 import typing
 from dataclasses import dataclass, field
 
-from vledge.config_fields import from_dict, require_finite, require_positive, to_dict  # noqa: F401 (re-exported)
+from vledge.config_fields import (  # noqa: F401 (re-exported)
+    from_dict,
+    require_at_most,
+    require_finite,
+    require_positive,
+    to_dict,
+)
 from vledge.errors import ConfigError
 from vledge.families import language_family, vision_family
+from vledge.families.hf_config import MAX_HEADS, MAX_IMAGE_SIZE, MAX_LAYERS, MAX_POSITIONS, MAX_VOCAB, MAX_WIDTH
 
 VIT_ACTIVATIONS = ("quick_gelu", "gelu_pytorch_tanh", "gelu")
 VIT_SELECT = ("default", "full")
@@ -56,6 +63,9 @@ class ViTConfig:
             raise ConfigError(f"vision_feature_select_strategy {self.select!r} is not supported; choose from {VIT_SELECT}")
         if self.reduction is not None and self.reduction not in VIT_REDUCTIONS:
             raise ConfigError(f"unknown token reduction {self.reduction!r}; choose from {VIT_REDUCTIONS}")
+        require_at_most("ViTConfig", hidden=(self.hidden, MAX_WIDTH), layers=(self.layers, MAX_LAYERS),
+                        heads=(self.heads, MAX_HEADS), intermediate=(self.intermediate, MAX_WIDTH),
+                        image_size=(self.image_size, MAX_IMAGE_SIZE), patch_size=(self.patch_size, MAX_IMAGE_SIZE))
         if min(self.hidden, self.layers, self.heads, self.intermediate, self.patch_size) < 1 or self.hidden % self.heads:
             raise ConfigError(f"vision transformer: hidden {self.hidden} must be a positive multiple of heads {self.heads}")
         if self.image_size % self.patch_size:
@@ -114,6 +124,8 @@ class VisionConfig:
         if not self.widths:
             raise ConfigError("VisionConfig.widths must name at least one stage")
         require_positive("VisionConfig", **{f"widths[{i}]": w for i, w in enumerate(self.widths)})
+        require_at_most("VisionConfig", stages=(len(self.widths), MAX_LAYERS),
+                        **{f"widths[{i}]": (w, MAX_WIDTH) for i, w in enumerate(self.widths)})
         if self.token_grid is not None:
             if len(self.token_grid) != 2:
                 raise ConfigError(f"VisionConfig.token_grid must be (rows, cols), got {self.token_grid!r}")
@@ -169,6 +181,9 @@ class LanguageConfig:
                               f"not {type(self).__name__}")
         require_positive(type(self).__name__, hidden=self.hidden, layers=self.layers, heads=self.heads,
                          max_positions=self.max_positions)
+        require_at_most(type(self).__name__, hidden=(self.hidden, MAX_WIDTH), layers=(self.layers, MAX_LAYERS),
+                        heads=(self.heads, MAX_HEADS), max_positions=(self.max_positions, MAX_POSITIONS),
+                        vocab_size=(self.vocab_size, MAX_VOCAB))
         if not 0 <= self.dropout < 1:
             raise ConfigError(f"LanguageConfig.dropout must be in [0, 1), got {self.dropout!r}")
         if self.vocab_size < 0:

@@ -18,6 +18,13 @@ def require_positive(owner: str, **values: int | float) -> None:
             raise ConfigError(f"{owner}.{name} must be a positive finite number, got {value!r}")
 
 
+def require_at_most(owner: str, **values: tuple[int | float, int | float]) -> None:
+    """ConfigError for a number above its documented bound (value, bound) — checked before anything is built."""
+    for name, (value, bound) in values.items():
+        if value > bound:
+            raise ConfigError(f"{owner}.{name} is {value:,}, more than the {bound:,} vledge allows")
+
+
 def require_finite(owner: str, **values: float) -> None:
     for name, value in values.items():
         if not math.isfinite(value):

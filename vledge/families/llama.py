@@ -11,10 +11,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from vledge.config import LanguageConfig
+from vledge.config import LanguageConfig, require_at_most
 from vledge.errors import ConfigError
 from vledge.families.base import LanguageFamily
-from vledge.families.hf_config import MAX_HEAD_DIM, MAX_HEADS, MAX_LAYERS, MAX_POSITIONS, MAX_VOCAB, HFConfig
+from vledge.families.hf_config import (MAX_HEAD_DIM, MAX_HEADS, MAX_LAYERS, MAX_POSITIONS, MAX_VOCAB, MAX_WIDTH,
+                                        HFConfig)
 
 # Rotary scalings vledge implements ("default" is none).
 ROPE_SCALINGS = ("default", "linear", "llama3")
@@ -45,6 +46,9 @@ class LlamaConfig(LanguageConfig):
                               "key/value heads")
         if self.intermediate < 1:
             raise ConfigError(f"a {self.kind} language model needs its MLP width (intermediate)")
+        require_at_most(type(self).__name__, kv_heads=(self.kv_heads, MAX_HEADS),
+                        intermediate=(self.intermediate, MAX_WIDTH), attention_head_dim=(self.attention_head_dim,
+                                                                                         MAX_HEAD_DIM))
         if self.rope_scaling is not None and not isinstance(self.rope_scaling, dict):
             raise ConfigError(f"rope_scaling must be a mapping, got {type(self.rope_scaling).__name__}")
         if self.rope_type not in ROPE_SCALINGS:

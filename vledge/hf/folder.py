@@ -119,3 +119,15 @@ def grow_rows(matrix, rows: int):
     if rows <= matrix.shape[0]:
         return matrix
     return torch.cat([matrix, matrix.mean(dim=0).expand(rows - matrix.shape[0], -1)])
+
+
+def check_weight_values(state, folder: Path) -> None:
+    """WeightsError for a weight that is not floating point or holds NaN or infinity (named, with the folder)."""
+    import torch
+
+    for name, tensor in state.items():
+        if not tensor.is_floating_point():
+            raise WeightsError(f"{folder}: tensor {name} has dtype {str(tensor.dtype).removeprefix('torch.')}; "
+                               "weights are floating point")
+        if not bool(torch.isfinite(tensor).all()):
+            raise WeightsError(f"{folder}: tensor {name} holds NaN or infinite values")

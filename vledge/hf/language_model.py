@@ -17,7 +17,7 @@ from typing import Any
 from vledge.config import LanguageConfig, PromptTemplate
 from vledge.errors import WeightsError
 from vledge.families import language_family_for_hf
-from vledge.hf.folder import grow_rows, local_folder, read_config_json, read_safetensors, source_record, weight_files
+from vledge.hf.folder import check_weight_values, grow_rows, local_folder, read_config_json, read_safetensors, source_record, weight_files
 from vledge.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -108,6 +108,7 @@ def load_pretrained_lm(path: str | Path, context: int = 2048) -> PretrainedLM:
     original = config.vocab_size
     rows = max(original, adapted.tokenizer.vocab_size)
     state = lm_state_from_hf(config, hf_tensors, folder, rows)
+    check_weight_values(state, folder)
     config = replace(config, vocab_size=rows, source=source_record(folder, config_json, files))
     log.info("loaded %s from %s: %d layers, hidden %d, %d/%d heads, vocab %d (+%d added tokens)",
              config.source["architecture"], folder, config.layers, config.hidden, config.heads,

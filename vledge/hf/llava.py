@@ -22,7 +22,7 @@ from vledge.config import ModelConfig, ProjectorConfig, VisionConfig
 from vledge.errors import ConfigError, WeightsError
 from vledge.families import language_family_for_hf_model_type, vision_family
 from vledge.families.size import check_fits_memory
-from vledge.hf.folder import local_folder, read_config_json, read_safetensors, source_record, weight_files
+from vledge.hf.folder import check_weight_values, local_folder, read_config_json, read_safetensors, source_record, weight_files
 from vledge.hf.image_processor import preprocess_spec_from_hf
 from vledge.hf.language_model import lm_state_from_hf
 from vledge.hf.llava_prompt import llava_prompt
@@ -251,6 +251,7 @@ def llava_checkpoint(path: str | Path, context: int = 4096, backend: str = "pil"
 
     imported = load_llava_folder(path, context=context, backend=backend)
     check_fusion_state(imported.model_config, imported.state_dict, imported.image_token_id, Path(path))
+    check_weight_values(imported.state_dict, Path(path))
     return Checkpoint(model_config=imported.model_config, tokenizer_json=imported.tokenizer_json,
                       state_dict=imported.state_dict, source=str(path))
 
