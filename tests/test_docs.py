@@ -61,6 +61,10 @@ def _tool():
 @click.option("--shown", default=None, show_default="from the config", help="Shown default.")
 @click.option("--hidden-one", hidden=True, help="Not documented.")
 @click.option("-o", "--out", type=click.Path(file_okay=False), required=True, help="Folder.")
+@click.option("--size", type=click.Tuple([int, float]), default=None, help="Width and scale.")
+@click.option("--point", type=int, nargs=2, default=(0, 1), help="Two numbers.")
+@click.option("--when", default=lambda: "now", help="Worked out at run time.")
+@click.option("--log", type=click.File("w"), default="-", help="A stream.")
 def _run(**kwargs):
     """Run it."""
 
@@ -102,6 +106,10 @@ def test_reference_renders_usage_help_and_an_options_table_from_click():
     assert rows["`--key`"] == "| `--key` | text | env `TOOL_KEY` | Secret. |"
     assert rows["`--shown`"] == "| `--shown` | text | from the config | Shown default. |"
     assert rows["`-o`, `--out`"] == "| `-o`, `--out` | directory | required | Folder. |"
+    assert rows["`--size`"] == "| `--size` | tuple of integer, float |  | Width and scale. |"
+    assert rows["`--point`"] == "| `--point` | 2 × integer | `0`, `1` | Two numbers. |"
+    assert rows["`--when`"] == "| `--when` | text | (dynamic) | Worked out at run time. |"
+    assert rows["`--log`"] == "| `--log` | filename | `-` | A stream. |"
     assert "--hidden-one" not in text and "secret" not in text
     headings = [line for line in text.splitlines() if line.startswith("## `")]
     assert headings == ["## `tool`", "## `tool run`", "## `tool sub`", "## `tool sub alpha`", "## `tool sub zeta`"]

@@ -162,11 +162,15 @@ def _type(param: click.Parameter) -> str:
         text = "flag"
     elif isinstance(kind, click.Choice):
         text = "one of " + ", ".join(f"`{choice}`" for choice in kind.choices)
+    elif isinstance(kind, click.Tuple):
+        text = "tuple of " + ", ".join(_escape(_base_type_name(item)) for item in kind.types)
     else:
         text = _escape(_base_type_name(kind))
         bounds = _range(kind)
         if bounds:
             text += f", `{bounds}`"
+        if isinstance(param, click.Option) and param.nargs > 1:
+            text = f"{param.nargs} × {text}"
     if getattr(param, "multiple", False) and not getattr(param, "count", False):
         text += ", repeatable"
     return text
