@@ -36,7 +36,6 @@ level. Options are checked before any work starts.
   of the file system (a full disk, a read-only mount) is named the same way (`Error: OSError: ...`).
 - A malformed command line (an unknown option, a missing argument, a value of the wrong type)
   prints `Error: UsageError: <message> (see 'vledge COMMAND --help')` and exits with status 2.
-- Ctrl-C prints `interrupted` and exits with status 130.
 - Every file a command writes goes to a temporary name beside its target and is renamed into place
   when complete, with the modes a new file or folder gets under your umask (0644 and 0755 under
   umask 022).
