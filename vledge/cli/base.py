@@ -95,6 +95,12 @@ class FiniteFloat(click.FloatRange):
             self.fail(f"{value!r} is not a finite number", param, ctx)
         return number
 
+    def _describe_range(self) -> str:
+        """No bounds: nothing to show (click's own text would read ``x<=None`` in ``--help``)."""
+        if self.min is None and self.max is None:
+            return ""
+        return super()._describe_range()
+
 
 def parse_providers(text: str) -> str | tuple[str, ...]:
     """``--provider``: one name (``auto``, ``cpu``, ...) or a comma-separated list in priority order."""

@@ -36,10 +36,13 @@ def _int_list(text: str) -> tuple[int, ...]:
 @click.option("--peers/--no-peers", default=True, show_default=True,
               help="With the default engines: include pytorch-compile and openvino-cpu-* (skipped with a note "
                    "when not installed).")
-@click.option("--repeats", type=click.IntRange(min=3), default=20, show_default=True)
-@click.option("--parity-samples", type=click.IntRange(min=1), default=200, show_default=True)
+@click.option("--repeats", type=click.IntRange(min=3), default=20, show_default=True,
+              help="Timed repetitions of every stage per engine.")
+@click.option("--parity-samples", type=click.IntRange(min=1), default=200, show_default=True,
+              help="Held-out questions for each engine's accuracy parity.")
 @click.option("--no-cold-start", is_flag=True, help="Skip the fresh-process load and memory measurements.")
-@click.option("--out", "out_dir", type=click.Path(path_type=Path), default=Path("bench"), show_default=True)
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), default=Path("bench"), show_default=True,
+              help="Folder for bench.json, bench.md and the charts.")
 @fail_cleanly
 def bench_command(ckpt, model_dir, data_dir, threads, batches, engines, providers, peers, repeats, parity_samples,
                   no_cold_start, out_dir) -> None:

@@ -22,14 +22,14 @@ from vledge.cli.convert import BACKEND_HELP
               help="Dataset for int8 calibration (train/val split) and the parity check (test/val split); "
                    "default: freshly generated built-in synthetic scenes.")
 @click.option("--calibration-method", type=click.Choice(["minmax", "entropy", "percentile"]), default="minmax",
-              show_default=True)
+              show_default=True, help="How int8 activation ranges are set from the calibration images.")
 @click.option("--parity-samples", type=click.IntRange(min=1), default=256, show_default=True,
               help="Held-out questions compared against PyTorch.")
 @click.option("--max-accuracy-drop", type=FiniteFloat(min=0), default=1.0, show_default=True,
               help="Points of exact-match accuracy a variant may lose to be chosen by auto.")
 @click.option("--min-token-agreement", type=FiniteFloat(min=0, max=1), default=0.9, show_default=True,
               help="Share of PyTorch's greedy tokens a variant must reproduce to be chosen by auto.")
-@click.option("--opset", type=click.IntRange(min=17), default=17, show_default=True)
+@click.option("--opset", type=click.IntRange(min=17), default=17, show_default=True, help="ONNX opset of the graphs.")
 @click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True,
               help="Threads for the latency measurements that rank variants.")
 @click.option("--force", is_flag=True, help="Replace an existing model directory.")

@@ -10,7 +10,8 @@ from vledge.cli.base import FiniteFloat, fail_cleanly, main
 
 
 @main.command("quickstart")
-@click.option("--out", "out_dir", type=click.Path(path_type=Path), default=Path("quickstart"), show_default=True)
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), default=Path("quickstart"), show_default=True,
+              help="Folder for everything it makes.")
 @click.option("--preset", default="small", show_default=True, help="tiny | small | base | seed-lstm | tiny-lstm")
 @click.option("--size", type=click.IntRange(min=50), default=20000, show_default=True, help="Synthetic images.")
 @click.option("--minutes", type=FiniteFloat(min=0, min_open=True), default=12.0, show_default=True,
@@ -20,7 +21,7 @@ from vledge.cli.base import FiniteFloat, fail_cleanly, main
               help="Per-cell pretraining of the vision encoder on the scenes' labels (0: skip).")
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               help="Default: the cores other processes leave free at the start (1-minute load average), at least 1.")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the data and the training.")
 @click.option("--force", is_flag=True, help="Reuse a non-empty output folder.")
 @fail_cleanly
 def quickstart_command(out_dir, preset, size, minutes, max_steps, vision_pretrain_steps, threads, seed, force) -> None:

@@ -21,13 +21,18 @@ from vledge.cli.base import FiniteFloat, fail_cleanly, main
 @click.option("--max-steps", type=click.IntRange(min=1), default=None, help="Optimizer steps (default: preset).")
 @click.option("--minutes", type=FiniteFloat(min=0, min_open=True), default=None,
               help="Wall-time budget; the schedule follows whichever of steps and time runs out first.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=None)
-@click.option("--grad-accum", type=click.IntRange(min=1), default=None)
-@click.option("--lr", type=FiniteFloat(), default=None)
-@click.option("--eval-every", type=click.IntRange(min=1), default=None)
-@click.option("--seed", type=int, default=None)
+@click.option("--batch-size", type=click.IntRange(min=1), default=None,
+              help="Examples per step and process (default: preset).")
+@click.option("--grad-accum", type=click.IntRange(min=1), default=None,
+              help="Micro-batches per optimizer step (default: preset).")
+@click.option("--lr", type=FiniteFloat(), default=None,
+              help="Peak learning rate (default: preset; the language side's only where the preset sets vision_lr).")
+@click.option("--eval-every", type=click.IntRange(min=1), default=None,
+              help="Steps between evaluations (default: preset).")
+@click.option("--seed", type=int, default=None, help="Seed of the weights and the batch order (default: preset).")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="torch threads per process.")
-@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default=None)
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default=None,
+              help="auto: bf16 autocast on a CUDA GPU that supports it, else fp32 (default: preset, auto).")
 @click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda | cuda:N")
 @click.option("--resume", is_flag=True, help="Continue RUN/last.pt exactly.")
 @click.option("--init", "init_ckpt", type=click.Path(path_type=Path), default=None,
@@ -47,8 +52,10 @@ from vledge.cli.base import FiniteFloat, fail_cleanly, main
               help="A local Hugging Face folder of a Llama-family LM (Llama, Qwen2, Mistral, SmolLM2) to fine-tune.")
 @click.option("--lora", "lora_rank", type=click.IntRange(min=1), default=None,
               help="Tune the pretrained LM through LoRA adapters of this rank (merged into ckpt.pt).")
-@click.option("--lora-alpha", type=click.FloatRange(min=0, min_open=True), default=16.0, show_default=True)
-@click.option("--lora-dropout", type=click.FloatRange(min=0, max=1, max_open=True), default=0.05, show_default=True)
+@click.option("--lora-alpha", type=click.FloatRange(min=0, min_open=True), default=16.0, show_default=True,
+              help="LoRA scale: adapters add alpha / rank times their output.")
+@click.option("--lora-dropout", type=click.FloatRange(min=0, max=1, max_open=True), default=0.05, show_default=True,
+              help="Dropout on the adapters' input.")
 @click.option("--max-seq-len", type=click.IntRange(min=8), default=None,
               help="Longest training sequence in tokens, visual tokens included (default: preset).")
 @click.option("--allow-outside-paths", is_flag=True,
@@ -122,12 +129,13 @@ def train(data_dir, preset, run_dir, stage, max_steps, minutes, batch_size, grad
               help="vledge synthetic data (vledge data synth): its scene labels are the targets.")
 @click.option("--out", "out_path", type=click.Path(path_type=Path), required=True,
               help="Weights file to write, for train --vision-weights.")
-@click.option("--preset", default="small", show_default=True, help="The preset whose vision encoder and projector to train.")
+@click.option("--preset", default="small", show_default=True,
+              help="The preset whose vision encoder and projector to train.")
 @click.option("--steps", type=click.IntRange(min=1), default=None, help="Optimizer steps  [default: 300].")
 @click.option("--minutes", type=FiniteFloat(min=0, min_open=True), default=None,
               help="Wall-time budget; whichever of steps and time runs out first ends the run.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=None)
-@click.option("--lr", type=FiniteFloat(), default=None)
+@click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Images per step [default: 64].")
+@click.option("--lr", type=FiniteFloat(), default=None, help="Peak learning rate [default: 3e-3].")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="torch threads.")
 @fail_cleanly
@@ -165,11 +173,13 @@ def pretrain_vision_command(data_dir, out_path, preset, steps, minutes, batch_si
 
 
 @main.command("eval")
-@click.option("--ckpt", type=click.Path(path_type=Path), required=True)
-@click.option("--data", "data_dir", type=click.Path(path_type=Path), required=True)
-@click.option("--split", default="test", show_default=True)
+@click.option("--ckpt", type=click.Path(path_type=Path), required=True, help="A vledge checkpoint (ckpt.pt).")
+@click.option("--data", "data_dir", type=click.Path(path_type=Path), required=True,
+              help="Dataset, any layout train --data reads.")
+@click.option("--split", default="test", show_default=True, help="Split to ask: train, val or test.")
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="At most this many questions.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True,
+              help="Questions answered together.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("--examples", type=click.IntRange(min=0), default=0, help="Include this many predictions in --json.")
 @fail_cleanly

@@ -1,7 +1,7 @@
 """The optional window: headless where the machine has no display, a clear error where OpenCV has no GUI.
 
 ``pip install vledge`` brings ``opencv-python-headless`` (servers, boards without a display); the
-``vledge[gui]`` extra brings ``opencv-python``, the build that can open windows (see the README).
+``vledge[gui]`` extra brings ``opencv-python``, the build that can open windows (see docs/webcam.md).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from vledge.errors import DisplayError
 
 NO_GUI = ("this OpenCV build has no GUI support (opencv-python-headless), so it cannot open a window; "
           'install the GUI build with: pip install "vledge[gui]" && pip uninstall -y opencv-python-headless '
-          "&& pip install --force-reinstall --no-deps opencv-python (see the README), or run headless (--headless)")
+          "&& pip install --force-reinstall --no-deps opencv-python (see docs/webcam.md), or run headless (--headless)")
 
 
 def has_gui_support() -> bool:
