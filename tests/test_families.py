@@ -285,3 +285,41 @@ def test_a_vision_family_defined_in_a_test_trains_exports_and_runs(test_families
     image = synth_data / json.loads((synth_data / "test.json").read_text())[0]["image"]
     kind, backbone, tokens = _caption_without_torch(model_dir, image)
     assert (kind, backbone) == ("transformer", "test_patchnet") and 1 <= int(tokens) <= 4
+
+
+# The language config as releases before the families wrote it: every family's fields side by side.
+FLAT_TRANSFORMER = {"kind": "transformer", "hidden": 32, "layers": 2, "heads": 2, "max_positions": 128,
+                    "dropout": 0.0, "vocab_size": 320, "kv_heads": 0, "intermediate": 0, "attention_head_dim": 0,
+                    "rope_theta": 10000.0, "rope_scaling": None, "rms_norm_eps": 1e-6, "tie_embeddings": False,
+                    "qkv_bias": False, "source": None}
+
+
+def test_an_earlier_flat_language_config_reads_into_its_family_class():
+    from vledge.config import ModelConfig, from_dict, preset, to_dict
+    from vledge.errors import ConfigError
+    from vledge.families.gpt import TransformerConfig
+
+    config, _ = preset("tiny")
+    data = to_dict(config)
+    data["language"] = dict(FLAT_TRANSFORMER)
+    read = from_dict(ModelConfig, data)
+    assert type(read.language) is TransformerConfig and read.language.hidden == 32
+    assert "kv_heads" not in to_dict(read)["language"]  # written back in the family's own form
+
+    old_qwen2 = {**FLAT_TRANSFORMER, "kind": "llama", "kv_heads": 1, "intermediate": 48, "qkv_bias": True,
+                 "tie_embeddings": True, "rms_norm_eps": 1e-5}
+    read = from_dict(ModelConfig, {**data, "language": old_qwen2})
+    assert type(read.language) is LlamaConfig and read.language.qkv_bias and read.language.key_value_heads == 1
+
+    with pytest.raises(ConfigError, match="field 'kv_heads' does not apply to a 'transformer' language model"):
+        from_dict(ModelConfig, {**data, "language": {**FLAT_TRANSFORMER, "kv_heads": 2}})
+    with pytest.raises(ConfigError, match="unknown language model family 'gpt9'"):
+        from_dict(ModelConfig, {**data, "language": {**FLAT_TRANSFORMER, "kind": "gpt9"}})
+
+
+def test_a_config_of_one_family_cannot_claim_another_kind():
+    from vledge.errors import ConfigError
+    from vledge.families.gpt import TransformerConfig
+
+    with pytest.raises(ConfigError, match="configured by LlamaConfig, not TransformerConfig"):
+        TransformerConfig(kind="llama")

@@ -50,18 +50,26 @@ class Checkpoint:
         return Tokenizer.from_json(self.tokenizer_json, self.model_config.special_tokens)
 
     def build_model(self):
-        """The model with these weights, in eval mode, on the CPU."""
-        from vledge.models.vlm import VisionLanguageModel
+        """The model with these weights, in eval mode, on the CPU.
+
+        The model is built on torch's meta device and takes these tensors as its own (no random initialisation,
+        no copy), so a large model is held in memory once; buffers computed from the config rather than saved
+        are then made on the CPU.
+        """
+        import torch
+
+        from vledge.models.vlm import VisionLanguageModel, materialize_buffers
 
         tokenizer = self.tokenizer()
-        model = VisionLanguageModel(self.model_config, image_token_id=tokenizer.image_id)
+        with torch.device("meta"):
+            model = VisionLanguageModel(self.model_config, image_token_id=tokenizer.image_id)
         try:
-            # assign: the model takes these tensors rather than copying them, so a large model is held once
             model.load_state_dict(self.state_dict, assign=True)
         except RuntimeError as exc:
             raise CheckpointError(f"{self.source}: weights do not fit its own config: {exc}") from None
         if self.model_config.language.tie_embeddings:  # assign replaced both by the same tensor: one parameter again
             model.language.lm_head.weight = model.embed_tokens.weight
+        materialize_buffers(model)
         return model.eval()
 
 

@@ -106,14 +106,6 @@ def vision_families() -> list[VisionFamily]:
     return _VISION.all()
 
 
-def language_kinds() -> tuple[str, ...]:
-    return _LANGUAGE.names()
-
-
-def vision_backbones() -> tuple[str, ...]:
-    return _VISION.names()
-
-
 def register_language_family(family: LanguageFamily, replace: bool = False) -> None:
     """Add a language model family defined outside vledge (a name already taken is an error unless ``replace``)."""
     _LANGUAGE.add(family, replace)

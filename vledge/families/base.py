@@ -104,8 +104,6 @@ class VisionFamily:
         """Load pretrained backbone weights from ``path`` (a file or a folder) or the family's named weights."""
         raise ConfigError(f"the {self.name} backbone has no pretrained weights to load")
 
-    def architecture_facts(self, config) -> dict[str, Any]:
-        return {}
-
     def parameter_count(self, config) -> int | None:
+        """Parameters of the backbone for ``config`` from the numbers alone (None: not known without building it)."""
         return None

@@ -62,10 +62,6 @@ class CLIPFamily(VisionFamily):
 
         load_tower_weights(backbone, path)
 
-    def architecture_facts(self, config) -> dict[str, Any]:
-        vit = config.vit
-        return {"vision_layers": vit.layers, "vision_hidden": vit.hidden, "patch_size": vit.patch_size}
-
     def parameter_count(self, config) -> int:
         vit = config.vit
         h = vit.hidden

@@ -85,19 +85,6 @@ def read_safetensors(files: Iterable[Path]) -> dict[str, Any]:
     return tensors
 
 
-def check_weight_names(found: Iterable[str], expected: Iterable[str], where: Path) -> None:
-    """WeightsError listing every missing and every unexpected tensor name."""
-    found, expected = set(found), set(expected)
-    missing, unexpected = sorted(expected - found), sorted(found - expected)
-    if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"missing tensors {missing}")
-        if unexpected:
-            parts.append(f"unexpected tensors {unexpected}")
-        raise WeightsError(f"the weights in {where} do not fit its config.json: " + "; ".join(parts))
-
-
 def source_record(folder: Path, config_json: dict[str, Any], files: Iterable[Path]) -> dict[str, Any]:
     """What a checkpoint keeps about where its pretrained weights came from."""
     return {

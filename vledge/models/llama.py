@@ -68,7 +68,12 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 class RotaryEmbedding(nn.Module):
     def __init__(self, config: LlamaConfig) -> None:
         super().__init__()
+        self.config = config
         self.register_buffer("inv_freq", rotary_inverse_frequencies(config), persistent=False)
+
+    def reset_buffers(self) -> None:
+        """The frequencies again, on the CPU (after a meta-device build, vledge.models.vlm.materialize_buffers)."""
+        self.inv_freq = rotary_inverse_frequencies(self.config)
 
     def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and sin [batch, 1, seq, head_dim] for the given positions, computed in float32."""

@@ -33,6 +33,21 @@ class MergedInputs:
     labels: torch.Tensor | None
 
 
+def materialize_buffers(model: nn.Module) -> None:
+    """Make the buffers a module computes from its config (not saved in a state dict) after a meta-device build.
+
+    A module that holds such a buffer defines ``reset_buffers()``; any meta tensor left afterwards is an error
+    rather than a model that fails on its first forward.
+    """
+    for module in model.modules():
+        reset = getattr(module, "reset_buffers", None)
+        if callable(reset) and any(b.is_meta for b in module.buffers(recurse=False)):
+            reset()
+    left = [name for name, tensor in [*model.named_parameters(), *model.named_buffers()] if tensor.is_meta]
+    if left:
+        raise ConfigError(f"the model still has tensors without values after loading: {left[:5]}")
+
+
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     """Positions count real tokens only, so left- and right-padded rows see the same positions."""
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
