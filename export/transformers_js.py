@@ -229,24 +229,25 @@ def chat_template(config: ModelConfig, tokenizer: Tokenizer) -> str:
     def lit(text: str) -> str:
         return json.dumps(text, ensure_ascii=False)
 
-    return (
-        f"{bos}{{{{ {lit(p.system)} }}}}"
-        "{% for message in messages %}"
-        "{% if message['role'] == 'user' %}"
-        f"{{% if not loop.first %}}{{{{ {lit(p.turn_separator)} }}}}{{% endif %}}{{{{ {lit(p.user)} }}}}"
+    head = bos + (f"{{{{ {lit(p.system)} }}}}" if p.system else "")
+    user = (
+        "{% if not loop.first and messages[loop.index0 - 1]['role'] == 'assistant' %}"
+        f"{{{{ {lit(p.turn_separator)} }}}}{{% endif %}}{{{{ {lit(p.user)} }}}}"
         "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
         "{% for part in message['content'] %}{% if part['type'] == 'image' %}"
         f"{{{{ {lit(image + p.image_separator)} }}}}{{% endif %}}{{% endfor %}}"
         "{% for part in message['content'] %}{% if part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}"
         "{% endif %}"
-        "{% elif message['role'] == 'assistant' %}"
+    )
+    assistant = (
         f"{{{{ {lit(p.assistant + p.answer_prefix)} }}}}"
         "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
         "{% for part in message['content'] %}{% if part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}"
         "{% endif %}{{ eos_token }}"
-        "{% endif %}{% endfor %}"
-        f"{{% if add_generation_prompt %}}{{{{ {lit(p.assistant)} }}}}{{% endif %}}"
     )
+    return (f"{head}{{% for message in messages %}}{{% if message['role'] == 'user' %}}{user}"
+            f"{{% elif message['role'] == 'assistant' %}}{assistant}{{% endif %}}{{% endfor %}}"
+            f"{{% if add_generation_prompt %}}{{{{ {lit(p.assistant)} }}}}{{% endif %}}")
 
 
 def _processor_patch(config: ModelConfig) -> int:

@@ -293,3 +293,28 @@ def test_language_models_transformers_js_cannot_express_are_named():
     llama = dataclasses.replace(gpt, language=LanguageConfig(kind="llama", hidden=64, layers=2, heads=4, kv_heads=2,
                                                              intermediate=112, qkv_bias=True))
     assert model_types(llama) == ("clip_vision_model", "qwen2")
+
+
+def test_chat_template_renders_vledge_prompt(exported):
+    """tokenizer_config.json's template renders the manifest's prompt; a first question tokenizes to vledge's ids."""
+    import jinja2
+
+    from vledge.manifest import read_manifest
+    from vledge.prompt import question_ids
+    from vledge.tokenizer import Tokenizer
+
+    out, _, _ = exported
+    manifest = read_manifest(out)
+    tokenizer = Tokenizer.from_file(out / "tokenizer.json", manifest.model_config.special_tokens)
+    settings = json.loads((out / "tokenizer_config.json").read_text())
+    template = jinja2.Environment().from_string(settings["chat_template"])
+    tokens = {"bos_token": settings.get("bos_token"), "eos_token": settings["eos_token"]}
+    text = template.render(messages=MESSAGES, add_generation_prompt=True, **tokens)
+    expected = question_ids(tokenizer, manifest.prompt, QUESTION)
+    assert tokenizer.backend.encode(text, add_special_tokens=True).ids == expected
+    messages = [*MESSAGES, {"role": "assistant", "content": "a red square"},
+                {"role": "user", "content": [{"type": "text", "text": "and the circle"}]}]
+    p = manifest.prompt
+    assert template.render(messages=messages, add_generation_prompt=True, **tokens) == (
+        text + p.answer_prefix + "a red square" + settings["eos_token"] + p.turn_separator + p.user + "and the circle"
+        + p.assistant)
