@@ -53,9 +53,6 @@ def model_types(config: ModelConfig) -> tuple[str, str] | str:
     return f"its language model came from {architecture!r}, which transformers.js's llava does not name"
 # --------------------------------------------------------------------------- end of family facts
 
-# What each file is called; vledge.json lists (and hashes) them like every other file.
-FILE_NAMES = ("config.json", "preprocessor_config.json", "processor_config.json", "tokenizer_config.json",
-              "generation_config.json")
 # vledge's precisions are transformers.js dtypes of the same name; int8 graphs have signed 8-bit
 # weights (transformers.js's "int8", suffix ``_int8``), not its "q8" (``_quantized``).
 DTYPES = {"fp32": "fp32", "fp16": "fp16", "int8": "int8", "q4": "q4"}
@@ -97,7 +94,8 @@ def write_transformers_js_files(root: Path, manifest: Manifest, tokenizer: Token
     }
     for name, value in files.items():
         write_json(root / name, value, indent=2)
-    log.info("wrote the transformers.js files (llava, dtype %s)", files["config.json"]["transformers.js_config"]["dtype"])
+    log.info("wrote the transformers.js files (llava, dtype %s)",
+             files["config.json"]["transformers.js_config"]["dtype"])
     return list(files)
 
 

@@ -16,7 +16,7 @@ from vledge.manifest import Manifest
 
 Shape = tuple[Any, ...]  # an int where the width is fixed, None where any size is fine
 INTEGER_INPUTS = ("input_ids", "attention_mask", "position_ids")
-# The vision encoder's output: ``image_features`` (transformers.js's name); directories written before say ``image_embeds``.
+# The vision encoder's output: ``image_features`` (transformers.js's name); earlier directories say ``image_embeds``.
 IMAGE_OUTPUTS = ("image_features", "image_embeds")
 
 

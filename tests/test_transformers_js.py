@@ -36,8 +36,11 @@ MESSAGES = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "te
 def node_or_skip() -> str:
     node = shutil.which("node")
     if node is None:
-        pytest.skip("node is not installed: the transformers.js checks need Node.js >= 18 and "
+        pytest.skip("node is not installed: the transformers.js checks need Node.js >= 20.9 and "
                     "`cd tests/js && ONNXRUNTIME_NODE_INSTALL=skip npm ci`")
+    version = subprocess.run([node, "--version"], capture_output=True, text=True, timeout=60).stdout.strip()
+    if tuple(int(part) for part in version.lstrip("v").split(".")[:2]) < (20, 9):
+        pytest.skip(f"node {version} is too old: @huggingface/transformers 4 (sharp) needs Node.js >= 20.9")
     if not (JS / "node_modules" / "@huggingface" / "transformers" / "package.json").is_file():
         pytest.skip("tests/js/node_modules has no @huggingface/transformers: run "
                     "`cd tests/js && ONNXRUNTIME_NODE_INSTALL=skip npm ci`")
@@ -207,7 +210,8 @@ def test_transformers_js_quantized_agreement_is_reported(exported, photos, tmp_p
     runtime = load(out, precision=chosen, providers="cpu", threads=1)
     ours = runtime.ask(str(photo), QUESTION, GenerationOptions(max_new_tokens=NEW_TOKENS)).token_ids
     report["config.json dtype " + json.dumps(chosen)] = {
-        "agreement_with_transformers_fp32": agreement(got, reference), "agreement_with_vledge_runtime": agreement(got, ours)}
+        "agreement_with_transformers_fp32": agreement(got, reference),
+        "agreement_with_vledge_runtime": agreement(got, ours)}
     full = photos[0]  # transformers.js in Node resizes without antialiasing: its pixels differ from Pillow's
     got = until_eos(run_node(out, full, {c: "fp32" for c in manifest["variants"]})["ids"], eos)
     report["fp32, 512 x 512 photo (resized by each library)"] = {
