@@ -37,6 +37,7 @@ from vledge.export.parity import (
     torch_reference,
 )
 from vledge.export.report import write_parity_markdown
+from vledge.export.transformers_js import write_transformers_js_files
 from vledge.files import atomic_directory, check_output_dir, write_json
 from vledge.manifest import (
     COMPONENTS,
@@ -243,6 +244,7 @@ def _export_into(root: Path, checkpoint, origin: dict, options: ExportOptions, s
         "data": str(options.data) if options.data else "built-in synthetic scenes (fresh seed)",
     }
     write_parity_markdown(root / "parity.md", manifest, parity, reference, skipped)
+    write_transformers_js_files(root, manifest, tokenizer)  # where transformers.js can express the model
     manifest.files = _hash_files(root)
     _write_manifest(root, manifest)
     return ExportResult(model_dir=root, manifest=manifest, parity=parity, selected=selected, seconds=0.0,

@@ -25,12 +25,15 @@ DEFAULT_OPSET = 17
 MAX_OPSET = 20  # the newest the TorchScript exporter (torch.onnx.export(dynamo=False)) writes
 # ONNX stores a model above 2 GB in external data files; stay well clear of the protobuf limit.
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000
+# The batch axis's name: transformers.js sizes the empty cache of a prefill by the symbols it knows
+# (``batch_size``) and gives every other symbolic axis length 0 (the past).
+BATCH = "batch_size"
 
 
 def tensor_names(model: VisionLanguageModel) -> dict[str, dict[str, list[str]]]:
     """Input and output names of every graph, as the manifest lists them."""
     names = {
-        "vision_encoder": {"inputs": ["pixel_values"], "outputs": ["image_embeds"]},
+        "vision_encoder": {"inputs": ["pixel_values"], "outputs": ["image_features"]},
         "embed_tokens": {"inputs": ["input_ids"], "outputs": ["inputs_embeds"]},
     }
     if model.is_transformer:
@@ -119,13 +122,13 @@ def export_graphs(model: VisionLanguageModel, out_dir: Path, opset: int = DEFAUL
     with torch.no_grad():
         paths["vision_encoder"] = _export(
             VisionEncoderGraph(model), (torch.randn(2, 3, size, size),), out_dir / "vision_encoder.onnx",
-            **names["vision_encoder"], dynamic_axes={"pixel_values": {0: "batch"}, "image_embeds": {0: "batch"}},
+            **names["vision_encoder"], dynamic_axes={"pixel_values": {0: BATCH}, "image_features": {0: BATCH}},
             opset=opset,
         )
         paths["embed_tokens"] = _export(
             EmbedTokensGraph(model), (torch.ones(2, 3, dtype=torch.long),), out_dir / "embed_tokens.onnx",
             **names["embed_tokens"],
-            dynamic_axes={"input_ids": {0: "batch", 1: "sequence"}, "inputs_embeds": {0: "batch", 1: "sequence"}},
+            dynamic_axes={"input_ids": {0: BATCH, 1: "sequence"}, "inputs_embeds": {0: BATCH, 1: "sequence"}},
             opset=opset,
         )
         batch, seq, past = 2, 3, 4
@@ -137,23 +140,23 @@ def export_graphs(model: VisionLanguageModel, out_dir: Path, opset: int = DEFAUL
                             for _ in range(2 * lang.layers)]
             mask = torch.ones(batch, past + seq, dtype=torch.long)
             positions = torch.arange(past, past + seq).expand(batch, seq).contiguous()
-            axes = {"inputs_embeds": {0: "batch", 1: "sequence"},
-                    "attention_mask": {0: "batch", 1: "total_sequence"},
-                    "position_ids": {0: "batch", 1: "sequence"},
-                    "logits": {0: "batch"}}
+            axes = {"inputs_embeds": {0: BATCH, 1: "sequence"},
+                    "attention_mask": {0: BATCH, 1: "total_sequence"},
+                    "position_ids": {0: BATCH, 1: "sequence"},
+                    "logits": {0: BATCH}}
             for name in decoder_names["inputs"][3:]:
-                axes[name] = {0: "batch", 2: "past_sequence"}
+                axes[name] = {0: BATCH, 2: "past_sequence"}
             for name in decoder_names["outputs"][1:]:
-                axes[name] = {0: "batch", 2: "total_sequence"}
+                axes[name] = {0: BATCH, 2: "total_sequence"}
             args = (embeds, mask, positions, *past_tensors)
             module: nn.Module = TransformerDecoderGraph(model)
         else:
             lang = model.config.language
             state = torch.randn(lang.layers, batch, hidden)
             args = (embeds, state, state.clone())
-            axes = {"inputs_embeds": {0: "batch", 1: "sequence"}, "past_hidden": {1: "batch"},
-                    "past_cell": {1: "batch"}, "logits": {0: "batch"}, "present_hidden": {1: "batch"},
-                    "present_cell": {1: "batch"}}
+            axes = {"inputs_embeds": {0: BATCH, 1: "sequence"}, "past_hidden": {1: BATCH},
+                    "past_cell": {1: BATCH}, "logits": {0: BATCH}, "present_hidden": {1: BATCH},
+                    "present_cell": {1: BATCH}}
             module = LSTMDecoderGraph(model)
         paths["decoder_model_merged"] = _export(
             module, args, out_dir / "decoder_model_merged.onnx", **decoder_names, dynamic_axes=axes, opset=opset

@@ -16,6 +16,14 @@ from vledge.manifest import Manifest
 
 Shape = tuple[Any, ...]  # an int where the width is fixed, None where any size is fine
 INTEGER_INPUTS = ("input_ids", "attention_mask", "position_ids")
+# The vision encoder's output: ``image_features`` (transformers.js's name); earlier directories say ``image_embeds``.
+IMAGE_OUTPUTS = ("image_features", "image_embeds")
+
+
+def image_output(manifest: Manifest) -> str:
+    """The vision encoder's output name the manifest lists (``image_features`` when it lists neither)."""
+    listed = manifest.tensors.get("vision_encoder", {}).get("outputs", [])
+    return next((name for name in listed if name in IMAGE_OUTPUTS), IMAGE_OUTPUTS[0])
 
 
 def expected_io(manifest: Manifest) -> dict[str, tuple[dict[str, Shape], dict[str, Shape]]]:
@@ -24,7 +32,7 @@ def expected_io(manifest: Manifest) -> dict[str, tuple[dict[str, Shape], dict[st
     hidden, vocab, size = language.hidden, language.vocab_size, manifest.preprocess.image_size
     io: dict[str, tuple[dict[str, Shape], dict[str, Shape]]] = {
         "vision_encoder": ({"pixel_values": (None, 3, size, size)},
-                           {"image_embeds": (None, manifest.num_image_tokens, hidden)}),
+                           {image_output(manifest): (None, manifest.num_image_tokens, hidden)}),
         "embed_tokens": ({"input_ids": (None, None)}, {"inputs_embeds": (None, None, hidden)}),
     }
     inputs: dict[str, Shape] = {"inputs_embeds": (None, None, hidden)}
@@ -86,6 +94,6 @@ def _meaning(name: str, axis: int) -> str:
         return "layers"
     if name == "pixel_values":
         return "channels" if axis == 1 else "image size"
-    if name == "image_embeds" and axis == 1:
+    if name in IMAGE_OUTPUTS and axis == 1:
         return "image tokens"
     return "hidden size"
