@@ -18,40 +18,48 @@ from pathlib import Path
 from typing import Any
 
 from vledge.config import ModelConfig
+from vledge.errors import ConfigError
+from vledge.families import language_family_for_hf, language_family_for_hf_model_type, vision_family
 from vledge.files import write_json
 from vledge.manifest import Manifest
 from vledge.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
-# --------------------------------------------------------------------------- family facts
-# The one place that names model families. Text: the Hugging Face architecture of a Llama-family
-# LM -> its config ``model_type``; vision: vledge's tower -> its ``vision_config.model_type``.
-TEXT_MODEL_TYPES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "MistralForCausalLM": "mistral"}
-VISION_MODEL_TYPES = {"clip": "clip_vision_model", "siglip": "siglip_vision_model"}
-
-
 def model_types(config: ModelConfig) -> tuple[str, str] | str:
-    """(vision model_type, text model_type) as transformers.js's ``llava`` knows them, or why it cannot."""
+    """(vision model_type, text model_type) as transformers.js's ``llava`` knows them, or why it cannot.
+
+    The families say whether transformers.js has them and under which Hugging Face names
+    (``LanguageFamily.transformers_js`` / ``hf_model_types``, the same for vision).
+    """
     vision, language = config.vision, config.language
-    if vision.backbone not in VISION_MODEL_TYPES or vision.vit is None:
-        return f"its vision tower is {vision.backbone!r} (transformers.js's llava takes clip or siglip)"
-    if language.kind != "llama":
-        return f"its language model is {language.kind!r} (transformers.js's llava takes a Llama-family LM)"
-    source = language.source or {}
-    architecture = source.get("architecture")
-    if architecture in TEXT_MODEL_TYPES:
-        return VISION_MODEL_TYPES[vision.backbone], TEXT_MODEL_TYPES[architecture]
+    tower = vision_family(vision.backbone)
+    if not tower.transformers_js or vision.vit is None:
+        return f"its vision tower is {vision.backbone!r}, which transformers.js's llava does not have"
+    family = language.family
+    if not family.transformers_js:
+        return f"its language model is {language.kind!r}, which transformers.js's llava does not have"
+    return tower.hf_model_types[0], _text_model_type(language)
+
+
+def _text_model_type(language) -> str:
+    """The text model's Hugging Face model_type; a checkpoint from before the families (every Llama-family LM
+    was kind "llama") is told apart by the folder it came from, or by Qwen2's biased q/k/v projections."""
+    text_type = language.family.hf_model_types[0]
+    if language.kind != language.family.hf_model_types[0] or language.source is None:
+        return text_type
+    source = language.source
+    try:
+        return language_family_for_hf({"architectures": [source.get("architecture")]}, "").hf_model_types[0]
+    except ConfigError:
+        pass
     try:  # an imported LLaVA folder records its whole config.json
-        text_type = json.loads(source.get("config_json") or "{}").get("text_config", {}).get("model_type")
-    except (ValueError, AttributeError):
-        text_type = None
-    if text_type in TEXT_MODEL_TYPES.values():
-        return VISION_MODEL_TYPES[vision.backbone], text_type
-    if architecture is None:  # trained here from scratch: Qwen2 is Llama with biased q/k/v projections
-        return VISION_MODEL_TYPES[vision.backbone], "qwen2" if language.qkv_bias else "llama"
-    return f"its language model came from {architecture!r}, which transformers.js's llava does not name"
-# --------------------------------------------------------------------------- end of family facts
+        recorded = json.loads(source.get("config_json") or "{}").get("text_config", {}).get("model_type")
+        return language_family_for_hf_model_type(recorded, "").hf_model_types[0]
+    except (ValueError, AttributeError, ConfigError):
+        return text_type
+
+
 
 # vledge's precisions are transformers.js dtypes of the same name; int8 graphs have signed 8-bit
 # weights (transformers.js's "int8", suffix ``_int8``), not its "q8" (``_quantized``).
@@ -104,33 +112,8 @@ def model_config_json(manifest: Manifest) -> dict[str, Any]:
     vision_type, text_type = model_types(config)  # type: ignore[misc]  # checked by unsupported_reason
     vit, language, special = config.vision.vit, config.language, manifest.special_tokens
     layers = list(vit.feature_layers)
-    text = {
-        "model_type": text_type,
-        "vocab_size": language.vocab_size,
-        "hidden_size": language.hidden,
-        "intermediate_size": language.intermediate,
-        "num_hidden_layers": language.layers,
-        "num_attention_heads": language.heads,
-        "num_key_value_heads": language.key_value_heads,
-        "head_dim": language.head_dim,
-        "max_position_embeddings": language.max_positions,
-        "rms_norm_eps": language.rms_norm_eps,
-        "rope_theta": language.rope_theta,
-        "rope_scaling": language.rope_scaling,
-        "tie_word_embeddings": language.tie_embeddings,
-        **_token_ids(special),
-    }
-    vision = {
-        "model_type": vision_type,
-        "hidden_size": vit.hidden,
-        "intermediate_size": vit.intermediate,
-        "num_hidden_layers": vit.layers,
-        "num_attention_heads": vit.heads,
-        "image_size": vit.image_size,
-        "patch_size": vit.patch_size,
-        "hidden_act": vit.hidden_act,
-        "layer_norm_eps": vit.layer_norm_eps,
-    }
+    text = {"model_type": text_type, **language.family.to_hf_config(language), **_token_ids(special)}
+    vision = {"model_type": vision_type, **vision_family(config.vision.backbone).to_hf_config(vit)}
     selected = manifest.selected.get("cpu", {})
     dtype = {component: DTYPES[selected.get(component, "fp32")] for component in manifest.variants}
     return {

@@ -36,9 +36,11 @@ class LanguageFamily:
     # The benchmark's torch.compile and OpenVINO engines are measured for this family.
     bench_peers: ClassVar[bool] = False
     # Hugging Face: the causal-LM class names in config.json's "architectures", and the model_type values
-    # (a standalone folder's, or text_config's inside a multimodal folder).
+    # (a standalone folder's, or text_config's inside a multimodal folder); the first is the one written.
     hf_architectures: ClassVar[tuple[str, ...]] = ()
     hf_model_types: ClassVar[tuple[str, ...]] = ()
+    # transformers.js's llava takes it as its text model (export/transformers_js.py).
+    transformers_js: ClassVar[bool] = False
 
     @property
     def has_kv_cache(self) -> bool:
@@ -65,6 +67,10 @@ class LanguageFamily:
         """vledge's config for a causal LM's config.json (the family's class defaults filled in)."""
         raise ConfigError(f"{where}: the {self.name} family has no Hugging Face form")
 
+    def to_hf_config(self, config) -> dict[str, Any]:
+        """The numbers of ``config`` as its Hugging Face config would hold them (the inverse of from_hf_config)."""
+        raise ConfigError(f"the {self.name} family has no Hugging Face form")
+
     def hf_tensor_name(self, name: str) -> str:
         """The Hugging Face tensor name of the fusion model's ``name`` (``embed_tokens.weight`` or ``language.*``)."""
         raise ConfigError(f"the {self.name} family has no Hugging Face form")
@@ -88,6 +94,8 @@ class VisionFamily:
     hf_model_types: ClassVar[tuple[str, ...]] = ()
     hf_parent_model_types: ClassVar[tuple[str, ...]] = ()
     hf_image_processors: ClassVar[tuple[str, ...]] = ()
+    # transformers.js's llava takes it as its vision tower (export/transformers_js.py).
+    transformers_js: ClassVar[bool] = False
 
     def backbone(self, config):
         """(torch module, feature width) for a VisionConfig of this family."""
@@ -96,6 +104,10 @@ class VisionFamily:
     def num_tokens(self, config, image_size: int) -> int | None:
         """Visual tokens per image where the numbers alone tell (None: measured by running the module)."""
         return None
+
+    def to_hf_config(self, config) -> dict[str, Any]:
+        """The tower's numbers as its Hugging Face ``vision_config`` would hold them."""
+        raise ConfigError(f"the {self.name} backbone has no Hugging Face form")
 
     def check(self, config) -> None:
         """ConfigError for a VisionConfig this family cannot build (called from VisionConfig's validation)."""

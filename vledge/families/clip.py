@@ -41,6 +41,7 @@ class CLIPFamily(VisionFamily):
         "do_normalize": True, "image_mean": [0.48145466, 0.4578275, 0.40821073],
         "image_std": [0.26862954, 0.26130258, 0.27577711], "do_convert_rgb": True}
     processor_int_size_is_square: ClassVar[bool] = False
+    transformers_js = True
 
     def backbone(self, config):
         from vledge.models.vit import VisionTransformer
@@ -61,6 +62,11 @@ class CLIPFamily(VisionFamily):
         from vledge.hf.vision import load_tower_weights
 
         load_tower_weights(backbone, path)
+
+    def to_hf_config(self, vit: ViTConfig) -> dict[str, Any]:
+        return {"hidden_size": vit.hidden, "intermediate_size": vit.intermediate, "num_hidden_layers": vit.layers,
+                "num_attention_heads": vit.heads, "image_size": vit.image_size, "patch_size": vit.patch_size,
+                "hidden_act": vit.hidden_act, "layer_norm_eps": vit.layer_norm_eps}
 
     def parameter_count(self, config) -> int:
         vit = config.vit

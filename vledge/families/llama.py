@@ -82,6 +82,7 @@ class LlamaFamily(LanguageFamily):
     # together and dominates a q4 step, so q4 stores it 8-bit (int8 or float keep the head's accuracy).
     q4_head_bits = 8
     lora = True
+    transformers_js = True
     hf_architectures = ("LlamaForCausalLM",)
     hf_model_types = ("llama",)
     mlp_activation: ClassVar[str] = "silu"
@@ -165,6 +166,16 @@ class LlamaFamily(LanguageFamily):
             )
         except ConfigError as exc:
             raise ConfigError(f"{where}: {exc}") from None
+
+    def to_hf_config(self, config: LlamaConfig) -> dict[str, Any]:
+        return {
+            "vocab_size": config.vocab_size, "hidden_size": config.hidden, "intermediate_size": config.intermediate,
+            "num_hidden_layers": config.layers, "num_attention_heads": config.heads,
+            "num_key_value_heads": config.key_value_heads, "head_dim": config.head_dim,
+            "max_position_embeddings": config.max_positions, "rms_norm_eps": config.rms_norm_eps,
+            "rope_theta": config.rope_theta, "rope_scaling": config.rope_scaling,
+            "tie_word_embeddings": config.tie_embeddings, "hidden_act": self.mlp_activation,
+        }
 
     def hf_tensor_name(self, name: str) -> str:
         if name == "embed_tokens.weight":
