@@ -322,6 +322,7 @@ def _manifest(checkpoint, ckpt_path: Path, tokenizer, model, variants, root: Pat
     import torch
 
     import vledge
+    from vledge.hf.generation_config import model_stop_ids
 
     config = checkpoint.model_config
     return Manifest(
@@ -333,7 +334,8 @@ def _manifest(checkpoint, ckpt_path: Path, tokenizer, model, variants, root: Pat
         variants={c: dict(v) for c, v in variants.items()},
         files=_hash_files(root),
         generation={"max_new_tokens": 32, "caption_prompt": CAPTION_PROMPT, "temperature": 0.0,
-                    "eos_token_id": tokenizer.eos_id, "pad_token_id": tokenizer.pad_id},
+                    "eos_token_id": tokenizer.eos_id, "pad_token_id": tokenizer.pad_id,
+                    "stop_token_ids": model_stop_ids(config.language.source, tokenizer.eos_id)},
         provenance={
             "checkpoint": ckpt_path.name,
             "checkpoint_sha256": file_sha256(ckpt_path),

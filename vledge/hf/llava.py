@@ -215,7 +215,9 @@ def load_llava_folder(path: str | Path, context: int = 4096, backend: str = "pil
     if not language.tie_embeddings:
         lm["lm_head.weight"] = grow_rows(lm["lm_head.weight"], rows)
     state.update(to_fusion_names(lm, language.tie_embeddings))
-    source = source_record(folder, config, files)
+    from vledge.hf.generation_config import with_stop_ids
+
+    source = with_stop_ids(source_record(folder, config, files), folder, config, tokenizer.eos_id)
     language = replace(language, vocab_size=rows, source=source)
 
     bos = adapted.roles.get("bos")

@@ -258,7 +258,10 @@ def load_pretrained_lm(path: str | Path, context: int = 2048) -> PretrainedLM:
         hf_state["lm_head.weight"] = grow_rows(hf_state["lm_head.weight"], rows)
     from dataclasses import replace
 
-    config = replace(config, vocab_size=rows, source=source_record(folder, config_json, files))
+    from vledge.hf.generation_config import with_stop_ids
+
+    config = replace(config, vocab_size=rows, source=with_stop_ids(source_record(folder, config_json, files), folder,
+                                                                   config_json, adapted.tokenizer.eos_id))
     log.info("loaded %s from %s: %d layers, hidden %d, %d/%d heads, vocab %d (+%d added tokens)",
              config.source["architecture"], folder, config.layers, config.hidden, config.heads,
              config.key_value_heads, original, len(adapted.added_ids))
