@@ -100,7 +100,8 @@ def train(data_dir, preset, run_dir, stage, max_steps, minutes, batch_size, grad
         elif event.kind == "eval":
             accuracy = event.data.get("accuracy", {}).get("overall")
             bar.write(f"step {event.step}: val loss {event.data.get('val_loss', float('nan')):.4f}"
-                      + (f", val accuracy {accuracy * 100:.1f}%" if accuracy is not None else ""))
+                      + (f", val accuracy {accuracy * 100:.1f}%" if accuracy is not None else "")
+                      + (f"; ckpt.pt holds step {event.data['ckpt_step']}" if event.data.get("ckpt_step") else ""))
         bar.refresh()
 
     try:
@@ -113,7 +114,8 @@ def train(data_dir, preset, run_dir, stage, max_steps, minutes, batch_size, grad
     finally:
         bar.close()  # an error line then starts on a line of its own
     click.echo(f"trained {result.steps} steps in {result.seconds / 60:.1f} min")
-    click.echo(f"best checkpoint: {result.best_checkpoint}\nlast checkpoint: {result.last_checkpoint}")
+    click.echo(f"best checkpoint: {result.best_checkpoint} (step {result.best_step})\n"
+               f"last checkpoint: {result.last_checkpoint}")
     click.echo(f"metrics: {run_dir / 'metrics.jsonl'}  curves: {run_dir / 'curves.png'}")
 
 

@@ -94,6 +94,14 @@ class RunState:
     stage_start_step: int = 0
     elapsed: float = 0.0
     best_metric: float = -math.inf
+    best_val_loss: float = math.inf  # breaks a tie in best_metric
+    best_step: int = 0  # the step ckpt.pt holds (0: none written yet)
+
+
+def improves(state: RunState, metric: float, val_loss: float) -> bool:
+    """Whether an evaluation beats the one ``ckpt.pt`` holds: a higher selection metric, or the same at a lower
+    validation loss (a pretrained LM early in fine-tuning often scores 0% exact match twice in a row)."""
+    return metric > state.best_metric or (metric == state.best_metric and val_loss < state.best_val_loss)
 
 
 def encode_train_state(state: RunState, options: RunOptions, optimizer_state: dict | None = None) -> dict[str, Any]:
