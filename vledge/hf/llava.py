@@ -20,6 +20,7 @@ import torch
 
 from vledge.config import ModelConfig, ProjectorConfig, VisionConfig
 from vledge.errors import ConfigError, WeightsError
+from vledge.hf.folder_checks import drop_tied_head
 from vledge.hf.image_processor import preprocess_spec_from_hf
 from vledge.hf.llava_prompt import llava_prompt
 from vledge.hf.vision import vit_config_from_hf, vit_state_from_hf
@@ -197,7 +198,7 @@ def load_llava_folder(path: str | Path, context: int = 4096, backend: str = "pil
 
     lm = _lm_tensors(tensors, folder)
     if language.tie_embeddings:
-        lm.pop("lm_head.weight", None)
+        drop_tied_head(lm, folder)
     lm = {name: tensor for name, tensor in lm.items() if not name.endswith(".rotary_emb.inv_freq")}
     check_weight_names(lm, llama_weight_names(language), folder)
     adapted = adapt_tokenizer(folder, use_chat_template=False)

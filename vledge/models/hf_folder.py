@@ -21,6 +21,7 @@ import torch
 from vledge.checkpoint import file_sha256
 from vledge.config import LanguageConfig, PromptTemplate
 from vledge.errors import ConfigError, WeightsError
+from vledge.hf.folder_checks import check_rope_type, drop_tied_head
 from vledge.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -172,6 +173,7 @@ def llama_language_config(config_json: Mapping[str, Any], folder: Path, context:
     rope = dict(get("rope_parameters") or get("rope_scaling") or {})
     theta = float(get("rope_theta") or rope.pop("rope_theta", 10000.0))
     rope.pop("rope_theta", None)
+    check_rope_type(rope, f"{folder}/config.json")
     if rope.get("rope_type", rope.get("type", "default")) == "default":
         rope = {}
     heads = int(get("num_attention_heads"))
@@ -241,8 +243,8 @@ def load_pretrained_lm(path: str | Path, context: int = 2048) -> PretrainedLM:
     config = llama_language_config(config_json, folder, context)
     files = weight_files(folder)
     hf_state = read_safetensors(files)
-    if config.tie_embeddings and "lm_head.weight" in hf_state:
-        hf_state.pop("lm_head.weight")  # some tied folders store the shared matrix twice
+    if config.tie_embeddings:
+        drop_tied_head(hf_state, folder)  # an exact second copy of the shared matrix, else WeightsError
     for name in [n for n in hf_state if n.endswith(IGNORED_SUFFIXES)]:
         hf_state.pop(name)
     check_weight_names(hf_state, llama_weight_names(config), folder)
