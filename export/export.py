@@ -35,6 +35,7 @@ from vledge.export.parity import (
     measure_runtime,
     torch_reference,
 )
+from vledge.export.progress import QuestionCallback, question_counter
 from vledge.export.report import write_parity_markdown
 from vledge.files import atomic_directory, check_output_dir, write_json
 from vledge.manifest import (
@@ -115,7 +116,7 @@ Progress = Callable[[str], None]
 
 
 def export(ckpt: str | Path, out_dir: str | Path | None = None, options: ExportOptions | None = None,
-           progress: Progress | None = None) -> ExportResult:
+           progress: Progress | None = None, on_questions: QuestionCallback | None = None) -> ExportResult:
     """Export a checkpoint; see the module docstring for the guarantees."""
     options = options or ExportOptions()
     started = time.perf_counter()
@@ -128,17 +129,19 @@ def export(ckpt: str | Path, out_dir: str | Path | None = None, options: ExportO
         raise ExportError(f"{out_dir} already exists; pass --force to replace it")
     check_output_dir(out_dir, "model directory")  # before minutes of export: /proc/x, a read-only mount
     with atomic_directory(out_dir, tag="export-") as staging:
-        result = _export_into(staging, checkpoint, ckpt, options, say)
+        result = _export_into(staging, checkpoint, ckpt, options, say, on_questions)
     result.model_dir = out_dir
     result.seconds = time.perf_counter() - started
     say(f"wrote {out_dir} in {result.seconds:.1f} s")
     return result
 
 
-def _export_into(root: Path, checkpoint, ckpt_path: Path, options: ExportOptions, say: Progress) -> ExportResult:
+def _export_into(root: Path, checkpoint, ckpt_path: Path, options: ExportOptions, say: Progress,
+                 on_questions: QuestionCallback | None = None) -> ExportResult:
     import torch
 
     from vledge.export import optimize, quantize
+    from vledge.export.screening import cuda_works, reason_not_to_measure
 
     model = checkpoint.build_model()
     tokenizer = checkpoint.tokenizer()
@@ -164,7 +167,8 @@ def _export_into(root: Path, checkpoint, ckpt_path: Path, options: ExportOptions
     say(f"running the PyTorch reference on {len(samples)} held-out questions")
     torch.set_num_threads(max(1, options.threads))
     try:
-        reference = torch_reference(model, tokenizer, samples)
+        reference = torch_reference(model, tokenizer, samples,
+                                    progress=question_counter(on_questions, "pytorch", len(samples)))
     finally:
         torch.set_num_threads(threads_before)
 
@@ -173,7 +177,7 @@ def _export_into(root: Path, checkpoint, ckpt_path: Path, options: ExportOptions
 
     say("parity gate: fp32 graphs against PyTorch")
     parity: dict[str, VariantParity] = {}
-    fp32 = _measure(root, {c: "fp32" for c in COMPONENTS}, samples, reference, options)
+    fp32 = _measure(root, {c: "fp32" for c in COMPONENTS}, samples, reference, options, on_questions, "fp32")
     parity["fp32"] = fp32
     problems = fp32_failures(fp32)
     if problems:
@@ -185,6 +189,7 @@ def _export_into(root: Path, checkpoint, ckpt_path: Path, options: ExportOptions
     # 4-bit layers together and dominates a q4 decode step, so q4 stores it 8-bit there (PERFORMANCE.md: int8 or float).
     qoptions = quantize.QuantizeOptions(calibration_method=options.calibration_method,
                                         keep_bits=8 if config.language.kind == "llama" else None)
+    cuda = cuda_works() if "fp16" in options.precisions else False
     for precision in options.precisions:
         for component in COMPONENTS:
             if precision not in quantize.AVAILABLE.get(component, ()):
@@ -204,15 +209,22 @@ def _export_into(root: Path, checkpoint, ckpt_path: Path, options: ExportOptions
             variants[component][precision] = variant_filename(component, precision)
             manifest = _manifest(checkpoint, ckpt_path, tokenizer, model, variants, root)
             _write_manifest(root, manifest)
+            why = reason_not_to_measure(root, component, precision, samples, reference, options.min_token_agreement,
+                                        options.threads, cuda)
+            if why:
+                skipped[label] = why
+                say(f"{label}: {why}")
+                continue
             say(f"measuring {label}")
             chosen = {c: "fp32" for c in COMPONENTS}
             chosen[component] = precision
-            parity[label] = _measure(root, chosen, samples, reference, options)
+            parity[label] = _measure(root, chosen, samples, reference, options, on_questions, label)
 
     selected = _select(parity, variants, options)
     if any(p != "fp32" for p in selected["cpu"].values()):
         say("measuring the selected combination")
-        parity["selected:cpu"] = _measure(root, selected["cpu"], samples, reference, options)
+        parity["selected:cpu"] = _measure(root, selected["cpu"], samples, reference, options, on_questions,
+                                          "selected:cpu")
 
     shutil.rmtree(work, ignore_errors=True)
     manifest = _manifest(checkpoint, ckpt_path, tokenizer, model, variants, root)
@@ -234,13 +246,13 @@ def _export_into(root: Path, checkpoint, ckpt_path: Path, options: ExportOptions
 
 
 def _measure(root: Path, precisions: dict[str, str], samples: ParitySamples, reference: Reference,
-             options: ExportOptions) -> VariantParity:
+             options: ExportOptions, on_questions: QuestionCallback | None = None, label: str = "") -> VariantParity:
     """Parity and latency of one combination, on this machine's CPU (fp16 included: its drift is what matters)."""
     from vledge.export.parity import measure_latency
     from vledge.runtime import load
 
     runtime = load(root, precision=precisions, providers="cpu", threads=options.threads, verify=False)
-    result = measure_runtime(runtime, samples, reference)
+    result = measure_runtime(runtime, samples, reference, progress=question_counter(on_questions, label, len(samples)))
     result.latency_ms = measure_latency(runtime, samples)
     return result
 
