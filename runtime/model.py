@@ -152,7 +152,7 @@ class VisionLanguageRuntime:
                 text, _ = cut_at_stop(text, stops)
                 text = text.lstrip()
                 visible = text.rstrip()
-                visible = visible[: len(visible) - partial_stop(visible, stops)]
+                visible = visible[: len(visible) - partial_stop(visible, stops)].rstrip()  # held: may end the text
                 if len(visible) > len(emitted) and visible.startswith(emitted):
                     yield visible[len(emitted):]
                     emitted = visible
