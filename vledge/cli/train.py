@@ -53,11 +53,13 @@ from vledge.cli.base import FiniteFloat, fail_cleanly, main
               help="Longest training sequence in tokens, visual tokens included (default: preset).")
 @click.option("--allow-outside-paths", is_flag=True,
               help="Let image names in the dataset file point outside its folder (absolute, ../).")
+@click.option("--gradient-checkpointing", is_flag=True,
+              help="Recompute the language model's activations in the backward pass: less memory, slower steps.")
 @fail_cleanly
 def train(data_dir, preset, run_dir, stage, max_steps, minutes, batch_size, grad_accum, lr, eval_every, seed, threads,
           precision, device, resume, init_ckpt, vision_weights, freeze, vision_model, vision_feature_layer,
           vision_token_reduction, language_model, lora_rank, lora_alpha, lora_dropout, max_seq_len,
-          allow_outside_paths) -> None:
+          allow_outside_paths, gradient_checkpointing) -> None:
     """Train a fusion model: align the projector on captions, then instruction-tune."""
     import dataclasses
 
@@ -88,7 +90,7 @@ def train(data_dir, preset, run_dir, stage, max_steps, minutes, batch_size, grad
     options = RunOptions(stage=stage, minutes=minutes, freeze=tuple(freeze), init=init_ckpt,
                          vision_weights=vision_weights, device=device, language_model=language_model,
                          lora_rank=lora_rank, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
-                         allow_outside_paths=allow_outside_paths)
+                         allow_outside_paths=allow_outside_paths, gradient_checkpointing=gradient_checkpointing)
     bar = tqdm(total=train_config.max_steps, desc="train", unit="step", dynamic_ncols=True)
 
     def on_event(event) -> None:
