@@ -41,8 +41,9 @@ def llama_model_dir(synth_data, tmp_path_factory) -> Path:
     model_config = with_language_model(tiny_configs()[0], lm)
     model = VisionLanguageModel(model_config, image_token_id=lm.tokenizer.image_id)
     load_language_weights(model, lm)
-    ckpt = save_checkpoint(root / "ckpt.pt", Checkpoint(model_config=model_config, tokenizer_json=lm.tokenizer.to_json(),
-                                                        state_dict=model.state_dict()))
+    checkpoint = Checkpoint(model_config=model_config, tokenizer_json=lm.tokenizer.to_json(),
+                            state_dict=model.state_dict())
+    ckpt = save_checkpoint(root / "ckpt.pt", checkpoint)
     options = ExportOptions(quantize=("none",), data=synth_data, parity_samples=8, calibration_samples=8)
     return export(ckpt, root / "model", options).model_dir
 

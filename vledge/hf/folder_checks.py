@@ -34,7 +34,8 @@ def drop_tied_head(tensors: MutableMapping[str, Any], folder: Path) -> None:
     if head is None:
         return
     embeddings = tensors.get(EMBEDDINGS)
-    if embeddings is not None and (tuple(head.shape) != tuple(embeddings.shape) or not bool((head == embeddings).all())):
+    same = embeddings is None or (tuple(head.shape) == tuple(embeddings.shape) and bool((head == embeddings).all()))
+    if not same:
         raise WeightsError(f"{folder}: lm_head.weight differs from embed_tokens.weight although the config ties "
                            "them (tie_word_embeddings); set tie_word_embeddings to false to use the stored head")
     del tensors[HEAD]
