@@ -15,7 +15,8 @@ from vledge.export.export import ExportOptions, ExportResult, Progress, export
 
 
 def export_llava(hf_dir: str | Path, out_dir: str | Path, options: ExportOptions | None = None,
-                 progress: Progress | None = None, context: int = 4096, backend: str = "pil") -> ExportResult:
+                 progress: Progress | None = None, context: int = 4096, backend: str = "pil",
+                 on_questions=None) -> ExportResult:
     from vledge.hf.llava import convert_llava
 
     options = options or ExportOptions()
@@ -27,4 +28,4 @@ def export_llava(hf_dir: str | Path, out_dir: str | Path, options: ExportOptions
     with tempfile.TemporaryDirectory(prefix=f".{out_dir.name}.convert-", dir=out_dir.parent) as work:
         say(f"converting {hf_dir}")
         ckpt = convert_llava(hf_dir, Path(work) / "ckpt.pt", context=context, backend=backend)
-        return export(ckpt, out_dir, options, progress=progress)
+        return export(ckpt, out_dir, options, progress=progress, on_questions=on_questions)

@@ -72,7 +72,7 @@ def export_command(ckpt, out_dir, quantize, data_dir, calibration_method, parity
     if ckpt.is_dir():
         if out_dir is None:
             raise ConfigError(f"exporting the folder {ckpt} needs -o MODEL_DIR")
-        result = export_llava(ckpt, out_dir, options, progress=progress, backend=backend)
+        result = export_llava(ckpt, out_dir, options, progress=progress, backend=backend, on_questions=on_questions)
     else:
         result = export(ckpt, out_dir, options, progress=progress, on_questions=on_questions)
     click.echo(f"model directory: {result.model_dir}")
