@@ -150,3 +150,15 @@ def test_bad_stop_ids_in_the_manifest_are_refused(tiny_model_dir, tmp_path, bad,
     edited = _copy_with(tiny_model_dir, tmp_path, lambda m: m["generation"].update(stop_token_ids=bad))
     with pytest.raises(ModelDirError, match=message):
         _load(edited)
+
+
+def test_a_llava_folder_records_its_stop_ids(tmp_path):
+    from hf_llava_folders import make_llava_folder
+    from vledge.hf.llava import load_llava_folder
+
+    folder = make_llava_folder(tmp_path / "hf")
+    _write(folder / "generation_config.json", {"eos_token_id": [5, 6]})
+    assert load_llava_folder(folder).source["stop_token_ids"] == [5, 6]
+    (folder / "generation_config.json").unlink()
+    text_eos = json.loads((folder / "config.json").read_text())["text_config"]["eos_token_id"]
+    assert load_llava_folder(folder).source["stop_token_ids"] == [text_eos]
