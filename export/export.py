@@ -247,7 +247,7 @@ def _export_into(root: Path, checkpoint, ckpt_path: Path, options: ExportOptions
 
 def _measure(root: Path, precisions: dict[str, str], samples: ParitySamples, reference: Reference,
              options: ExportOptions, on_questions: QuestionCallback | None = None, label: str = "") -> VariantParity:
-    """Parity and latency of one combination, on this machine's CPU (fp16 included: its drift is what matters)."""
+    """Parity and latency of one combination, on this machine's CPU (fp16 only where CUDA works: screening.py)."""
     from vledge.export.parity import measure_latency
     from vledge.runtime import load
 
