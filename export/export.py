@@ -36,6 +36,7 @@ from vledge.export.parity import (
     measure_runtime,
     torch_reference,
 )
+from vledge.export.progress import QuestionCallback, question_counter
 from vledge.export.report import write_parity_markdown
 from vledge.export.transformers_js import write_transformers_js_files
 from vledge.files import atomic_directory, check_output_dir, write_json
@@ -117,7 +118,7 @@ Progress = Callable[[str], None]
 
 
 def export(ckpt: str | Path, out_dir: str | Path | None = None, options: ExportOptions | None = None,
-           progress: Progress | None = None) -> ExportResult:
+           progress: Progress | None = None, on_questions: QuestionCallback | None = None) -> ExportResult:
     """Export a checkpoint; see the module docstring for the guarantees."""
     options = options or ExportOptions()
     ckpt = Path(ckpt)
@@ -127,11 +128,11 @@ def export(ckpt: str | Path, out_dir: str | Path | None = None, options: ExportO
     say("loading checkpoint")
     checkpoint = load_checkpoint(ckpt)
     origin = {"checkpoint": ckpt.name, "checkpoint_sha256": file_sha256(ckpt)}
-    return export_checkpoint(checkpoint, out_dir, origin, options, progress)
+    return export_checkpoint(checkpoint, out_dir, origin, options, progress, on_questions)
 
 
 def export_checkpoint(checkpoint, out_dir: str | Path, origin: dict, options: ExportOptions | None = None,
-                      progress: Progress | None = None) -> ExportResult:
+                      progress: Progress | None = None, on_questions: QuestionCallback | None = None) -> ExportResult:
     """Export a checkpoint held in memory (``vledge export HF_DIR`` builds one from the folder's tensors, so no
     float32 copy is written to disk); ``origin`` goes into the manifest's provenance."""
     options = options or ExportOptions()
@@ -140,7 +141,7 @@ def export_checkpoint(checkpoint, out_dir: str | Path, origin: dict, options: Ex
     _check_out_dir(out_dir, options)
     say = progress or (lambda message: log.info("%s", message))
     with atomic_directory(out_dir, tag="export-") as staging:
-        result = _export_into(staging, checkpoint, origin, options, say)
+        result = _export_into(staging, checkpoint, origin, options, say, on_questions)
     result.model_dir = out_dir
     result.seconds = time.perf_counter() - started
     say(f"wrote {out_dir} in {result.seconds:.1f} s")
@@ -153,10 +154,12 @@ def _check_out_dir(out_dir: Path, options: ExportOptions) -> None:
     check_output_dir(out_dir, "model directory")  # before minutes of export: /proc/x, a read-only mount
 
 
-def _export_into(root: Path, checkpoint, origin: dict, options: ExportOptions, say: Progress) -> ExportResult:
+def _export_into(root: Path, checkpoint, origin: dict, options: ExportOptions, say: Progress,
+                 on_questions: QuestionCallback | None = None) -> ExportResult:
     import torch
 
     from vledge.export import optimize, quantize
+    from vledge.export.screening import cuda_works, reason_not_to_measure
 
     model = checkpoint.build_model()
     tokenizer = checkpoint.tokenizer()
@@ -182,7 +185,8 @@ def _export_into(root: Path, checkpoint, origin: dict, options: ExportOptions, s
     say(f"running the PyTorch reference on {len(samples)} held-out questions")
     torch.set_num_threads(max(1, options.threads))
     try:
-        reference = torch_reference(model, tokenizer, samples)
+        reference = torch_reference(model, tokenizer, samples,
+                                    progress=question_counter(on_questions, "pytorch", len(samples)))
     finally:
         torch.set_num_threads(threads_before)
 
@@ -191,7 +195,7 @@ def _export_into(root: Path, checkpoint, origin: dict, options: ExportOptions, s
 
     say("parity gate: fp32 graphs against PyTorch")
     parity: dict[str, VariantParity] = {}
-    fp32 = _measure(root, {c: "fp32" for c in COMPONENTS}, samples, reference, options)
+    fp32 = _measure(root, {c: "fp32" for c in COMPONENTS}, samples, reference, options, on_questions, "fp32")
     parity["fp32"] = fp32
     problems = fp32_failures(fp32)
     if problems:
@@ -202,6 +206,7 @@ def _export_into(root: Path, checkpoint, origin: dict, options: ExportOptions, s
     # The family says how a q4 decoder keeps its LM head (a pretrained LM's head stays 8-bit: vledge.families.llama).
     qoptions = quantize.QuantizeOptions(calibration_method=options.calibration_method,
                                         keep_bits=config.language.family.q4_head_bits)
+    cuda = cuda_works() if "fp16" in options.precisions else False
     for precision in options.precisions:
         for component in COMPONENTS:
             if precision not in quantize.AVAILABLE.get(component, ()):
@@ -221,15 +226,22 @@ def _export_into(root: Path, checkpoint, origin: dict, options: ExportOptions, s
             variants[component][precision] = variant_filename(component, precision)
             manifest = _manifest(checkpoint, origin, tokenizer, model, variants, root)
             _write_manifest(root, manifest)
+            why = reason_not_to_measure(root, component, precision, samples, reference, options.min_token_agreement,
+                                        options.threads, cuda)
+            if why:
+                skipped[label] = why
+                say(f"{label}: {why}")
+                continue
             say(f"measuring {label}")
             chosen = {c: "fp32" for c in COMPONENTS}
             chosen[component] = precision
-            parity[label] = _measure(root, chosen, samples, reference, options)
+            parity[label] = _measure(root, chosen, samples, reference, options, on_questions, label)
 
     selected = _select(parity, variants, options)
     if any(p != "fp32" for p in selected["cpu"].values()):
         say("measuring the selected combination")
-        parity["selected:cpu"] = _measure(root, selected["cpu"], samples, reference, options)
+        parity["selected:cpu"] = _measure(root, selected["cpu"], samples, reference, options, on_questions,
+                                          "selected:cpu")
 
     shutil.rmtree(work, ignore_errors=True)
     manifest = _manifest(checkpoint, origin, tokenizer, model, variants, root)
@@ -252,13 +264,13 @@ def _export_into(root: Path, checkpoint, origin: dict, options: ExportOptions, s
 
 
 def _measure(root: Path, precisions: dict[str, str], samples: ParitySamples, reference: Reference,
-             options: ExportOptions) -> VariantParity:
-    """Parity and latency of one combination, on this machine's CPU (fp16 included: its drift is what matters)."""
+             options: ExportOptions, on_questions: QuestionCallback | None = None, label: str = "") -> VariantParity:
+    """Parity and latency of one combination, on this machine's CPU (fp16 only where CUDA works: screening.py)."""
     from vledge.export.parity import measure_latency
     from vledge.runtime import load
 
     runtime = load(root, precision=precisions, providers="cpu", threads=options.threads, verify=False)
-    result = measure_runtime(runtime, samples, reference)
+    result = measure_runtime(runtime, samples, reference, progress=question_counter(on_questions, label, len(samples)))
     result.latency_ms = measure_latency(runtime, samples)
     return result
 
@@ -340,6 +352,7 @@ def _manifest(checkpoint, origin: dict, tokenizer, model, variants, root: Path) 
     import torch
 
     import vledge
+    from vledge.hf.generation_config import model_stop_ids
 
     config = checkpoint.model_config
     return Manifest(
@@ -351,7 +364,8 @@ def _manifest(checkpoint, origin: dict, tokenizer, model, variants, root: Path) 
         variants={c: dict(v) for c, v in variants.items()},
         files=_hash_files(root),
         generation={"max_new_tokens": 32, "caption_prompt": CAPTION_PROMPT, "temperature": 0.0,
-                    "eos_token_id": tokenizer.eos_id, "pad_token_id": tokenizer.pad_id},
+                    "eos_token_id": tokenizer.eos_id, "pad_token_id": tokenizer.pad_id,
+                    "stop_token_ids": model_stop_ids(config.language.source, tokenizer.eos_id)},
         provenance={
             **origin,
             "checkpoint_metrics": _plain(checkpoint.metrics),

@@ -13,7 +13,8 @@ from vledge.export.export import ExportOptions, ExportResult, Progress, _check_o
 
 
 def export_llava(hf_dir: str | Path, out_dir: str | Path, options: ExportOptions | None = None,
-                 progress: Progress | None = None, context: int = 4096, backend: str = "pil") -> ExportResult:
+                 progress: Progress | None = None, context: int = 4096, backend: str = "pil",
+                 on_questions=None) -> ExportResult:
     from vledge.hf.llava import llava_checkpoint
 
     options = options or ExportOptions()
@@ -25,4 +26,4 @@ def export_llava(hf_dir: str | Path, out_dir: str | Path, options: ExportOptions
     source = checkpoint.model_config.language.source or {}
     origin = {"source_folder": source.get("folder"), "source_architecture": source.get("architecture"),
               "source_files_sha256": source.get("files")}
-    return export_checkpoint(checkpoint, out_dir, origin, options, progress=progress)
+    return export_checkpoint(checkpoint, out_dir, origin, options, progress=progress, on_questions=on_questions)

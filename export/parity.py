@@ -139,10 +139,10 @@ def _answer_all(engine: Engine, samples: ParitySamples, image_embeds: np.ndarray
 
 
 def torch_reference(model: VisionLanguageModel, tokenizer: Tokenizer, samples: ParitySamples,
-                    batch_size: int = 32) -> Reference:
+                    batch_size: int = 32, progress: Callable[[int], None] | None = None) -> Reference:
     engine = TorchEngine(model.eval(), tokenizer)
     image_embeds = _encode_all(engine, samples.pixel_values)
-    logits, tokens, texts = _answer_all(engine, samples, image_embeds, image_embeds, batch_size)
+    logits, tokens, texts = _answer_all(engine, samples, image_embeds, image_embeds, batch_size, progress)
     return Reference(image_embeds, logits, tokens, texts, _accuracy(texts, samples))
 
 
@@ -227,9 +227,10 @@ def measure_engine(engine: Engine, samples: ParitySamples, reference: Reference,
     )
 
 
-def measure_runtime(runtime, samples: ParitySamples, reference: Reference, batch_size: int = 32) -> VariantParity:
-    return measure_engine(runtime, samples, reference,
-                          precisions=runtime.precisions, batch_size=batch_size)
+def measure_runtime(runtime, samples: ParitySamples, reference: Reference, batch_size: int = 32,
+                    progress: Callable[[int], None] | None = None) -> VariantParity:
+    return measure_engine(runtime, samples, reference, precisions=runtime.precisions, batch_size=batch_size,
+                          progress=progress)
 
 
 def fp32_failures(parity: VariantParity) -> list[str]:

@@ -12,6 +12,7 @@ from pathlib import Path
 from vledge.errors import ConfigError, ModelDirError, ProviderError
 from vledge.manifest import COMPONENTS, PRECISIONS, TOKENIZER_NAME, Manifest, read_manifest, resolve_inside
 from vledge.runtime.decoder import Graphs
+from vledge.runtime.gate import gate_failure, gate_warning
 from vledge.runtime.model import VisionLanguageRuntime
 from vledge.runtime.providers import (
     GPU_PROVIDERS,
@@ -75,6 +76,9 @@ def load(
                         component)
         sessions[component] = create_session(resolve_inside(root, manifest.variants[component][chosen]), config)
         precisions[component] = chosen
+    warning = gate_warning(manifest, precisions, str(root))
+    if warning:
+        log.warning("%s", warning)
     device = "cuda" if primary_provider(sessions["decoder_model_merged"]) in GPU_PROVIDERS else "cpu"
     language = manifest.model_config.language
     graphs = Graphs(
@@ -147,8 +151,8 @@ def _choose_precision(manifest: Manifest, component: str, requested: str, device
         log.debug("%s has no %s variant; using %s", component, requested, fallback)
         return fallback
     recorded = manifest.selected.get(device, {}).get(component)
-    if recorded in available:
+    if recorded in available and not gate_failure(manifest, component, recorded):
         return recorded
-    if device == "cuda" and "fp16" in available:
+    if device == "cuda" and "fp16" in available and not gate_failure(manifest, component, "fp16"):
         return "fp16"  # integer MatMuls fall back to the CPU under the CUDA provider: fp16 is the GPU's fast path
     return "fp32"

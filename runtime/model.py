@@ -62,6 +62,8 @@ class VisionLanguageRuntime:
         self.prefix_ids = list(manifest.prefix_ids)
         self.prefix_cache = prefix_cache  # reuse the constant prompt prefix's keys and values
         self.caption_prompt = manifest.generation.get("caption_prompt", CAPTION_PROMPT)
+        # The template's end token and a pretrained LM's own stop ids (directories without the field: eos only).
+        self.stop_token_ids = tuple(manifest.generation.get("stop_token_ids") or (tokenizer.eos_id,))
         self.default_options = GenerationOptions(
             max_new_tokens=int(manifest.generation.get("max_new_tokens", 32)))
         self._prefix_lock = threading.Lock()
@@ -150,7 +152,7 @@ class VisionLanguageRuntime:
                 text, _ = cut_at_stop(text, stops)
                 text = text.lstrip()
                 visible = text.rstrip()
-                visible = visible[: len(visible) - partial_stop(visible, stops)]
+                visible = visible[: len(visible) - partial_stop(visible, stops)].rstrip()  # held: may end the text
                 if len(visible) > len(emitted) and visible.startswith(emitted):
                     yield visible[len(emitted):]
                     emitted = visible

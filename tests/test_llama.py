@@ -175,7 +175,8 @@ def test_short_mistral_sliding_window_and_unknown_rope_are_config_errors(broken)
     assert load_pretrained_lm(broken, context=64).config.kind == "mistral"  # a window as long as the context is fine
     _edit_config(broken, architectures=["LlamaForCausalLM"], model_type="llama", sliding_window=None,
                  rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0})
-    with pytest.raises(ConfigError, match="rope type 'yarn' is not supported"):
+    with pytest.raises(ConfigError, match=r"rope type 'yarn' is not supported \(vledge implements default, linear, "
+                                          r"llama3\)"):
         load_pretrained_lm(broken)
 
 

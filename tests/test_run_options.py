@@ -40,7 +40,7 @@ def test_run_options_are_plain_data_and_round_trip():
     assert plain == {"stage": "instruct", "minutes": 2.0, "freeze": ["vision", "projector"], "init": None,
                      "vision_weights": "w/v.pt", "device": "cuda:1", "language_model": None, "lora_rank": None,
                      "lora_alpha": 16.0, "lora_dropout": 0.05,
-                     "allow_outside_paths": False}
+                     "allow_outside_paths": False, "gradient_checkpointing": False}
     assert RunOptions.from_dict(plain) == options
     assert RunOptions.from_dict({**plain, "a_later_option": 3}) == options  # keys from a newer version: ignored
     assert RunOptions.from_dict({"stage": "align"}) == RunOptions(stage="align")  # missing keys: defaults

@@ -116,3 +116,17 @@ def test_a_broken_image_is_skipped_and_counted_not_fatal(synth_data, tmp_path):
     result = Trainer(prepared).run()
     assert result.steps == 2 and (tmp_path / "run" / "ckpt.pt").is_file()
     assert "skipped 2" in json.loads((tmp_path / "run" / "run.json").read_text())["data_report"]
+
+
+def test_a_tie_in_accuracy_goes_to_the_lower_validation_loss_and_the_run_says_which_step_ckpt_holds(
+        synth_data, tmp_path):
+    """Two evaluations with the same exact-match accuracy (none right yet): ckpt.pt holds the one that fits better."""
+    model_config, train_config = tiny_configs(max_steps=6, eval_every=3, eval_samples=4)
+    result = train(synth_data, tmp_path / "run", model_config, train_config)
+    evals = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+             if json.loads(line)["kind"] == "eval"]
+    first, second = evals
+    assert first["accuracy"]["overall"] == second["accuracy"]["overall"]
+    assert second["val_loss"] < first["val_loss"]
+    assert load_checkpoint(tmp_path / "run" / "ckpt.pt").metrics["step"] == 6
+    assert (first["ckpt_step"], second["ckpt_step"], result.best_step) == (3, 6, 6)

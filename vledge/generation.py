@@ -75,7 +75,10 @@ class PrefilledSteps(StepModel, Protocol):
 
 
 class Engine(Protocol):
-    """What an engine implements; :func:`generate` does the rest."""
+    """What an engine implements; :func:`generate` does the rest.
+
+    An engine may also have ``stop_token_ids`` (a sequence of ids): the model's own stop tokens.
+    """
 
     tokenizer: TextTokenizer
 
@@ -164,6 +167,15 @@ def _through_stop(tokenizer: TextTokenizer, tokens: list[int], stop_strings: Seq
     return tokens
 
 
+# --------------------------------------------------------------------------- stop tokens
+
+
+def with_model_stops(options: GenerationOptions, stop_token_ids: Sequence[int]) -> GenerationOptions:
+    """``options`` that also stop at ``stop_token_ids`` (a model's own stop ids)."""
+    merged = tuple(dict.fromkeys((*options.stop_token_ids, *(int(i) for i in stop_token_ids))))
+    return options if merged == options.stop_token_ids else dataclasses.replace(options, stop_token_ids=merged)
+
+
 # --------------------------------------------------------------------------- the generation path
 
 
@@ -176,9 +188,14 @@ def generate(
     on_token: TokenCallback | None = None,
     timings: Timings | None = None,
 ) -> list[GenerationResult]:
-    """Answer each (image embeddings, prompt) row; every engine's results are built here."""
+    """Answer each (image embeddings, prompt) row; every engine's results are built here.
+
+    A row stops at the tokenizer's ``eos_id``, at ``options.stop_token_ids`` and at the engine's
+    ``stop_token_ids`` (the model's recorded stop ids, where the engine has them).
+    """
     if not isinstance(options, GenerationOptions):
         raise ConfigError(f"options must be a vledge GenerationOptions, got {type(options).__name__}")
+    options = with_model_stops(options, getattr(engine, "stop_token_ids", ()))
     stops = stop_list(stop_strings)
     tokenizer = engine.tokenizer
     timings = timings or Timings()

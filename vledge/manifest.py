@@ -165,6 +165,8 @@ class Manifest:
         named.update({f"prefix_ids[{i}]": v for i, v in enumerate(self.prefix_ids)})
         named.update({f"generation.{k}": self.generation[k] for k in ("eos_token_id", "pad_token_id")
                       if k in self.generation})
+        named.update({f"generation.stop_token_ids[{i}]": v
+                      for i, v in enumerate(self.generation.get("stop_token_ids") or ())})
         for where, token in named.items():
             if token >= vocab:
                 raise ModelDirError(f"{source} is malformed: {where} is {token}, beyond the vocabulary of {vocab}")

@@ -128,7 +128,8 @@ MANIFEST = record(
     optional={
         "selected": map_of(text, _component_names(one_of(*PRECISIONS))),
         "generation": record({}, {"max_new_tokens": positive, "caption_prompt": text,
-                                  "eos_token_id": count, "pad_token_id": count}),
+                                  "eos_token_id": count, "pad_token_id": count,
+                                  "stop_token_ids": list_of(count, True)}),
         "parity": mapping,
         "provenance": mapping,
         "prompt": mapping,

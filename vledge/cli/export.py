@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import click
@@ -54,12 +55,26 @@ def export_command(ckpt, out_dir, quantize, data_dir, calibration_method, parity
         step += 1
         click.echo(f"[{step:2d}] {message}", err=True)
 
+    bars: dict = {}
+
+    def on_questions(label: str, done: int, total: int) -> None:
+        """A bar with an ETA per measured label, on stderr when it is a terminal (quiet otherwise)."""
+        from tqdm import tqdm
+
+        bar = bars.get(label)
+        if bar is None:
+            bar = bars[label] = tqdm(total=total, desc=f"     {label}", unit="q", file=sys.stderr, disable=None,
+                                     leave=False, dynamic_ncols=True)
+        bar.update(done - bar.n)
+        if done >= total:
+            bar.close()
+
     if ckpt.is_dir():
         if out_dir is None:
             raise ConfigError(f"exporting the folder {ckpt} needs -o MODEL_DIR")
-        result = export_llava(ckpt, out_dir, options, progress=progress, backend=backend)
+        result = export_llava(ckpt, out_dir, options, progress=progress, backend=backend, on_questions=on_questions)
     else:
-        result = export(ckpt, out_dir, options, progress=progress)
+        result = export(ckpt, out_dir, options, progress=progress, on_questions=on_questions)
     click.echo(f"model directory: {result.model_dir}")
     for label, parity in result.parity.items():
         click.echo(f"  {label:<28} token agreement {parity.generation.token_agreement:6.1%}  "

@@ -60,11 +60,13 @@ from vledge.cli.base import FiniteFloat, fail_cleanly, main
               help="Longest training sequence in tokens, visual tokens included (default: preset).")
 @click.option("--allow-outside-paths", is_flag=True,
               help="Let image names in the dataset file point outside its folder (absolute, ../).")
+@click.option("--gradient-checkpointing", is_flag=True,
+              help="Recompute the language model's activations in the backward pass: less memory, slower steps.")
 @fail_cleanly
 def train(data_dir, preset, run_dir, stage, max_steps, minutes, batch_size, grad_accum, lr, eval_every, seed, threads,
           precision, device, resume, init_ckpt, vision_weights, freeze, vision_model, vision_feature_layer,
           vision_token_reduction, language_model, lora_rank, lora_alpha, lora_dropout, max_seq_len,
-          allow_outside_paths) -> None:
+          allow_outside_paths, gradient_checkpointing) -> None:
     """Train a fusion model: align the projector on captions, then instruction-tune."""
     import dataclasses
 
@@ -95,7 +97,7 @@ def train(data_dir, preset, run_dir, stage, max_steps, minutes, batch_size, grad
     options = RunOptions(stage=stage, minutes=minutes, freeze=tuple(freeze), init=init_ckpt,
                          vision_weights=vision_weights, device=device, language_model=language_model,
                          lora_rank=lora_rank, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
-                         allow_outside_paths=allow_outside_paths)
+                         allow_outside_paths=allow_outside_paths, gradient_checkpointing=gradient_checkpointing)
     bar = tqdm(total=train_config.max_steps, desc="train", unit="step", dynamic_ncols=True)
 
     def on_event(event) -> None:
@@ -107,7 +109,8 @@ def train(data_dir, preset, run_dir, stage, max_steps, minutes, batch_size, grad
         elif event.kind == "eval":
             accuracy = event.data.get("accuracy", {}).get("overall")
             bar.write(f"step {event.step}: val loss {event.data.get('val_loss', float('nan')):.4f}"
-                      + (f", val accuracy {accuracy * 100:.1f}%" if accuracy is not None else ""))
+                      + (f", val accuracy {accuracy * 100:.1f}%" if accuracy is not None else "")
+                      + (f"; ckpt.pt holds step {event.data['ckpt_step']}" if event.data.get("ckpt_step") else ""))
         bar.refresh()
 
     try:
@@ -120,7 +123,8 @@ def train(data_dir, preset, run_dir, stage, max_steps, minutes, batch_size, grad
     finally:
         bar.close()  # an error line then starts on a line of its own
     click.echo(f"trained {result.steps} steps in {result.seconds / 60:.1f} min")
-    click.echo(f"best checkpoint: {result.best_checkpoint}\nlast checkpoint: {result.last_checkpoint}")
+    click.echo(f"best checkpoint: {result.best_checkpoint} (step {result.best_step})\n"
+               f"last checkpoint: {result.last_checkpoint}")
     click.echo(f"metrics: {run_dir / 'metrics.jsonl'}  curves: {run_dir / 'curves.png'}")
 
 

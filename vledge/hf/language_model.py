@@ -17,6 +17,7 @@ from typing import Any
 from vledge.config import LanguageConfig, PromptTemplate
 from vledge.errors import WeightsError
 from vledge.families import language_family_for_hf
+from vledge.hf.generation_config import with_stop_ids
 from vledge.hf.folder import check_weight_values, grow_rows, local_folder, read_config_json, read_safetensors, source_record, weight_files
 from vledge.tokenizer import Tokenizer
 
@@ -66,8 +67,8 @@ def lm_state_from_hf(config: LanguageConfig, hf_tensors: Mapping[str, Any], fold
         head = tensors.pop(head_hf)
         embed = tensors.get(embed_hf)
         if embed is not None and (head.shape != embed.shape or not bool((head == embed).all())):
-            raise WeightsError(f"{folder}: config.json declares tie_word_embeddings, but the stored {head_hf} "
-                               f"differs from {embed_hf}; fix tie_word_embeddings or the weights")
+            raise WeightsError(f"{folder}: {head_hf} differs from {embed_hf} although the config ties them "
+                               "(tie_word_embeddings); set tie_word_embeddings to false to use the stored head")
     missing = sorted(set(hf_names) - set(tensors))
     unexpected = sorted(set(tensors) - set(hf_names))
     if missing or unexpected:
@@ -109,7 +110,8 @@ def load_pretrained_lm(path: str | Path, context: int = 2048) -> PretrainedLM:
     rows = max(original, adapted.tokenizer.vocab_size)
     state = lm_state_from_hf(config, hf_tensors, folder, rows)
     check_weight_values(state, folder)
-    config = replace(config, vocab_size=rows, source=source_record(folder, config_json, files))
+    source = with_stop_ids(source_record(folder, config_json, files), folder, config_json, adapted.tokenizer.eos_id)
+    config = replace(config, vocab_size=rows, source=source)
     log.info("loaded %s from %s: %d layers, hidden %d, %d/%d heads, vocab %d (+%d added tokens)",
              config.source["architecture"], folder, config.layers, config.hidden, config.heads,
              config.key_value_heads, original, len(adapted.added_ids))

@@ -23,6 +23,7 @@ from vledge.errors import ConfigError, WeightsError
 from vledge.families import language_family_for_hf_model_type, vision_family
 from vledge.families.size import check_fits_memory
 from vledge.hf.folder import check_weight_values, local_folder, read_config_json, read_safetensors, source_record, weight_files
+from vledge.hf.generation_config import with_stop_ids
 from vledge.hf.image_processor import preprocess_spec_from_hf
 from vledge.hf.language_model import lm_state_from_hf
 from vledge.hf.llava_prompt import llava_prompt
@@ -193,7 +194,7 @@ def load_llava_folder(path: str | Path, context: int = 4096, backend: str = "pil
                           f"{tokenizer.image_id}")
     rows = max(language.vocab_size, tokenizer.vocab_size)
     state.update(lm_state_from_hf(language, _lm_tensors(tensors, folder), folder, rows))
-    source = source_record(folder, config, files)
+    source = with_stop_ids(source_record(folder, config, files), folder, config, tokenizer.eos_id)
     language = replace(language, vocab_size=rows, source=source)
 
     bos = adapted.roles.get("bos")

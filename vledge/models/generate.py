@@ -15,7 +15,8 @@ import torch
 
 from vledge.decoding import GenerationOptions, TokenCallback, decode_tokens, left_pad
 from vledge.errors import ConfigError
-from vledge.generation import clamp_to_positions
+from vledge.generation import clamp_to_positions, with_model_stops
+from vledge.hf.generation_config import model_stop_ids
 from vledge.models.vlm import VisionLanguageModel, position_ids_from_mask
 from vledge.tokenizer import Tokenizer
 
@@ -83,6 +84,11 @@ class TorchEngine:
         self.model, self.tokenizer, self.use_cache = model, tokenizer, use_cache
 
     @property
+    def stop_token_ids(self) -> list[int]:
+        """The template's end token and the stop ids recorded from a pretrained LM's folder."""
+        return model_stop_ids(self.model.config.language.source, self.tokenizer.eos_id)
+
+    @property
     def device(self) -> torch.device:
         parameter = next(self.model.parameters(), None)  # a dynamically quantized model may have none
         return parameter.device if parameter is not None else torch.device("cpu")
@@ -133,7 +139,8 @@ def generate(
     if len(prompts) != pixel_values.shape[0]:
         raise ConfigError(f"{len(prompts)} prompts for {pixel_values.shape[0]} images")
     engine = TorchEngine(model, _Ids(eos_id, pad_id), use_cache=use_cache)
-    steps, options = engine.prefill(engine.encode_images(pixel_values), prompts, options)
+    steps, options = engine.prefill(engine.encode_images(pixel_values), prompts,
+                                    with_model_stops(options, engine.stop_token_ids))
     return decode_tokens(steps.first_logits, steps, options, eos_id, on_token)
 
 

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vledge.models.transformer import attention_bias
+from vledge.models.transformer import attention_bias, run_layer
 
 if TYPE_CHECKING:  # the config's class lives in its family module, which imports this module lazily
     from vledge.families.llama import LlamaConfig
@@ -180,6 +180,8 @@ class LlamaLM(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(config, activation) for _ in range(config.layers))
         self.norm = RMSNorm(config.hidden, config.rms_norm_eps)
         self.lm_head = nn.Linear(config.hidden, config.vocab_size, bias=False)
+        # Recompute each layer's activations in the backward pass instead of keeping them (training only).
+        self.gradient_checkpointing = False
 
     def forward(
         self,
@@ -195,7 +197,8 @@ class LlamaLM(nn.Module):
         rotary = self.rotary(position_ids, x.dtype)
         presents = []
         for index, layer in enumerate(self.layers):
-            x, present = layer(x, mask, rotary, past_key_values[index] if past_key_values is not None else None)
+            past = past_key_values[index] if past_key_values is not None else None
+            x, present = run_layer(layer, self.gradient_checkpointing and self.training, x, mask, rotary, past)
             presents.append(present)
         if last_only:
             x = x[:, -1:]

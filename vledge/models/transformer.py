@@ -16,6 +16,16 @@ from vledge.config import LanguageConfig
 KV = tuple[torch.Tensor, torch.Tensor]
 
 
+def run_layer(layer: nn.Module, checkpointed: bool, *args):
+    """``layer(*args)``; ``checkpointed`` keeps only the layer's inputs for the backward pass and recomputes
+    the rest there (same values: dropout's random state is replayed), trading compute for memory."""
+    if checkpointed and torch.is_grad_enabled():
+        from torch.utils.checkpoint import checkpoint
+
+        return checkpoint(layer, *args, use_reentrant=False)
+    return layer(*args)
+
+
 class SelfAttention(nn.Module):
     def __init__(self, config: LanguageConfig) -> None:
         super().__init__()
@@ -84,6 +94,8 @@ class TransformerLM(nn.Module):
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.layers))
         self.ln_f = nn.LayerNorm(config.hidden)
         self.lm_head = nn.Linear(config.hidden, config.vocab_size, bias=False)
+        # Recompute each block's activations in the backward pass instead of keeping them (training only).
+        self.gradient_checkpointing = False
 
     def forward(
         self,
@@ -98,7 +110,8 @@ class TransformerLM(nn.Module):
         mask = attention_bias(attention_mask, inputs_embeds.shape[1], x.dtype)
         presents = []
         for index, block in enumerate(self.blocks):
-            x, present = block(x, mask, past_key_values[index] if past_key_values is not None else None)
+            past = past_key_values[index] if past_key_values is not None else None
+            x, present = run_layer(block, self.gradient_checkpointing and self.training, x, mask, past)
             presents.append(present)
         if last_only:
             x = x[:, -1:]

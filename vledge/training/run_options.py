@@ -34,6 +34,7 @@ class RunOptions:
     lora_alpha: float = 16.0
     lora_dropout: float = 0.05
     allow_outside_paths: bool = False  # image names in the dataset may leave its folder (docs/data.md)
+    gradient_checkpointing: bool = False  # recompute the LM's activations in the backward pass (less memory)
 
     def __post_init__(self) -> None:
         if self.stage is not None and (not isinstance(self.stage, str) or not self.stage):
@@ -57,6 +58,8 @@ class RunOptions:
                 object.__setattr__(self, name, Path(value))
         if self.init is not None and self.vision_weights is not None:
             raise ConfigError("--init already holds vision weights; --vision-weights cannot be combined with it")
+        if not isinstance(self.gradient_checkpointing, bool):
+            raise ConfigError(f"gradient_checkpointing must be true or false, got {self.gradient_checkpointing!r}")
         if not isinstance(self.allow_outside_paths, bool):
             raise ConfigError(f"allow_outside_paths must be true or false, got {self.allow_outside_paths!r}")
         if not isinstance(self.device, str) or not _DEVICE.fullmatch(self.device):
@@ -94,6 +97,14 @@ class RunState:
     stage_start_step: int = 0
     elapsed: float = 0.0
     best_metric: float = -math.inf
+    best_val_loss: float = math.inf  # breaks a tie in best_metric
+    best_step: int = 0  # the step ckpt.pt holds (0: none written yet)
+
+
+def improves(state: RunState, metric: float, val_loss: float) -> bool:
+    """Whether an evaluation beats the one ``ckpt.pt`` holds: a higher selection metric, or the same at a lower
+    validation loss (a pretrained LM early in fine-tuning often scores 0% exact match twice in a row)."""
+    return metric > state.best_metric or (metric == state.best_metric and val_loss < state.best_val_loss)
 
 
 def encode_train_state(state: RunState, options: RunOptions, optimizer_state: dict | None = None) -> dict[str, Any]:

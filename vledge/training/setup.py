@@ -27,6 +27,7 @@ from vledge.models.vision import load_vision_weights
 from vledge.models.vlm import VisionLanguageModel
 from vledge.tokenizer import Tokenizer
 from vledge.training import pretrained_lm
+from vledge.training.memory import prepare_memory
 from vledge.training.run_options import RunOptions, RunState, decode_train_state
 from vledge.training.vision_pretrain import load_projector_weights
 
@@ -135,6 +136,7 @@ def prepare_run(data: Path, run_dir: Path, model_config: ModelConfig, train_conf
         val_records[:VAL_LOSS_EXAMPLES], val_images, tokenizer, model_config.prompt,
         model.num_image_tokens, train_config.max_seq_len, val_report, train_config.turns_per_example,
     )
+    train_config = prepare_memory(model, train_config, options, val_loss_set.examples, device, resume_from is not None)
     return PreparedRun(
         data=data, run_dir=run_dir, options=options, model_config=model_config, train_config=train_config,
         rank=rank, world=world, device=device, start=start, stages=stages, bounds=stage_bounds(stages),

@@ -36,7 +36,7 @@ from vledge.training.run_files import (
     save_run_checkpoint,
     write_run_info,
 )
-from vledge.training.run_options import RunOptions, RunState
+from vledge.training.run_options import RunOptions, RunState, improves
 from vledge.training.schedule import learning_rate
 from vledge.training.setup import PreparedRun, prepare_run, stage_plan
 from vledge.training.stage import (
@@ -71,6 +71,7 @@ class TrainResult:
     steps: int
     seconds: float
     final_eval: dict[str, Any]
+    best_step: int = 0  # the step ckpt.pt holds
 
 
 class Trainer:
@@ -180,7 +181,7 @@ class Trainer:
         if dist.is_initialized():
             dist.barrier()
         return TrainResult(run_dir, run_dir / "ckpt.pt", run_dir / "last.pt", state.step,
-                           state.elapsed, last_eval)
+                           state.elapsed, last_eval, state.best_step)
 
     def _train_step(self, setup: StageSetup, state: RunState) -> float:
         config, wrapped, optimizer = self.train_config, setup.model, setup.optimizer
@@ -277,10 +278,13 @@ class Trainer:
                 metric = report.accuracy.get("overall", 0.0)
             else:
                 metric = -result["val_loss"]
-            self._log_row(metrics_path, rows, result)
-            if metric > self.state.best_metric:
-                self.state.best_metric = metric
+            if improves(self.state, metric, result["val_loss"]):
+                self.state.best_metric, self.state.best_val_loss = metric, result["val_loss"]
+                self.state.best_step = self.state.step
                 save_run_checkpoint(self.prepared.run_dir / "ckpt.pt", self.prepared, self.state, metrics=result)
+            result["ckpt_step"] = self.state.best_step
+            log.info("ckpt.pt holds step %d", self.state.best_step)
+            self._log_row(metrics_path, rows, result)
             save_run_checkpoint(self.prepared.run_dir / "last.pt", self.prepared, self.state, optimizer, result)
         if dist.is_initialized():
             dist.barrier()
