@@ -32,7 +32,7 @@ def llama_model_dir(synth_data, tmp_path_factory) -> Path:
     from hf_folders import make_lm_folder
     from vledge.checkpoint import Checkpoint, save_checkpoint
     from vledge.export import ExportOptions, export
-    from vledge.models.hf_folder import load_pretrained_lm
+    from vledge.hf.language_model import load_pretrained_lm
     from vledge.models.vlm import VisionLanguageModel
     from vledge.training.pretrained_lm import load_language_weights, with_language_model
 

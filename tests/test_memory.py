@@ -7,7 +7,7 @@ import logging
 import pytest
 import torch
 
-from vledge.config import LanguageConfig, TrainConfig
+from vledge.config import TrainConfig, language_config
 from vledge.errors import TrainingError
 from vledge.training.memory import HEADROOM, available_bytes, fit_batch, plan_batch, training_bytes
 
@@ -17,10 +17,10 @@ def _lm(kind: str):
     from vledge.models.transformer import TransformerLM
 
     if kind == "llama":
-        config = LanguageConfig(kind="llama", hidden=32, layers=3, heads=4, kv_heads=2, intermediate=48,
+        config = language_config("llama", hidden=32, layers=3, heads=4, kv_heads=2, intermediate=48,
                                 max_positions=64, vocab_size=50)
         return LlamaLM(config)
-    return TransformerLM(LanguageConfig(kind="transformer", hidden=32, layers=3, heads=4, max_positions=64,
+    return TransformerLM(language_config("transformer", hidden=32, layers=3, heads=4, max_positions=64,
                                         vocab_size=50, dropout=0.1))
 
 
@@ -72,7 +72,7 @@ def test_the_memory_the_machine_has_is_read_from_meminfo(tmp_path):
 def pretrained(tmp_path_factory):
     from conftest import tiny_configs
     from hf_folders import make_lm_folder
-    from vledge.models.hf_folder import load_pretrained_lm
+    from vledge.hf.language_model import load_pretrained_lm
     from vledge.models.vlm import VisionLanguageModel
     from vledge.training.pretrained_lm import with_language_model
 

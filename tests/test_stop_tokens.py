@@ -60,7 +60,7 @@ def test_a_llama3_style_folder_stops_where_transformers_stops(tmp_path):
     from vledge import generation
     from vledge.config import preset
     from vledge.models.generate import TorchEngine
-    from vledge.models.hf_folder import load_pretrained_lm
+    from vledge.hf.language_model import load_pretrained_lm
     from vledge.models.vlm import VisionLanguageModel
     from vledge.prompt import question_ids
     from vledge.training.pretrained_lm import load_language_weights, with_language_model

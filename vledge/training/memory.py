@@ -56,7 +56,7 @@ class MemoryPlan:
 def activation_bytes(language: LanguageConfig, tokens: int, checkpointing: bool) -> int:
     """Bytes the backward pass keeps for one example of ``tokens`` positions (float32)."""
     hidden = language.hidden
-    intermediate = language.intermediate or 4 * hidden
+    intermediate = getattr(language, "intermediate", 0) or 4 * hidden  # a GPT-style MLP is 4x wide
     # norms, q/k/v/o, residuals and the MLP's gate/up/activation, plus the attention probabilities
     per_layer = FLOAT_BYTES * tokens * (14 * hidden + 4 * intermediate + 2 * language.heads * tokens)
     layers = per_layer + language.layers * FLOAT_BYTES * tokens * hidden if checkpointing else \
