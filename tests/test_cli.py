@@ -102,3 +102,27 @@ def test_caption_with_an_exported_model_runs_with_torch_blocked(tiny_model_dir, 
     line = json.loads(done.stdout.strip().splitlines()[-1])
     expected = load(tiny_model_dir, providers="cpu", threads=1).caption(image, GenerationOptions(max_new_tokens=6))
     assert line["image"] == str(image) and line["token_ids"] == expected.token_ids
+
+
+def test_eval_takes_threads_defaults_to_the_free_cores_and_keeps_pipes_clean(tiny_run, synth_data, monkeypatch):
+    """--threads sets torch's threads; without it, the cores the load average leaves free (as train); the
+    progress bar stays off when stderr is not a terminal, so a pipe or log gets only the report."""
+    import os
+
+    import torch
+
+    before = torch.get_num_threads()
+    args = ["eval", "--ckpt", str(tiny_run.best_checkpoint), "--data", str(synth_data), "--limit", "8"]
+    try:
+        torch.set_num_threads(3)
+        result = CliRunner().invoke(main, args + ["--threads", "1"])
+        assert result.exit_code == 0, result.output
+        assert torch.get_num_threads() == 1
+        assert "overall" in result.stdout and result.stderr == ""
+        monkeypatch.setattr(os, "cpu_count", lambda: 4)
+        monkeypatch.setattr(os, "getloadavg", lambda: (2.2, 2.0, 2.0))
+        result = CliRunner().invoke(main, args + ["--quiet"])
+        assert result.exit_code == 0, result.output
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
