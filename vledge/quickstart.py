@@ -288,7 +288,7 @@ def _export(config: QuickstartConfig, ckpt: Path, data: Path, model_dir: Path, s
 
 
 def _bench(config: QuickstartConfig, ckpt: Path, model_dir: Path, data: Path, out: Path, threads: int) -> dict:
-    from vledge.benchmark.report import write_outputs
+    from vledge.benchmark.report import write_outputs, write_progress
     from vledge.benchmark.run import BenchConfig, default_engines, run_benchmark
 
     thread_counts = (1,) if threads == 1 else (1, threads)
@@ -296,7 +296,7 @@ def _bench(config: QuickstartConfig, ckpt: Path, model_dir: Path, data: Path, ou
     bench_config = BenchConfig(ckpt=ckpt, model_dir=model_dir, data=data, engines=engines, threads=thread_counts,
                                batches=(1, 8),
                                repeats=config.bench_repeats, parity_samples=config.bench_parity_samples)
-    result = run_benchmark(bench_config)
+    result = run_benchmark(bench_config, save=lambda partial: write_progress(partial, out))
     write_outputs(result, out)
     return result
 
