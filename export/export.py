@@ -36,6 +36,7 @@ from vledge.export.parity import (
     torch_reference,
 )
 from vledge.export.report import write_parity_markdown
+from vledge.export.tool_warnings import tool_warnings_to_debug_log
 from vledge.files import atomic_directory, check_output_dir, write_json
 from vledge.manifest import (
     COMPONENTS,
@@ -127,7 +128,7 @@ def export(ckpt: str | Path, out_dir: str | Path | None = None, options: ExportO
     if out_dir.exists() and not options.force:
         raise ExportError(f"{out_dir} already exists; pass --force to replace it")
     check_output_dir(out_dir, "model directory")  # before minutes of export: /proc/x, a read-only mount
-    with atomic_directory(out_dir, tag="export-") as staging:
+    with atomic_directory(out_dir, tag="export-") as staging, tool_warnings_to_debug_log(say):
         result = _export_into(staging, checkpoint, ckpt, options, say)
     result.model_dir = out_dir
     result.seconds = time.perf_counter() - started
