@@ -197,6 +197,10 @@ def test_a_stopped_bench_keeps_what_it_measured_and_resume_continues_it(tiny_run
     assert steps[0] == (0, 2) and steps[-1] == (2, 2)  # only the two parity runs were left
     assert json.loads((out / "bench.json").read_text())["parity"].keys() == result["parity"].keys()
 
+    again = run_benchmark(config, previous=read_previous(out), advance=lambda done, total: steps.append((done, total)))
+    assert steps[-1] == (0, 0) and again["latency"] == result["latency"] and again["parity"] == result["parity"]
+    assert again["resumed"] == 2
+
     other = BenchConfig(**{**config.__dict__, "repeats": 4})
     with pytest.raises(ConfigError, match="other settings.*repeats 3 then, 4 now"):
         run_benchmark(other, previous=read_previous(out))

@@ -24,6 +24,7 @@ import numpy as np
 
 from vledge.benchmark.engines import EngineSpec
 from vledge.benchmark.machine import describe_machine
+from vledge.benchmark.resume import resumable, settings_of
 from vledge.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -138,8 +139,7 @@ def run_benchmark(config: BenchConfig, progress: Callable[[str], None] | None = 
     for name, reason in skipped.items():
         say(f"skipping {name}: {reason}")
     specs = [s for s in specs if not s.missing]
-    settings = _settings(config)
-    settings["inputs_sha256"] = _inputs_digest(config)  # a re-export or retrained ckpt at the same path differs
+    settings = settings_of(config)
     done = resumable(previous, settings, [s.name for s in specs]) if previous is not None else {}
     results: list[dict] = [row for row in done.get("latency", []) if row["threads"] in config.threads]
     parity: dict[str, dict] = dict(done.get("parity", {}))
@@ -184,6 +184,10 @@ def run_benchmark(config: BenchConfig, progress: Callable[[str], None] | None = 
 
     if advance is not None:
         advance(0, total)
+    if total == 0 and done.get("reference"):  # all measured already: nothing to load
+        result.update(reference=done["reference"], load=monitor.stop(), complete=True,
+                      seconds=earlier_seconds + time.perf_counter() - started)
+        return result
     checkpoint = load_checkpoint(config.ckpt)
     tokenizer = checkpoint.tokenizer()
     model = checkpoint.build_model()
@@ -244,42 +248,6 @@ def run_benchmark(config: BenchConfig, progress: Callable[[str], None] | None = 
     result["complete"] = True
     result["seconds"] = earlier_seconds + time.perf_counter() - started
     return result
-
-
-def _settings(config: BenchConfig) -> dict:
-    """The configuration as it is stored in bench.json (paths as strings, lists for tuples)."""
-    return json.loads(json.dumps({k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items()}))
-
-
-def _inputs_digest(config: BenchConfig) -> str:
-    """sha256 over the checkpoint and the model directory's manifest (which holds every file's sha256)."""
-    import hashlib
-
-    digest = hashlib.sha256()
-    for path in (Path(config.ckpt), Path(config.model_dir) / "vledge.json"):
-        try:
-            with open(path, "rb") as handle:
-                digest.update(hashlib.file_digest(handle, "sha256").digest())
-        except OSError:  # not there or unreadable: loading it names the problem
-            digest.update(b"unreadable")
-    return digest.hexdigest()
-
-
-def resumable(previous: dict, settings: dict, engines: list[str]) -> dict:
-    """``previous`` (an earlier bench.json) when it was measured with these settings and engines;
-    a ConfigError naming what differs otherwise."""
-    if not isinstance(previous, dict) or not isinstance(previous.get("config"), dict):
-        raise ConfigError("the earlier bench.json is not a vledge benchmark result; use another --out "
-                          "or leave out --resume")
-    before = previous["config"]
-    differ = [f"{k} {before.get(k)!r} then, {settings.get(k)!r} now"
-              for k in sorted(set(before) | set(settings)) if before.get(k) != settings.get(k)]
-    if not differ and previous.get("engines") != engines:
-        differ.append(f"engines {previous.get('engines')!r} then, {engines!r} now")
-    if differ:
-        raise ConfigError(f"cannot resume: the earlier benchmark used other settings ({'; '.join(differ)}); "
-                          "use another --out or leave out --resume")
-    return previous
 
 
 def _start_workers(specs: Sequence[EngineSpec], config: BenchConfig, threads: int, say) -> list:
