@@ -126,3 +126,17 @@ def test_eval_takes_threads_defaults_to_the_free_cores_and_keeps_pipes_clean(tin
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+def test_a_resumed_training_bar_counts_only_this_runs_steps():
+    """Speed and time left come from the steps of this run: 10 steps in 10 s after resuming at step 100."""
+    from vledge.cli.progress import training_bar
+    from vledge.training.trainer import TrainEvent
+
+    import io
+
+    bar = training_bar(TrainEvent("start", 100, 400), desc="train", file=io.StringIO())
+    bar.n = 110
+    text = bar.format_meter(**{**bar.format_dict, "elapsed": 10.0})
+    bar.close()
+    assert "110/400" in text and "1.00step/s" in text and "04:50" in text, text
