@@ -35,9 +35,9 @@ def check_resumable(step: int, planned: int, elapsed: float, budget_minutes: flo
     if budget_minutes is not None and elapsed >= budget_minutes * 60:
         minutes = finish_minutes(elapsed, step, planned)
         raise TrainingError(
-            f"{last} has already trained {elapsed / 60:.1f} min of its {budget_minutes:g}-minute budget (step "
+            f"{last} has already trained {elapsed / 60:.3g} min of its {budget_minutes:g}-minute budget (step "
             f"{step:,} of {planned:,}), so no step fits; --minutes counts the whole run: pass more than "
-            f"{elapsed / 60:.1f} (at its pace, --minutes {minutes} reaches the planned steps)")
+            f"{elapsed / 60:.3g} (at its pace, --minutes {minutes} reaches the planned steps)")
 
 
 def cut_short_lines(steps: int, planned: int, budget_minutes: float | None, consequence: str,
