@@ -39,6 +39,7 @@ from vledge.export.parity import (
 from vledge.export.progress import QuestionCallback, question_counter
 from vledge.export.report import write_parity_markdown
 from vledge.export.transformers_js import write_transformers_js_files
+from vledge.export.tool_warnings import tool_warnings_to_debug_log
 from vledge.files import atomic_directory, check_output_dir, write_json
 from vledge.manifest import (
     COMPONENTS,
@@ -140,7 +141,7 @@ def export_checkpoint(checkpoint, out_dir: str | Path, origin: dict, options: Ex
     out_dir = Path(out_dir)
     _check_out_dir(out_dir, options)
     say = progress or (lambda message: log.info("%s", message))
-    with atomic_directory(out_dir, tag="export-") as staging:
+    with atomic_directory(out_dir, tag="export-") as staging, tool_warnings_to_debug_log(say):
         result = _export_into(staging, checkpoint, origin, options, say, on_questions)
     result.model_dir = out_dir
     result.seconds = time.perf_counter() - started

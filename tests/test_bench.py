@@ -167,3 +167,52 @@ def test_missing_openvino_is_a_note_not_a_failure():
             "print(EngineSpec.parse('openvino-cpu-q4').missing)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert "openvino package is not installed" in out
+
+
+@pytest.mark.slow
+def test_a_stopped_bench_keeps_what_it_measured_and_resume_continues_it(tiny_run, tiny_model_dir, synth_data,
+                                                                         tmp_path):
+    from vledge.benchmark.report import read_previous, write_progress
+
+    out = tmp_path / "bench"
+    config = BenchConfig(ckpt=tiny_run.best_checkpoint, model_dir=tiny_model_dir, data=synth_data,
+                         engines=("pytorch", "ort-cpu-fp32"), threads=(1,), batches=(1,), repeats=3,
+                         decode_tokens=2, caption_tokens=4, parity_samples=4, cold_start=False)
+
+    def save_then_stop(partial):
+        write_progress(partial, out)
+        raise KeyboardInterrupt  # stopped right after the first measurement was kept
+
+    with pytest.raises(KeyboardInterrupt):
+        run_benchmark(config, save=save_then_stop)
+    kept = json.loads((out / "bench.json").read_text())
+    assert kept["complete"] is False and kept["parity"] == {}
+    assert {row["engine"] for row in kept["latency"]} == {"pytorch", "ort-cpu-fp32"}
+
+    steps = []
+    result = run_benchmark(config, save=lambda partial: write_progress(partial, out), previous=read_previous(out),
+                           advance=lambda done, total: steps.append((done, total)))
+    assert result["complete"] is True and result["latency"] == kept["latency"]  # kept, not measured again
+    assert set(result["parity"]) == {"pytorch", "ort-cpu-fp32"}
+    assert steps[0] == (0, 2) and steps[-1] == (2, 2)  # only the two parity runs were left
+    assert json.loads((out / "bench.json").read_text())["parity"].keys() == result["parity"].keys()
+
+    again = run_benchmark(config, previous=read_previous(out), advance=lambda done, total: steps.append((done, total)))
+    assert steps[-1] == (0, 0) and again["latency"] == result["latency"] and again["parity"] == result["parity"]
+    assert again["resumed"] == 2
+
+    other = BenchConfig(**{**config.__dict__, "repeats": 4})
+    with pytest.raises(ConfigError, match="other settings.*repeats 3 then, 4 now"):
+        run_benchmark(other, previous=read_previous(out))
+
+
+def test_bench_checks_its_output_folder_before_any_work(tmp_path):
+    from click.testing import CliRunner
+
+    from vledge.cli import main
+
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    result = CliRunner().invoke(main, ["bench", "--ckpt", str(tmp_path / "missing.pt"), "--model",
+                                       str(tmp_path / "missing"), "--out", str(blocker / "bench")])
+    assert result.exit_code == 1 and result.output.startswith("Error: OutputError: "), result.output

@@ -102,3 +102,41 @@ def test_caption_with_an_exported_model_runs_with_torch_blocked(tiny_model_dir, 
     line = json.loads(done.stdout.strip().splitlines()[-1])
     expected = load(tiny_model_dir, providers="cpu", threads=1).caption(image, GenerationOptions(max_new_tokens=6))
     assert line["image"] == str(image) and line["token_ids"] == expected.token_ids
+
+
+def test_eval_takes_threads_defaults_to_the_free_cores_and_keeps_pipes_clean(tiny_run, synth_data, monkeypatch):
+    """--threads sets torch's threads; without it, the cores the load average leaves free (as train); the
+    progress bar stays off when stderr is not a terminal, so a pipe or log gets only the report."""
+    import os
+
+    import torch
+
+    before = torch.get_num_threads()
+    args = ["eval", "--ckpt", str(tiny_run.best_checkpoint), "--data", str(synth_data), "--limit", "8"]
+    try:
+        torch.set_num_threads(3)
+        result = CliRunner().invoke(main, args + ["--threads", "1"])
+        assert result.exit_code == 0, result.output
+        assert torch.get_num_threads() == 1
+        assert "overall" in result.stdout and result.stderr == ""
+        monkeypatch.setattr(os, "cpu_count", lambda: 4)
+        monkeypatch.setattr(os, "getloadavg", lambda: (2.2, 2.0, 2.0))
+        result = CliRunner().invoke(main, args + ["--quiet"])
+        assert result.exit_code == 0, result.output
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_a_resumed_training_bar_counts_only_this_runs_steps():
+    """Speed and time left come from the steps of this run: 10 steps in 10 s after resuming at step 100."""
+    from vledge.cli.progress import training_bar
+    from vledge.training.trainer import TrainEvent
+
+    import io
+
+    bar = training_bar(TrainEvent("start", 100, 400), desc="train", file=io.StringIO())
+    bar.n = 110
+    text = bar.format_meter(**{**bar.format_dict, "elapsed": 10.0})
+    bar.close()
+    assert "110/400" in text and "1.00step/s" in text and "04:50" in text, text

@@ -103,3 +103,28 @@ def test_the_default_thread_count_leaves_busy_cores_alone(monkeypatch):
     monkeypatch.setattr(os, "cpu_count", lambda: 8)
     monkeypatch.setattr(os, "getloadavg", lambda: (2.0, 2.0, 2.0))
     assert default_threads() == 6
+
+
+def test_the_bottom_banner_points_up_at_the_accuracy():
+    from vledge.quickstart import QuickstartSummary
+
+    summary = QuickstartSummary(out=Path("qs"), train_steps=10, planned_steps=40, budget_minutes=1.0,
+                                finish_commands=["vledge train --resume"], accuracy={"count": 0.5})
+    lines = summary.describe().splitlines()
+    accuracy_line = next(i for i, line in enumerate(lines) if line.startswith("held-out accuracy"))
+    above = [i for i, line in enumerate(lines) if "accuracy above" in line]
+    below = [i for i, line in enumerate(lines) if "accuracy below" in line]
+    assert len(above) == len(below) == 1 and below[0] < accuracy_line < above[0]
+
+
+def test_a_sample_caption_is_compared_with_the_answer_to_the_question_asked(tiny_model_dir, synth_data):
+    from vledge.data.loaders import load_records
+    from vledge.quickstart import _captions
+
+    config = QuickstartConfig(out=Path("unused"), captions=6)
+    rows = _captions(config, tiny_model_dir, synth_data, threads=1)
+    records = {str(r.image): r for r in load_records(synth_data, split="test")[0]}
+    assert len(rows) == 6
+    for row in rows:
+        turns = [t for t in records[row["image"]].turns if t.question == row["question"]]
+        assert turns and turns[0].task == "caption" and row["reference"] == turns[0].answer

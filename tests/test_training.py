@@ -130,3 +130,57 @@ def test_a_tie_in_accuracy_goes_to_the_lower_validation_loss_and_the_run_says_wh
     assert second["val_loss"] < first["val_loss"]
     assert load_checkpoint(tmp_path / "run" / "ckpt.pt").metrics["step"] == 6
     assert (first["ckpt_step"], second["ckpt_step"], result.best_step) == (3, 6, 6)
+
+
+def test_a_budget_cut_is_said_loudly_and_a_resume_with_no_time_left_is_refused(synth_data, tmp_path):
+    """Plain `vledge train` names a budget cut and the command that finishes it; a resume whose budget is
+    already spent fails with one line instead of reporting success with no new step; one with time trains on."""
+    from click.testing import CliRunner
+
+    from vledge.cli import main
+
+    run = tmp_path / "run"
+    first = CliRunner().invoke(main, ["train", "--data", str(synth_data), "--preset", "tiny", "--out", str(run),
+                                      "--threads", "1", "--max-steps", "4000", "--eval-every", "4000",
+                                      "--minutes", "0.005"])
+    assert first.exit_code == 0, first.output
+    step = load_checkpoint(run / "last.pt").train_state["run"]["step"]
+    assert 0 < step < 4000
+    lines = first.stdout.splitlines()
+    assert any(line.startswith("!! TRAINING WAS CUT SHORT") and f"step {step:,} of 4,000" in line for line in lines)
+    finish = [line for line in lines if line.startswith("!!   vledge train")]
+    assert len(finish) == 1 and f"--out {run} --resume --minutes " in finish[0]
+
+    spent = CliRunner().invoke(main, ["train", "--data", str(synth_data), "--out", str(run), "--resume"])
+    assert spent.exit_code == 1
+    assert spent.output.startswith("Error: TrainingError: ") and spent.output.count("\n") == 1, spent.output
+    assert "budget" in spent.output and "--minutes" in spent.output
+    assert load_checkpoint(run / "last.pt").train_state["run"]["step"] == step
+
+    more = CliRunner().invoke(main, ["train", "--data", str(synth_data), "--out", str(run), "--resume",
+                                     "--minutes", "0.03"])
+    assert more.exit_code == 0, more.output
+    now = load_checkpoint(run / "last.pt").train_state["run"]["step"]
+    assert now > step and f"trained {now} steps" in more.stdout and f"({now - step} in this run)" in more.stdout
+
+
+def test_resuming_a_finished_run_is_refused_before_any_work(tiny_run, synth_data, tmp_path):
+    import shutil
+
+
+    run = tmp_path / "done"
+    run.mkdir()
+    shutil.copy(tiny_run.last_checkpoint, run / "last.pt")
+    model_config, train_config = tiny_configs()
+    with pytest.raises(TrainingError, match="already trained all 150 planned steps"):
+        train(synth_data, run, model_config, train_config, resume=True)
+    assert sorted(p.name for p in run.iterdir()) == ["last.pt"]
+
+
+def test_the_curves_mark_each_stage_change():
+    from vledge.training.plot import stage_changes
+
+    rows = [{"kind": "train", "step": s, "stage": "align" if s < 10 else "instruct", "loss": 1.0} for s in (1, 5, 10, 15)]
+    rows.insert(2, {"kind": "eval", "step": 5, "stage": "align", "val_loss": 1.0})
+    assert stage_changes(rows) == [(10, "instruct")]
+    assert stage_changes(rows[:2]) == []

@@ -25,6 +25,7 @@ from vledge.webcam import (
     MAX_FRAMES,
     READ_ERROR,
     STALE_SOURCE,
+    TIME_LIMIT,
     DemoOptions,
     FrameSource,
     LatestFrame,
@@ -483,3 +484,15 @@ def test_a_huge_image_in_a_folder_is_skipped_by_name_before_it_is_decoded(runtim
     warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     assert any("1-huge.png" in w and "8200x8200" in w for w in warnings), warnings
     assert any("3-truncated.png" in w for w in warnings), warnings
+
+
+def test_seconds_on_a_generated_source_is_the_length_of_the_video(runtime, tmp_path):
+    """--seconds on synthetic scenes counts their own time, so the video lasts that long at their frame rate."""
+    out = tmp_path / "ten.mp4"
+    source = SyntheticSource(size=96, fps=25.0, scene_seconds=1.0, seed=2)
+    summary = run_demo(runtime, source, DemoOptions(headless=True, output=out, seconds=2.0))
+    assert summary.reason == TIME_LIMIT and summary.frames == 50
+    video = cv2.VideoCapture(str(out))
+    frames, fps = int(video.get(cv2.CAP_PROP_FRAME_COUNT)), video.get(cv2.CAP_PROP_FPS)
+    video.release()
+    assert frames == 50 and fps == pytest.approx(25.0)

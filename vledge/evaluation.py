@@ -117,9 +117,9 @@ def evaluate(
             window = pairs[start:start + batch_size]
             chunk = [(r, i, px) for r, i in window if (px := pixels(r)) is not None]
             skipped += len(window) - len(chunk)
-            if progress is not None:
-                progress(len(window))
             if not chunk:
+                if progress is not None:
+                    progress(len(window))
                 continue
             prompts = [question_ids(tokenizer, config.prompt, r.turns[i].question) for r, i, _ in chunk]
             batch = torch.stack([px for _, _, px in chunk]).to(device)
@@ -130,6 +130,8 @@ def evaluate(
                 correct = exact_match(text, turn.answer)
                 scores.add(turn.task, correct)
                 predictions.append(Prediction(record.id, str(record.image), turn.task, turn.question, turn.answer, text, correct))
+            if progress is not None:  # once answered, so the bar says what is done
+                progress(len(window))
     caption_bleu, caption_cider = _caption_scores(predictions)
     model.train(was_training)
     accuracy = {task: scores.accuracy(task) for task in scores.tasks}

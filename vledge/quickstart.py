@@ -24,6 +24,8 @@ from pathlib import Path
 from vledge.config import MAX_STEPS, PRESETS
 from vledge.errors import ConfigError
 from vledge.files import check_output_dir, write_json, write_text
+from vledge.threads import default_threads
+from vledge.training.budget import cut_short_lines, finish_minutes, resume_command
 
 log = logging.getLogger(__name__)
 
@@ -92,16 +94,13 @@ class QuickstartSummary:
         data["cut_short"] = self.cut_short
         return data
 
-    def cut_short_warning(self) -> list[str]:
-        """The loud lines that say the numbers are not the product's, and how to get those."""
-        if not self.cut_short:
-            return []
-        share = 100 * self.train_steps / self.planned_steps
-        return [f"!! TRAINING WAS CUT SHORT: the {self.budget_minutes:g}-minute budget stopped it at step "
-                f"{self.train_steps:,} of {self.planned_steps:,} ({share:.0f}%).",
-                "!! The accuracy below is that of an undertrained model, not what this preset reaches "
-                "(a busy or slow machine trains fewer steps in the same minutes).",
-                "!! Finish the job:"] + [f"!!   {command}" for command in self.finish_commands]
+    def cut_short_warning(self, where: str = "below") -> list[str]:
+        """The loud lines that say the numbers are not the product's, and how to get those; ``where``
+        the accuracy stands from them ("below" at the top of the summary, "above" at its end)."""
+        return cut_short_lines(self.train_steps, self.planned_steps, self.budget_minutes,
+                               f"The accuracy {where} is that of an undertrained model, not what this preset "
+                               "reaches (a busy or slow machine trains fewer steps in the same minutes).",
+                               self.finish_commands)
 
     def describe(self) -> str:
         lines = self.cut_short_warning()
@@ -121,7 +120,7 @@ class QuickstartSummary:
         lines.append("artifacts:")
         lines += [f"  {name:<10} {path}" for name, path in self.artifacts.items()]
         lines.append("time: " + ", ".join(f"{k} {v:.0f} s" for k, v in self.seconds.items()))
-        lines += self.cut_short_warning()  # again at the end, where the eye lands
+        lines += self.cut_short_warning("above")  # again at the end, where the eye lands
         return "\n".join(lines)
 
 
@@ -213,21 +212,6 @@ def run_quickstart(config: QuickstartConfig, progress: Progress | None = None,
     return summary
 
 
-def default_threads() -> int:
-    """The cores other processes do not keep busy (1-minute load average, read before any work of ours).
-
-    A torch thread that shares its core with a busy process stalls every parallel op it takes part
-    in: on a 2-core machine with other work running, 2 threads trained the small preset 5x slower
-    than 1 (15.1 vs 3.0 s/step, docs/results.md). Idle, all cores are used.
-    """
-    cores = os.cpu_count() or 1
-    try:
-        load = os.getloadavg()[0]
-    except (OSError, AttributeError):  # not on every platform
-        return cores
-    return max(1, min(cores, cores - math.floor(load + 0.5)))
-
-
 def structured_accuracy(accuracy: dict[str, float], counts: dict[str, int]) -> float:
     """Exact match pooled over the structured tasks (questions with one short, checkable answer)."""
     tasks = [t for t in STRUCTURED_TASKS if t in accuracy and counts.get(t)]
@@ -276,9 +260,8 @@ def budget_eta(step: int, planned: int, elapsed_s: float, budget_s: float) -> st
 
 def finish_commands(result, planned: int, data: Path, run_dir: Path, model_dir: Path) -> list[str]:
     """Resume with a budget that covers the missing steps at the pace measured (+25%), then re-evaluate."""
-    seconds_per_step = result.seconds / max(result.steps, 1)
-    minutes = math.ceil((result.seconds + 1.25 * (planned - result.steps) * seconds_per_step) / 60)
-    return [f"vledge train --data {data} --out {run_dir} --resume --minutes {minutes}",
+    minutes = finish_minutes(result.seconds, result.steps, planned)
+    return [resume_command(data, run_dir, minutes),
             f"vledge eval --ckpt {run_dir / 'ckpt.pt'} --data {data} --split test",
             f"vledge export {run_dir / 'ckpt.pt'} -o {model_dir} --calibration-data {data} --force"]
 
@@ -305,7 +288,7 @@ def _export(config: QuickstartConfig, ckpt: Path, data: Path, model_dir: Path, s
 
 
 def _bench(config: QuickstartConfig, ckpt: Path, model_dir: Path, data: Path, out: Path, threads: int) -> dict:
-    from vledge.benchmark.report import write_outputs
+    from vledge.benchmark.report import write_outputs, write_progress
     from vledge.benchmark.run import BenchConfig, default_engines, run_benchmark
 
     thread_counts = (1,) if threads == 1 else (1, threads)
@@ -313,9 +296,23 @@ def _bench(config: QuickstartConfig, ckpt: Path, model_dir: Path, data: Path, ou
     bench_config = BenchConfig(ckpt=ckpt, model_dir=model_dir, data=data, engines=engines, threads=thread_counts,
                                batches=(1, 8),
                                repeats=config.bench_repeats, parity_samples=config.bench_parity_samples)
-    result = run_benchmark(bench_config)
+    result = run_benchmark(bench_config, save=lambda partial: write_progress(partial, out))
     write_outputs(result, out)
     return result
+
+
+def caption_questions(records, count: int) -> list[tuple]:
+    """(record, question, answer) for the first ``count`` records that have a caption turn: the
+    question the record itself asks for its caption, and the record's answer to it (the truth to
+    compare with, never another turn's detailed description)."""
+    chosen = []
+    for record in records:
+        turn = next((t for t in record.turns if t.task == "caption"), None)
+        if turn is not None:
+            chosen.append((record, turn.question, turn.answer))
+        if len(chosen) == count:
+            break
+    return chosen
 
 
 def _captions(config: QuickstartConfig, model_dir: Path, data: Path, threads: int) -> list[dict]:
@@ -325,12 +322,9 @@ def _captions(config: QuickstartConfig, model_dir: Path, data: Path, threads: in
     runtime = load(model_dir, threads=threads)
     records, _ = load_records(data, split="test")
     rows = []
-    for record in records[: config.captions]:
-        # The scene's own short caption when the record has one, else its full description.
-        reference = next((t.answer for t in record.turns if t.task == "caption"),
-                         next((t.answer for t in record.turns if t.task == "describe"), ""))
-        result = runtime.caption(record.image)
-        rows.append({"image": str(record.image), "caption": result.text, "reference": reference,
+    for record, question, answer in caption_questions(records, config.captions):
+        result = runtime.ask(record.image, question)
+        rows.append({"image": str(record.image), "question": question, "caption": result.text, "reference": answer,
                      "ms": result.timings.total_ms})
     return rows
 

@@ -5,9 +5,12 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from vledge.errors import ConfigError
 from vledge.files import atomic_path, write_json, write_text
 
 log = logging.getLogger(__name__)
+
+MAX_RESULT_BYTES = 64 << 20  # an earlier bench.json read by --resume
 
 STAGE_LABELS = {
     "preprocess_ms": "preprocess",
@@ -151,6 +154,28 @@ def charts(result: dict, out_dir: Path) -> list[Path]:
         fig.savefig(temp, dpi=120, format="png")
     plt.close(fig)
     return paths
+
+
+def write_progress(result: dict, out_dir: Path) -> Path:
+    """bench.json with what is measured so far (``"complete": false``), replaced atomically."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_json(out_dir / "bench.json", result, indent=2)
+    return out_dir / "bench.json"
+
+
+def read_previous(out_dir: Path) -> dict | None:
+    """The bench.json an earlier (perhaps stopped) run left in ``out_dir``, or None when there is none."""
+    import json
+
+    path = out_dir / "bench.json"
+    if not path.is_file():
+        return None
+    if path.stat().st_size > MAX_RESULT_BYTES:
+        raise ConfigError(f"{path} is over {MAX_RESULT_BYTES >> 20} MiB; not a bench.json this version wrote")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"{path} cannot be resumed: not JSON ({exc})") from None
 
 
 def write_outputs(result: dict, out_dir: Path) -> dict[str, Path]:

@@ -24,6 +24,7 @@ import numpy as np
 
 from vledge.benchmark.engines import EngineSpec
 from vledge.benchmark.machine import describe_machine
+from vledge.benchmark.resume import resumable, settings_of
 from vledge.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -108,8 +109,17 @@ class EngineResult:
     pid: int = 0  # the worker process that measured this engine
 
 
-def run_benchmark(config: BenchConfig, progress: Callable[[str], None] | None = None) -> dict:
-    """Every engine in a worker process of its own (``vledge.benchmark.worker``), interleaved per repetition."""
+def run_benchmark(config: BenchConfig, progress: Callable[[str], None] | None = None,
+                  save: Callable[[dict], None] | None = None, previous: dict | None = None,
+                  advance: Callable[[int, int], None] | None = None) -> dict:
+    """Every engine in a worker process of its own (``vledge.benchmark.worker``), interleaved per repetition.
+
+    ``save`` gets the result so far (``"complete": false``) as soon as each thread count's latency, each
+    engine's parity and each engine's cold start is measured, so a stopped benchmark keeps what it has.
+    ``previous`` is such a result to continue (``vledge bench --resume``): what it measured under the
+    same settings is kept, not measured again; other settings are a ConfigError. ``advance(done, total)``
+    counts the units of work (repetitions, parity runs, cold starts).
+    """
     import pickle
     import tempfile
 
@@ -129,6 +139,55 @@ def run_benchmark(config: BenchConfig, progress: Callable[[str], None] | None = 
     for name, reason in skipped.items():
         say(f"skipping {name}: {reason}")
     specs = [s for s in specs if not s.missing]
+    settings = settings_of(config)
+    done = resumable(previous, settings, [s.name for s in specs]) if previous is not None else {}
+    results: list[dict] = [row for row in done.get("latency", []) if row["threads"] in config.threads]
+    parity: dict[str, dict] = dict(done.get("parity", {}))
+    cold: dict[str, dict] = {k: v for k, v in done.get("cold_start", {}).items() if "error" not in v}
+    measured_threads = {row["threads"] for row in results}
+    if done:
+        say(f"resuming: {len(measured_threads)} thread count(s), {len(parity)} parity and {len(cold)} cold-start "
+            "measurement(s) kept")
+    todo = [t for t in config.threads if t not in measured_threads]
+    first_parity = [s.name for s in specs if s.name not in parity]
+    total = (len(todo) * config.repeats + len(first_parity)
+             + (len([s for s in specs if s.name not in cold]) if config.cold_start else 0))
+    count = 0
+
+    def step(units: int = 1) -> None:
+        nonlocal count
+        count += units
+        if advance is not None:
+            advance(count, total)
+
+    result = {
+        "complete": False,
+        "machine": describe_machine(),
+        "load": None,
+        "config": settings,
+        "engines": [s.name for s in specs],
+        "skipped": skipped,
+        "isolation": "process per engine",
+        "reference": None,
+        "latency": results,
+        "parity": parity,
+        "cold_start": cold,
+        "seconds": 0.0,
+        "resumed": int(done.get("resumed", 0)) + 1 if done else 0,
+    }
+    earlier_seconds = float(done.get("seconds", 0.0)) if done else 0.0
+
+    def keep() -> None:
+        result["seconds"] = earlier_seconds + time.perf_counter() - started
+        if save is not None:
+            save(result)
+
+    if advance is not None:
+        advance(0, total)
+    if total == 0 and done.get("reference"):  # all measured already: nothing to load
+        result.update(reference=done["reference"], load=monitor.stop(), complete=True,
+                      seconds=earlier_seconds + time.perf_counter() - started)
+        return result
     checkpoint = load_checkpoint(config.ckpt)
     tokenizer = checkpoint.tokenizer()
     model = checkpoint.build_model()
@@ -146,44 +205,49 @@ def run_benchmark(config: BenchConfig, progress: Callable[[str], None] | None = 
         torch.set_num_threads(max(config.threads))
         reference = torch_reference(model, tokenizer, samples)
         del model
+        result["reference"] = {"engine": "pytorch", "accuracy": reference.accuracy, "questions": len(samples)}
         samples_file = Path(work) / "parity.pickle"
         with open(samples_file, "wb") as handle:
             pickle.dump((samples, reference), handle)
 
-        results: list[EngineResult] = []
-        parity: dict[str, dict] = {}
         for threads in config.threads:
+            needs_latency = threads in todo
+            needs_parity = [name for name in first_parity if name not in parity] if threads == config.threads[0] else []
+            if not needs_latency and not needs_parity:
+                continue
             workers = _start_workers(specs, config, threads, say)
             try:
-                say(f"{threads} thread(s): timing {', '.join(w.name for w in workers)}, each in its own process")
-                results += _time_engines(workers, threads, image_paths, caption_prompt, config)
-                if threads == config.threads[0]:
-                    for worker in workers:
+                if needs_latency:
+                    say(f"{threads} thread(s): timing {', '.join(w.name for w in workers)}, each in its own process")
+                    rows = _time_engines(workers, threads, image_paths, caption_prompt, config, on_repetition=step)
+                    results += [asdict(r) for r in rows]
+                    results.sort(key=lambda row: config.threads.index(row["threads"]))
+                    keep()
+                for worker in workers:
+                    if worker.name in needs_parity:
                         say(f"parity of {worker.name}")
                         parity[worker.name] = worker.call("parity", samples=str(samples_file))
+                        step()
+                        keep()
             finally:
                 for worker in workers:
                     worker.close()
 
-        cold: dict[str, dict] = {}
         if config.cold_start:
             for spec in specs:
+                if spec.name in cold:
+                    continue
                 say(f"cold start and peak memory of {spec.name}")
                 cold[spec.name] = _cold_start(spec, config, image_paths[0], caption_prompt, config.threads[0])
+                step()
+                keep()
 
-    return {
-        "machine": describe_machine(),
-        "load": monitor.stop(),
-        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items()},
-        "engines": [s.name for s in specs],
-        "skipped": skipped,
-        "isolation": "process per engine",
-        "reference": {"engine": "pytorch", "accuracy": reference.accuracy, "questions": len(samples)},
-        "latency": [asdict(r) for r in results],
-        "parity": parity,
-        "cold_start": cold,
-        "seconds": time.perf_counter() - started,
-    }
+    result["parity"] = {s.name: parity[s.name] for s in specs if s.name in parity}  # in engine order
+    result["cold_start"] = {s.name: cold[s.name] for s in specs if s.name in cold}
+    result["load"] = monitor.stop()
+    result["complete"] = True
+    result["seconds"] = earlier_seconds + time.perf_counter() - started
+    return result
 
 
 def _start_workers(specs: Sequence[EngineSpec], config: BenchConfig, threads: int, say) -> list:
@@ -211,7 +275,8 @@ def _image_paths(config: BenchConfig, work: Path, count: int) -> list[Path]:
     return paths
 
 
-def _time_engines(workers, threads: int, images: list[Path], prompt: list[int], config: BenchConfig) -> list[EngineResult]:
+def _time_engines(workers, threads: int, images: list[Path], prompt: list[int], config: BenchConfig,
+                  on_repetition: Callable[[], None] | None = None) -> list[EngineResult]:
     """Each repetition asks every worker in turn (rotating order) for one round of every stage, so a noisy
     neighbour slows all engines alike, and only one engine computes at a time."""
     samples: dict[str, dict[str, list[float]]] = {w.name: {s: [] for s in STAGES} for w in workers}
@@ -233,6 +298,8 @@ def _time_engines(workers, threads: int, images: list[Path], prompt: list[int], 
             for batch, rate in zip(config.batches, reply["throughput"]):
                 throughput[worker.name][batch].append(rate)
             tokens[worker.name].append(reply["tokens"])
+        if on_repetition is not None:
+            on_repetition()
     results = []
     for worker in workers:
         result = EngineResult(engine=worker.name, threads=threads,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import click
@@ -42,14 +43,23 @@ def _int_list(text: str) -> tuple[int, ...]:
               help="Held-out questions for each engine's accuracy parity.")
 @click.option("--no-cold-start", is_flag=True, help="Skip the fresh-process load and memory measurements.")
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), default=Path("bench"), show_default=True,
-              help="Folder for bench.json, bench.md and the charts.")
+              help="Output folder; its bench.json is rewritten as each measurement ends.")
+@click.option("--resume", is_flag=True,
+              help="Continue the benchmark whose bench.json is in --out: keep what it measured, measure the rest "
+                   "(the settings must be the same).")
+@click.option("--quiet", is_flag=True, help="No progress (it is also off when stderr is not a terminal).")
 @fail_cleanly
 def bench_command(ckpt, model_dir, data_dir, threads, batches, engines, providers, peers, repeats, parity_samples,
-                  no_cold_start, out_dir) -> None:
+                  no_cold_start, out_dir, resume, quiet) -> None:
     """Latency and accuracy of PyTorch vs the exported variants, side by side."""
     from vledge.benchmark.engines import EngineSpec
-    from vledge.benchmark.report import write_outputs
+    from vledge.benchmark.report import read_previous, write_outputs, write_progress
     from vledge.benchmark.run import BenchConfig, default_engines, run_benchmark
+    from vledge.cli.progress import progress_bar
+    from vledge.files import check_output_dir
+
+    check_output_dir(out_dir, "bench folder")  # before minutes of measuring
+    previous = read_previous(out_dir) if resume else None
 
     names = tuple(e.strip() for e in engines.split(",") if e.strip()) if engines else None
     if names is None and (providers or not peers):
@@ -61,7 +71,19 @@ def bench_command(ckpt, model_dir, data_dir, threads, batches, engines, provider
     config = BenchConfig(ckpt=ckpt, model_dir=model_dir, data=data_dir, engines=names, threads=_int_list(threads),
                          batches=_int_list(batches), repeats=repeats, parity_samples=parity_samples,
                          cold_start=not no_cold_start)
-    result = run_benchmark(config, progress=lambda message: click.echo(f"· {message}", err=True))
+    with progress_bar(quiet, desc="bench", unit="step") as bar:
+        def say(message: str) -> None:
+            if not quiet:
+                bar.write(f"· {message}", file=sys.stderr)
+
+        def advance(done: int, total: int) -> None:
+            bar.total, bar.n = total, done
+            bar.refresh()
+
+        if resume and previous is None:
+            say(f"nothing to resume in {out_dir}: measuring everything")
+        result = run_benchmark(config, progress=say, save=lambda partial: write_progress(partial, out_dir),
+                               previous=previous, advance=advance)
     written = write_outputs(result, out_dir)
     click.echo((out_dir / "bench.md").read_text())
     click.echo("wrote " + ", ".join(str(p) for p in written.values()))

@@ -28,8 +28,7 @@ def quickstart_command(out_dir, preset, size, minutes, max_steps, vision_pretrai
     """Data -> training -> evaluation -> export -> benchmark -> captions -> demo video, in one go."""
     import time
 
-    from tqdm import tqdm
-
+    from vledge.cli.progress import training_bar
     from vledge.quickstart import QuickstartConfig, budget_eta, run_quickstart
 
     config = QuickstartConfig(out=out_dir, preset=preset, size=size, minutes=minutes, max_steps=max_steps,
@@ -39,7 +38,7 @@ def quickstart_command(out_dir, preset, size, minutes, max_steps, vision_pretrai
     def on_train_event(event) -> None:
         nonlocal bar
         if bar is None:
-            bar = tqdm(total=event.total_steps, desc="    train", unit="step", dynamic_ncols=True)
+            bar = training_bar(event, desc="    train")
         bar.total, bar.n = event.total_steps, event.step
         if event.kind == "step" and minutes and event.data.get("elapsed_s"):
             bar.set_postfix_str(budget_eta(event.step, event.total_steps, event.data["elapsed_s"], minutes * 60))

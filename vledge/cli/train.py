@@ -70,9 +70,9 @@ def train(data_dir, preset, run_dir, stage, max_steps, minutes, batch_size, grad
     """Train a fusion model: align the projector on captions, then instruction-tune."""
     import dataclasses
 
-    from tqdm import tqdm
-
+    from vledge.cli.progress import training_bar
     from vledge.config import preset as load_preset
+    from vledge.training.budget import cut_short_lines, finish_minutes, resume_command
     from vledge.training.trainer import RunOptions
     from vledge.training.trainer import train as run_training
 
@@ -98,9 +98,12 @@ def train(data_dir, preset, run_dir, stage, max_steps, minutes, batch_size, grad
                          vision_weights=vision_weights, device=device, language_model=language_model,
                          lora_rank=lora_rank, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
                          allow_outside_paths=allow_outside_paths, gradient_checkpointing=gradient_checkpointing)
-    bar = tqdm(total=train_config.max_steps, desc="train", unit="step", dynamic_ncols=True)
+    bar = None
 
     def on_event(event) -> None:
+        nonlocal bar
+        if bar is None:
+            bar = training_bar(event, desc="train")
         bar.total = event.total_steps
         bar.n = event.step
         if event.kind == "step":
@@ -117,12 +120,23 @@ def train(data_dir, preset, run_dir, stage, max_steps, minutes, batch_size, grad
         result = run_training(data_dir, run_dir, model_config, train_config, options, resume=resume,
                               on_event=on_event)
     except KeyboardInterrupt:
-        bar.close()
+        if bar is not None:
+            bar.close()
         click.echo(f"interrupted; {run_dir / 'last.pt'} saved, continue with --resume", err=True)
         sys.exit(130)
     finally:
-        bar.close()  # an error line then starts on a line of its own
-    click.echo(f"trained {result.steps} steps in {result.seconds / 60:.1f} min")
+        if bar is not None:
+            bar.close()  # an error line then starts on a line of its own
+    new_steps = result.steps - result.start_step
+    click.echo(f"trained {result.steps} steps in {result.seconds / 60:.1f} min"
+               + (f" ({new_steps} in this run)" if resume else ""))
+    if result.cut_short:
+        commands = [resume_command(data_dir, run_dir, finish_minutes(result.seconds, result.steps,
+                                                                     result.planned_steps))]
+        consequence = (f"{result.best_checkpoint} holds an undertrained model, not what this preset reaches "
+                       "(a busy or slow machine trains fewer steps in the same minutes).")
+        click.echo("\n".join(cut_short_lines(result.steps, result.planned_steps, result.budget_minutes,
+                                             consequence, commands)))
     click.echo(f"best checkpoint: {result.best_checkpoint} (step {result.best_step})\n"
                f"last checkpoint: {result.last_checkpoint}")
     click.echo(f"metrics: {run_dir / 'metrics.jsonl'}  curves: {run_dir / 'curves.png'}")
@@ -184,23 +198,30 @@ def pretrain_vision_command(data_dir, out_path, preset, steps, minutes, batch_si
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="At most this many questions.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True,
               help="Questions answered together.")
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="torch threads. Default: the cores other processes leave free at the start (1-minute load "
+                   "average), at least 1, as for train.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("--examples", type=click.IntRange(min=0), default=0, help="Include this many predictions in --json.")
+@click.option("--quiet", is_flag=True, help="No progress bar (it is also off when stderr is not a terminal).")
 @fail_cleanly
-def eval_command(ckpt, data_dir, split, limit, batch_size, as_json, examples) -> None:
+def eval_command(ckpt, data_dir, split, limit, batch_size, threads, as_json, examples, quiet) -> None:
     """Exact-match accuracy per task and BLEU-4 / CIDEr on captions, with the PyTorch model."""
     import json
 
-    from tqdm import tqdm
+    import torch
 
     from vledge.checkpoint import load_checkpoint
+    from vledge.cli.progress import progress_bar
     from vledge.data.loaders import load_records
     from vledge.evaluation import evaluate, questions_of
+    from vledge.threads import default_threads
 
+    torch.set_num_threads(threads or default_threads())
     checkpoint = load_checkpoint(ckpt)
     model, tokenizer = checkpoint.build_model(), checkpoint.tokenizer()
     records, report = load_records(data_dir, split=split)
-    with tqdm(total=len(questions_of(records, limit)), desc="eval", unit="q", disable=as_json) as bar:
+    with progress_bar(quiet, total=len(questions_of(records, limit)), desc="eval", unit="q") as bar:
         result = evaluate(model, tokenizer, checkpoint.model_config, records, limit=limit, batch_size=batch_size,
                           progress=bar.update)
     if as_json:
@@ -209,4 +230,3 @@ def eval_command(ckpt, data_dir, split, limit, batch_size, as_json, examples) ->
     else:
         click.echo(report.summary())
         click.echo(result.describe())
-

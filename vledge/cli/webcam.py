@@ -34,7 +34,8 @@ from vledge.cli.base import FiniteFloat, fail_cleanly, main, parse_providers
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="Intra-op threads.")
 @click.option("--max-frames", type=click.IntRange(min=1), default=None, help="Stop after this many frames.")
 @click.option("--seconds", type=FiniteFloat(min=0, min_open=True), default=None,
-              help="Stop after this many seconds (wall clock).")
+              help="Stop after this many seconds: of wall clock for a camera or stream, of the source's own "
+                   "time for a video file, image folder or synthetic scenes (the output video lasts that long).")
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=None, help="Caption length limit.")
 @click.option("--scene-threshold", type=FiniteFloat(min=0), default=None,
               help="Re-caption only when the mean thumbnail difference (0-255) from the last captioned frame "

@@ -1,10 +1,27 @@
-"""Training curves as a PNG, drawn from metrics.jsonl rows."""
+"""Training curves as a PNG, drawn from metrics.jsonl rows.
+
+Each stage change is marked on both panels (a dashed line labelled with the new stage), so the
+loss jump where ``instruct`` takes over from ``align`` (new tasks, longer answers) does not read
+as divergence.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from vledge.files import atomic_path
+
+
+def stage_changes(rows: list[dict]) -> list[tuple[int, str]]:
+    """(step, stage) where a run's training rows switch to another stage, in order."""
+    changes, current = [], None
+    for row in rows:
+        if row.get("kind") != "train" or "stage" not in row:
+            continue
+        if current is not None and row["stage"] != current:
+            changes.append((row["step"], row["stage"]))
+        current = row["stage"]
+    return changes
 
 
 def plot_curves(rows: list[dict], path: Path) -> Path:
@@ -37,6 +54,11 @@ def plot_curves(rows: list[dict], path: Path) -> Path:
     ax_acc.grid(alpha=0.3)
     if tasks:
         ax_acc.legend(fontsize=7, ncol=2)
+    for step, stage in stage_changes(rows):
+        for ax in (ax_loss, ax_acc):
+            ax.axvline(step, color="grey", ls="--", lw=1)
+            ax.annotate(f"{stage} from here", (step, 1.0), xycoords=("data", "axes fraction"), xytext=(3, -12),
+                        textcoords="offset points", fontsize=8, color="grey")
     fig.tight_layout()
     with atomic_path(path, suffix=".png") as temp:
         fig.savefig(temp, dpi=110, format="png")

@@ -25,9 +25,11 @@ from vledge.errors import CheckpointError, ConfigError, DataError
 from vledge.files import check_output_dir
 from vledge.models.vision import load_vision_weights
 from vledge.models.vlm import VisionLanguageModel
+from vledge.threads import default_threads
 from vledge.tokenizer import Tokenizer
 from vledge.training import pretrained_lm
 from vledge.training.memory import prepare_memory
+from vledge.training.budget import check_resumable
 from vledge.training.run_options import RunOptions, RunState, decode_train_state
 from vledge.training.vision_pretrain import load_projector_weights
 
@@ -88,13 +90,14 @@ def prepare_run(data: Path, run_dir: Path, model_config: ModelConfig, train_conf
         # this call's device, and its budget when it gives one (to finish a run a budget cut short)
         options = replace(saved, device=options.device,
                           minutes=options.minutes if options.minutes is not None else saved.minutes)
+        check_resumable(start.step, train_config.max_steps, start.elapsed, options.minutes, run_dir / "last.pt")
     loaded_lm = None
     if resume_from is None and options.init is not None and options.language_model is None:
         model_config = load_checkpoint(options.init).model_config  # its weights define the architecture
     if resume_from is None:
         model_config, loaded_lm = pretrained_lm.prepare_language(model_config, options.language_model, options.init,
                                                                  train_config.max_seq_len)
-    torch.set_num_threads(train_config.threads or max(1, (os.cpu_count() or 1) // world))
+    torch.set_num_threads(train_config.threads or max(1, default_threads() // world))
 
     all_train_records, train_report = load_records(data, split="train",
                                                    allow_outside_paths=options.allow_outside_paths)

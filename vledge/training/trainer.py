@@ -69,9 +69,17 @@ class TrainResult:
     best_checkpoint: Path
     last_checkpoint: Path
     steps: int
-    seconds: float
+    seconds: float  # training time of the whole run, earlier runs resumed from included
     final_eval: dict[str, Any]
     best_step: int = 0  # the step ckpt.pt holds
+    planned_steps: int = 0  # the config's max_steps
+    budget_minutes: float | None = None  # the wall-time budget it ran under
+    start_step: int = 0  # where this call started (last.pt's step on resume)
+
+    @property
+    def cut_short(self) -> bool:
+        """The budget stopped the run before its planned steps."""
+        return 0 < self.steps < self.planned_steps
 
 
 class Trainer:
@@ -120,11 +128,11 @@ class Trainer:
         if self.rank == 0:
             rewrite_metrics(metrics_path, rows)
         state = self.state
-        started = time.monotonic() - state.elapsed
         stage_index = state.stage_index
         setup = self._prepare_stage(stage_index)
         if self.prepared.optimizer_state:
             setup.optimizer.load_state_dict(self.prepared.optimizer_state)
+        started = time.monotonic() - state.elapsed  # the clock starts now: setting a stage up is not training
         self.on_event(TrainEvent("start", state.step, config.max_steps,
                                  {"stage": setup.stage.name, "examples": len(setup.dataset)}))
         window_start, window_samples = time.monotonic(), 0
@@ -139,7 +147,9 @@ class Trainer:
                     wanted = self._stage_index(progress)
                     if wanted != stage_index:
                         stage_index, state.stage_index, state.stage_start_step = wanted, wanted, state.step
+                        paused = time.monotonic()
                         setup = self._prepare_stage(stage_index)
+                        started += time.monotonic() - paused  # its dataset and feature cache: off the clock
                         self.on_event(TrainEvent("stage", state.step, config.max_steps, {"stage": setup.stage.name}))
                     start, end = self.prepared.bounds[stage_index]
                     local_progress = (progress - start) / (end - start)
@@ -181,7 +191,8 @@ class Trainer:
         if dist.is_initialized():
             dist.barrier()
         return TrainResult(run_dir, run_dir / "ckpt.pt", run_dir / "last.pt", state.step,
-                           state.elapsed, last_eval, state.best_step)
+                           state.elapsed, last_eval, state.best_step, config.max_steps,
+                           self.prepared.options.minutes, self.prepared.start.step)
 
     def _train_step(self, setup: StageSetup, state: RunState) -> float:
         config, wrapped, optimizer = self.train_config, setup.model, setup.optimizer

@@ -45,7 +45,7 @@ class DemoOptions:
     headless: bool = False  # never open a window (also the automatic fallback without a display)
     pace: str = "auto"  # realtime | lockstep | auto (lockstep for files/folders/synthetic without a window)
     max_frames: int | None = None
-    seconds: float | None = None  # wall-clock limit
+    seconds: float | None = None  # limit: wall clock for a live source, the stream's own time otherwise
     max_new_tokens: int | None = None
     scene_threshold: float = DEFAULT_SCENE_THRESHOLD  # <= 0: caption every due frame
     embedding_threshold: float | None = None  # cosine distance; None: pixel check only
@@ -210,10 +210,16 @@ def run_demo(
         capture.start()
         try:
             while True:
-                if options.seconds is not None and time.monotonic() - started >= options.seconds:
+                if options.seconds is not None and src.live and time.monotonic() - started >= options.seconds:
                     reason, message = TIME_LIMIT, f"stopped after {options.seconds:g} s"
                     break
                 frame: Frame | None = slot.take(timeout=0.05)
+                # A file, folder or synthetic scene has its own clock: the limit is on its time, so the
+                # output video lasts --seconds however fast frames are made.
+                if options.seconds is not None and frame is not None and not src.live \
+                        and frame.stream_time >= options.seconds - 1e-9:
+                    reason, message = TIME_LIMIT, f"stopped after {options.seconds:g} s of {src.name}"
+                    break
                 handle(captioner.drain())
                 if captioner.error is not None:
                     raise captioner.error
