@@ -18,9 +18,13 @@ class TorchvisionFamily(VisionFamily):
     width: ClassVar[int]
 
     def backbone(self, config):
-        from vledge.models.vision import torchvision_body
+        from vledge.models.vision import torchvision_classifier
 
-        return torchvision_body(self.name), self.width
+        return self.body_of(torchvision_classifier(self.name)), self.width
+
+    def body_of(self, classifier):
+        """The classifier without its pooling and head: its ``features`` module."""
+        return classifier.features
 
     def torchvision_names(self, state: dict) -> dict:
         """A classifier's state dict -> the body's names (the body is the classifier's ``features``)."""
@@ -41,6 +45,11 @@ class ResNet18Family(TorchvisionFamily):
     width = 512
     # the classifier's modules kept, in the order the body holds them
     body: ClassVar[tuple[str, ...]] = ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4")
+
+    def body_of(self, classifier):
+        from torch import nn
+
+        return nn.Sequential(*(getattr(classifier, name) for name in self.body))
 
     def torchvision_names(self, state: dict) -> dict:
         mapped = {}

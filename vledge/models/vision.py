@@ -46,14 +46,11 @@ class ConvNet(nn.Module):
         return features
 
 
-def torchvision_body(name: str) -> nn.Module:
-    """A torchvision classifier without its pooling and head (the cut is the family's: vledge.families)."""
+def torchvision_classifier(name: str) -> nn.Module:
+    """torchvision's classifier ``name`` with no weights (its family cuts the body out: vledge.families)."""
     import torchvision.models as tvm
 
-    if name == "resnet18":
-        net = tvm.resnet18(weights=None)
-        return nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool, net.layer1, net.layer2, net.layer3, net.layer4)
-    return getattr(tvm, name)(weights=None).features
+    return getattr(tvm, name)(weights=None)
 
 
 class VisionEncoder(nn.Module):
