@@ -86,6 +86,11 @@ class LlamaFamily(LanguageFamily):
     hf_architectures = ("LlamaForCausalLM",)
     hf_model_types = ("llama",)
     mlp_activation: ClassVar[str] = "silu"
+    # Llama's config may ask for biases vledge's module does not have (Qwen2's q/k/v biases are its own field).
+    refuse_attention_bias: ClassVar[bool] = True
+    # A sliding attention window: None (none), "always" (Mistral: sliding_window applies whenever set) or
+    # "opt_in" (Qwen2: only with use_sliding_window). A window shorter than the context is refused.
+    sliding_window: ClassVar[str | None] = None
     # transformers' config class defaults for the keys a saved config.json may leave out
     hf_defaults: ClassVar[dict[str, Any]] = {
         "vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
@@ -116,12 +121,15 @@ class LlamaFamily(LanguageFamily):
 
     def check_hf_config(self, values: HFConfig, context: int) -> None:
         """ConfigError for settings of this family's config.json that vledge does not run exactly."""
-        if values.bool("attention_bias", default=False) or values.bool("mlp_bias", default=False):
+        if self.refuse_attention_bias and (values.bool("attention_bias", default=False)
+                                           or values.bool("mlp_bias", default=False)):
             raise ConfigError(f"{values.where}: attention_bias / mlp_bias are not supported for {self.name}")
-
-    def config_extras(self, values: HFConfig) -> dict[str, Any]:
-        """Fields of this family's config beyond Llama's that come from config.json."""
-        return {}
+        window = values.raw("sliding_window", None)
+        applies = self.sliding_window == "always" or (
+            self.sliding_window == "opt_in" and values.bool("use_sliding_window", default=False))
+        if window is not None and applies and values.int("sliding_window", high=2**31) < context:
+            raise ConfigError(f"{values.where}: sliding_window {window} is shorter than the context vledge uses "
+                              f"({context} tokens); lower --max-seq-len to at most the window")
 
     def from_hf_config(self, config_json: Mapping[str, Any], where: str, context: int) -> LlamaConfig:
         values = HFConfig(config_json, where, self.hf_defaults)
@@ -162,7 +170,6 @@ class LlamaFamily(LanguageFamily):
                 rms_norm_eps=values.float("rms_norm_eps", positive=True),
                 tie_embeddings=values.bool("tie_word_embeddings"),
                 vocab_size=values.int("vocab_size", high=MAX_VOCAB),
-                **self.config_extras(values),
             )
         except ConfigError as exc:
             raise ConfigError(f"{where}: {exc}") from None
