@@ -4,8 +4,8 @@ onnx and ONNX Runtime's Python tools (symbolic shape inference, quantization, fp
 warn, through their own loggers, the root logger and ``warnings.warn``, about things the export
 deals with itself: a symbolic dimension shape inference cannot compare, "consider pre-processing"
 (the export does pre-process), a per-channel axis out of range (that weight is quantized per
-tensor), fp16 notices. In a terminal they read like errors. The export also measures its fp16
-variants on the CPU on purpose, which makes the runtime warn that fp16 is slow there. During an
+tensor), fp16 notices. In a terminal they read like errors. Where an export measures fp16 variants on
+the CPU (a machine whose CUDA provider works), the runtime warns that fp16 is slow there. During an
 export all of these go to the debug log (``vledge -vv export`` shows them), and what is worth
 knowing is said once, in plain words, through the export's progress.
 """
