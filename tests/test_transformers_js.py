@@ -286,7 +286,7 @@ def test_models_transformers_js_cannot_express_get_one_line_and_no_files(tiny_mo
 def test_language_models_transformers_js_cannot_express_are_named():
     import dataclasses
 
-    from vledge.config import LanguageConfig, ViTConfig, VisionConfig, preset
+    from vledge.config import ViTConfig, VisionConfig, language_config, preset
     from vledge.export.transformers_js import model_types, unsupported_reason
 
     config = preset("tiny")[0]
@@ -294,9 +294,13 @@ def test_language_models_transformers_js_cannot_express_are_named():
                                                       patch_size=8, image_size=32))
     gpt = dataclasses.replace(config, vision=clip)
     assert "language model is 'transformer'" in unsupported_reason(gpt)
-    llama = dataclasses.replace(gpt, language=LanguageConfig(kind="llama", hidden=64, layers=2, heads=4, kv_heads=2,
-                                                             intermediate=112, qkv_bias=True))
-    assert model_types(llama) == ("clip_vision_model", "qwen2")
+    numbers = dict(hidden=64, layers=2, heads=4, kv_heads=2, intermediate=112)
+    for kind in ("llama", "qwen2", "mistral"):
+        assert model_types(dataclasses.replace(gpt, language=language_config(kind, **numbers))) == (
+            "clip_vision_model", kind)
+    # a checkpoint from before the families read every Llama-family LM as kind "llama": its source tells
+    old_qwen2 = language_config("llama", qkv_bias=True, source={"architecture": "Qwen2ForCausalLM"}, **numbers)
+    assert model_types(dataclasses.replace(gpt, language=old_qwen2)) == ("clip_vision_model", "qwen2")
 
 
 def test_chat_template_renders_vledge_prompt(exported):
