@@ -12,6 +12,7 @@ import typing
 from dataclasses import dataclass, field
 
 from vledge.config_fields import from_dict, require_finite, require_positive, to_dict  # noqa: F401 (re-exported)
+from vledge.bounds import check_train_counts
 from vledge.errors import ConfigError
 
 VISION_BACKBONES = ("convnet", "resnet18", "mobilenet_v3_small", "efficientnet_b0", "clip", "siglip")
@@ -370,8 +371,7 @@ class TrainConfig:
             raise ConfigError(f"TrainConfig.eval_samples must not be negative, got {self.eval_samples}")
         if self.warmup_steps < 0:
             raise ConfigError(f"TrainConfig.warmup_steps must not be negative, got {self.warmup_steps}")
-        if self.threads is not None and self.threads < 1:
-            raise ConfigError(f"TrainConfig.threads must be at least 1, got {self.threads}")
+        check_train_counts(self.grad_accum, self.threads)
         if not self.stages:
             raise ConfigError("TrainConfig.stages must name at least one stage")
 

@@ -15,6 +15,7 @@ from typing import Protocol
 
 import numpy as np
 
+from vledge.bounds import MAX_BEAMS, check_count
 from vledge.errors import ConfigError
 
 
@@ -42,8 +43,7 @@ class GenerationOptions:
             raise ConfigError(f"top_k must be >= 0, got {self.top_k}")
         if not 0 < self.top_p <= 1:
             raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.num_beams < 1:
-            raise ConfigError(f"num_beams must be at least 1, got {self.num_beams}")
+        check_count("num_beams", self.num_beams, 1, MAX_BEAMS)
         if self.repetition_penalty <= 0:
             raise ConfigError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
         if self.num_beams > 1 and self.temperature > 0:

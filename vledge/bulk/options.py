@@ -6,6 +6,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from vledge.bounds import MAX_THREADS, check_count
 from vledge.errors import ConfigError
 
 ENGINES = ("local", "ray")
@@ -73,8 +74,7 @@ class BatchOptions:
         _set(self, "workers", workers)
         threads = max(1, (os.cpu_count() or 1) // workers) if self.threads_per_worker is None else \
             self.threads_per_worker
-        if threads < 1:
-            raise ConfigError(f"--threads-per-worker must be at least 1, got {threads}")
+        check_count("threads_per_worker", threads, 1, MAX_THREADS)
         _set(self, "threads_per_worker", threads)
         for name in ("batch_size", "part_size", "max_new_tokens"):
             if getattr(self, name) < 1:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from vledge.cli.base import FiniteFloat, fail_cleanly, main, parse_providers
+from vledge.cli.base import THREADS, FiniteFloat, fail_cleanly, main, parse_providers
 
 
 @main.command("batch")
@@ -30,7 +30,7 @@ from vledge.cli.base import FiniteFloat, fail_cleanly, main, parse_providers
               help="Join this Ray cluster (e.g. ray://head:10001 or auto) instead of starting Ray here.")
 @click.option("--workers", type=click.IntRange(min=1), default=None,
               help="Worker processes or Ray actors, each with its own model [default: one per core].")
-@click.option("--threads-per-worker", type=click.IntRange(min=1), default=None,
+@click.option("--threads-per-worker", type=THREADS, default=None,
               help="ONNX Runtime threads of each worker (Ray: CPUs per actor) [default: cores / workers].")
 @click.option("--gpus-per-worker", type=FiniteFloat(min=0), default=0.0, show_default=True,
               help="GPUs Ray reserves for each actor (--engine ray).")

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import click
 
-from vledge.cli.base import FiniteFloat, fail_cleanly, main
+from vledge.bounds import MAX_GRAD_ACCUM
+from vledge.cli.base import THREADS, FiniteFloat, fail_cleanly, main
 
 
 @main.command()
@@ -22,11 +23,12 @@ from vledge.cli.base import FiniteFloat, fail_cleanly, main
 @click.option("--minutes", type=FiniteFloat(min=0, min_open=True), default=None,
               help="Wall-time budget; the schedule follows whichever of steps and time runs out first.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=None)
-@click.option("--grad-accum", type=click.IntRange(min=1), default=None)
+@click.option("--grad-accum", type=click.IntRange(1, MAX_GRAD_ACCUM), default=None,
+              help=f"Batches accumulated per optimizer step (at most {MAX_GRAD_ACCUM}).")
 @click.option("--lr", type=FiniteFloat(), default=None)
 @click.option("--eval-every", type=click.IntRange(min=1), default=None)
 @click.option("--seed", type=int, default=None)
-@click.option("--threads", type=click.IntRange(min=1), default=None, help="torch threads per process.")
+@click.option("--threads", type=THREADS, default=None, help="torch threads per process.")
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default=None)
 @click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda | cuda:N")
 @click.option("--resume", is_flag=True, help="Continue RUN/last.pt exactly.")
@@ -129,7 +131,7 @@ def train(data_dir, preset, run_dir, stage, max_steps, minutes, batch_size, grad
 @click.option("--batch-size", type=click.IntRange(min=1), default=None)
 @click.option("--lr", type=FiniteFloat(), default=None)
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--threads", type=click.IntRange(min=1), default=None, help="torch threads.")
+@click.option("--threads", type=THREADS, default=None, help="torch threads.")
 @fail_cleanly
 def pretrain_vision_command(data_dir, out_path, preset, steps, minutes, batch_size, lr, seed, threads) -> None:
     """Pretrain the vision encoder and projector on synthetic scene labels (each cell's colour, shape, size, word).
