@@ -67,6 +67,23 @@ def read_capped(path: str | os.PathLike, max_bytes: int, error: type[VledgeError
     return b"".join(chunks)
 
 
+def check_regular(path: str | os.PathLike, max_bytes: int, error: type[VledgeError] = DataError,
+                  what: str = "file") -> int:
+    """The size of the regular file ``path`` (at most ``max_bytes``), for readers that open it themselves."""
+    name = os.fspath(path)
+    try:
+        info = os.stat(name)
+    except FileNotFoundError:
+        raise error(f"cannot read {what} {name}: no such file") from None
+    except (OSError, ValueError) as exc:
+        raise error(f"cannot read {what} {name}: {getattr(exc, 'strerror', None) or exc}") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise error(f"cannot read {what} {name}: it is {_kind(info.st_mode)}, not a regular file")
+    if info.st_size > max_bytes:
+        raise error(f"cannot read {what} {name}: it has {info.st_size} bytes, over the limit of {max_bytes}")
+    return info.st_size
+
+
 def read_text(path: str | os.PathLike, max_bytes: int = MAX_TEXT_BYTES, error: type[VledgeError] = DataError,
               what: str = "file") -> str:
     """A capped regular file as UTF-8 text (a BOM is dropped); not UTF-8 raises ``error`` naming the file."""

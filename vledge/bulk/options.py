@@ -50,6 +50,7 @@ class BatchOptions:
     providers: str | tuple[str, ...] = "auto"
     max_new_tokens: int = 64
     resume: bool = False
+    follow_links: bool = False  # read files a folder input links to outside itself
 
     def __post_init__(self) -> None:
         _set(self, "model_dir", Path(self.model_dir))
