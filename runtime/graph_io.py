@@ -16,6 +16,7 @@ from vledge.manifest import Manifest
 
 Shape = tuple[Any, ...]  # an int where the width is fixed, None where any size is fine
 INTEGER_INPUTS = ("input_ids", "attention_mask", "position_ids")
+FLOAT_TYPES = ("tensor(float)", "tensor(float16)")  # every other input and output
 
 
 def expected_io(manifest: Manifest) -> dict[str, tuple[dict[str, Shape], dict[str, Shape]]]:
@@ -75,6 +76,9 @@ def _check_shape(component: str, root: Path, node: Any, expected: Shape) -> None
                                 f"the manifest's model needs {want} ({_meaning(node.name, axis)})")
     if node.name in INTEGER_INPUTS and node.type != "tensor(int64)":
         raise ModelDirError(f"{component} in {root}: {node.name} is {node.type}, expected tensor(int64)")
+    if node.name not in INTEGER_INPUTS and node.type not in FLOAT_TYPES:
+        raise ModelDirError(f"{component} in {root}: {node.name} is {node.type}, expected tensor(float) or "
+                            "tensor(float16)")
 
 
 def _meaning(name: str, axis: int) -> str:

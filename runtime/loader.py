@@ -93,6 +93,7 @@ def load(
         heads=language.key_value_heads if language.has_kv_cache else 0,  # the cache's heads: kv_heads under GQA
         head_dim=language.head_dim if language.has_kv_cache else 0, hidden=language.hidden,
         device=device, device_id=device_id, vocab_size=int(language.vocab_size), fast_binding=fast_binding,
+        image_tokens=int(manifest.num_image_tokens),
     )
     _check_io(graphs, manifest, root)
     graphs.token_table()  # read the token embeddings once now rather than in the first caption

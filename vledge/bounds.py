@@ -12,6 +12,7 @@ from vledge.errors import ConfigError
 MAX_THREADS = 256  # intra-op / torch threads (a fixed number, not a multiple of the cores)
 MAX_BEAMS = 64  # beam search width
 MAX_GRAD_ACCUM = 4096  # gradient accumulation steps per optimizer step
+MAX_SEED = 2**63 - 1  # seeds are 0..MAX_SEED (numpy refuses negative seeds)
 
 
 def check_count(name: str, value, low: int, high: int) -> int:

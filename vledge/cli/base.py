@@ -14,7 +14,7 @@ from pathlib import Path
 import click
 
 from vledge import __version__
-from vledge.bounds import MAX_BEAMS, MAX_THREADS
+from vledge.bounds import MAX_BEAMS, MAX_SEED, MAX_THREADS
 from vledge.errors import VledgeError
 
 THREADS = click.IntRange(1, MAX_THREADS)  # every --threads option: at most MAX_THREADS
@@ -129,7 +129,7 @@ def inference_options(command):
                      help=f"Beam search when above 1 (at most {MAX_BEAMS})."),
         click.option("--repetition-penalty", type=FiniteFloat(min=0, min_open=True), default=1.0,
                      help="Above 1 discourages repeated tokens."),
-        click.option("--seed", type=int, default=None, help="Seed for sampling."),
+        click.option("--seed", type=click.IntRange(0, MAX_SEED), default=None, help="Seed for sampling (0 or more)."),
         click.option("--stop", "stop_strings", multiple=True,
                      help="Stop at this text, cut before it (repeatable; \\n means a newline)."),
         click.option("--jsonl", is_flag=True, help="One JSON object per image on stdout."),

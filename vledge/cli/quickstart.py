@@ -20,7 +20,7 @@ from vledge.cli.base import THREADS, FiniteFloat, fail_cleanly, main
               help="Per-cell pretraining of the vision encoder on the scenes' labels (0: skip).")
 @click.option("--threads", type=THREADS, default=None,
               help="Default: the cores other processes leave free at the start (1-minute load average), at least 1.")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=click.IntRange(0, 2**32 - 1), default=0, show_default=True)
 @click.option("--force", is_flag=True, help="Reuse a non-empty output folder.")
 @fail_cleanly
 def quickstart_command(out_dir, preset, size, minutes, max_steps, vision_pretrain_steps, threads, seed, force) -> None:

@@ -27,7 +27,7 @@ from vledge.cli.base import THREADS, FiniteFloat, fail_cleanly, main
               help=f"Batches accumulated per optimizer step (at most {MAX_GRAD_ACCUM}).")
 @click.option("--lr", type=FiniteFloat(), default=None)
 @click.option("--eval-every", type=click.IntRange(min=1), default=None)
-@click.option("--seed", type=int, default=None)
+@click.option("--seed", type=click.IntRange(0, 2**32 - 1), default=None)
 @click.option("--threads", type=THREADS, default=None, help="torch threads per process.")
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default=None)
 @click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda | cuda:N")
@@ -130,7 +130,7 @@ def train(data_dir, preset, run_dir, stage, max_steps, minutes, batch_size, grad
               help="Wall-time budget; whichever of steps and time runs out first ends the run.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=None)
 @click.option("--lr", type=FiniteFloat(), default=None)
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=click.IntRange(0, 2**32 - 1), default=0, show_default=True)
 @click.option("--threads", type=THREADS, default=None, help="torch threads.")
 @fail_cleanly
 def pretrain_vision_command(data_dir, out_path, preset, steps, minutes, batch_size, lr, seed, threads) -> None:
