@@ -13,8 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from vledge.errors import ConfigError, DataError, ImageError, InferenceError, ModelDirError, OutputError
-from vledge.reads import MAX_JSON_DEPTH, parse_json, read_capped, read_json
+from vledge.errors import ConfigError, DataError, ImageError, ModelDirError, OutputError
 
 
 def vledge_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -51,6 +50,8 @@ def huge(tmp_path) -> Path:
 
 
 def test_read_capped_takes_only_regular_files_under_the_cap(tmp_path, fifo, huge):
+    from vledge.reads import read_capped
+
     (tmp_path / "small.bin").write_bytes(b"abc")
     assert read_capped(tmp_path / "small.bin", 3) == b"abc"
     for path, words in (("/dev/zero", "character device"), (fifo, "FIFO"), (tmp_path, "directory"),
@@ -63,6 +64,8 @@ def test_read_capped_takes_only_regular_files_under_the_cap(tmp_path, fifo, huge
 
 
 def test_json_nested_too_deep_is_a_typed_error(tmp_path):
+    from vledge.reads import MAX_JSON_DEPTH, parse_json, read_json
+
     with pytest.raises(DataError, match="nested"):
         parse_json("[" * 100_000 + "]" * 100_000, "x")
     with pytest.raises(DataError, match="nested more than"):
@@ -307,6 +310,7 @@ def _graph_change(kind: str):
 @pytest.mark.parametrize("kind", ["nan_features", "nan_logits", "float64_features", "extra_feature"])
 def test_broken_numbers_from_a_graph_are_refused_not_captioned(tiny_model_dir, synth_data, tmp_path, kind):
     import vledge.runtime
+    from vledge.errors import InferenceError
 
     graph, change = _graph_change(kind)
     broken = _rewrite(tiny_model_dir, tmp_path, graph, change)
