@@ -134,6 +134,16 @@ def test_training_annotations_that_are_a_fifo_or_too_deep_are_data_errors(tmp_pa
         read_annotations(tmp_path / "train.json")
 
 
+def test_a_tokenizer_config_nested_100000_deep_is_a_tokenizer_error(tiny_model_dir, tmp_path):
+    from vledge.errors import TokenizerError
+    from vledge.models.hf_tokenizer import adapt_tokenizer
+
+    shutil.copy(tiny_model_dir / "tokenizer.json", tmp_path / "tokenizer.json")
+    (tmp_path / "tokenizer_config.json").write_text('{"a": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    with pytest.raises(TokenizerError, match="tokenizer_config.json.*nested"):
+        adapt_tokenizer(tmp_path)
+
+
 # --------------------------------------------------------------------------- batch
 
 
