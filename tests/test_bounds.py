@@ -79,6 +79,7 @@ def test_json_nested_too_deep_is_a_typed_error(tmp_path):
 # --------------------------------------------------------------------------- caption, webcam, training data
 
 
+@pytest.mark.slow
 def test_caption_refuses_dev_zero_a_fifo_and_a_1gb_file(tiny_model_dir, fifo, huge):
     for path, words in (("/dev/zero", "character device"), (str(fifo), "FIFO"), (str(huge), "over the limit")):
         done = vledge_cli("caption", "--model", str(tiny_model_dir), "--threads", "1", path, timeout=60)
@@ -86,6 +87,7 @@ def test_caption_refuses_dev_zero_a_fifo_and_a_1gb_file(tiny_model_dir, fifo, hu
         assert f"{path}: error: ImageError: cannot read image {path}: " in done.stderr and words in done.stderr
 
 
+@pytest.mark.slow
 def test_caption_seed_threads_and_beams_are_bounded(tiny_model_dir, synth_data):
     image = str(sorted((synth_data / "images").iterdir())[0])
     model = ["caption", "--model", str(tiny_model_dir)]
@@ -147,6 +149,7 @@ def test_a_tokenizer_config_nested_100000_deep_is_a_tokenizer_error(tiny_model_d
 # --------------------------------------------------------------------------- batch
 
 
+@pytest.mark.slow
 def test_batch_list_with_dev_zero_and_a_fifo_records_failed_rows_and_goes_on(tiny_model_dir, synth_data, tmp_path,
                                                                             fifo):
     from vledge.bulk import BatchOptions, run_batch
@@ -163,6 +166,7 @@ def test_batch_list_with_dev_zero_and_a_fifo_records_failed_rows_and_goes_on(tin
     assert summary.captioned == 3
 
 
+@pytest.mark.slow
 def test_batch_non_utf8_list_and_links_out_of_the_folder_are_refused(tiny_model_dir, synth_data, tmp_path):
     listing = tmp_path / "inputs.txt"
     listing.write_bytes(b"\xff\xfe\x00a.png\n")
@@ -183,6 +187,7 @@ def test_batch_non_utf8_list_and_links_out_of_the_folder_are_refused(tiny_model_
     assert run_batch(BatchOptions(output=tmp_path / "followed.jsonl", follow_links=True, **options)).captioned == 1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("edit", ["out_of_range", "text", "not_a_row", "nested"])
 def test_batch_resume_refuses_hand_edited_parts(tiny_model_dir, synth_data, tmp_path, edit):
     from vledge.bulk import BatchOptions, run_batch
@@ -317,6 +322,7 @@ def _graph_change(kind: str):
     raise AssertionError(kind)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["nan_features", "nan_logits", "float64_features", "extra_feature"])
 def test_broken_numbers_from_a_graph_are_refused_not_captioned(tiny_model_dir, synth_data, tmp_path, kind):
     import vledge.runtime
