@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from vledge.errors import ConfigError
+from vledge.errors import ConfigError, InferenceError
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +59,7 @@ class Graphs:
     vocab_size: int = 0  # > 0 enables the token embedding table
     use_embed_table: bool = True
     fast_binding: bool = True  # bind through ONNX Runtime's pybind objects (see _Binder); False: public API only
+    image_tokens: int = 0  # > 0: the vision encoder's features must have this many tokens
     _table: np.ndarray | None = field(default=None, init=False, repr=False)
     _table_lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
 
@@ -113,7 +114,20 @@ class Graphs:
     def encode_images(self, pixel_values: np.ndarray) -> np.ndarray:
         """Image embeddings [N, image_tokens, hidden] in float32."""
         pixels = np.ascontiguousarray(pixel_values, dtype=self.vision_input_type)
-        return self.vision.run(None, {"pixel_values": pixels})[0].astype(np.float32, copy=False)
+        features = self.vision.run(None, {"pixel_values": pixels})[0]
+        expected = (pixels.shape[0], self.image_tokens or None, self.hidden)
+        if features.ndim != 3 or any(want is not None and have != want
+                                     for have, want in zip(features.shape, expected)):
+            raise InferenceError(f"the vision encoder returned features of shape {features.shape}; the model "
+                                 f"needs {tuple(w if w is not None else 'image_tokens' for w in expected)}")
+        if features.dtype not in (np.float32, np.float16):
+            raise InferenceError(f"the vision encoder returned {features.dtype} features; float32 or float16 "
+                                 "expected")
+        features = features.astype(np.float32, copy=False)
+        if not np.isfinite(features).all():
+            raise InferenceError("the vision encoder produced NaN or infinite features: its weights or graph are "
+                                 "broken (a caption from them would be meaningless)")
+        return features
 
 
 def position_ids_from_mask(mask: np.ndarray) -> np.ndarray:

@@ -24,6 +24,7 @@ def image_output(manifest: Manifest) -> str:
     """The vision encoder's output name the manifest lists (``image_features`` when it lists neither)."""
     listed = manifest.tensors.get("vision_encoder", {}).get("outputs", [])
     return next((name for name in listed if name in IMAGE_OUTPUTS), IMAGE_OUTPUTS[0])
+FLOAT_TYPES = ("tensor(float)", "tensor(float16)")  # every other input and output
 
 
 def expected_io(manifest: Manifest) -> dict[str, tuple[dict[str, Shape], dict[str, Shape]]]:
@@ -83,6 +84,9 @@ def _check_shape(component: str, root: Path, node: Any, expected: Shape) -> None
                                 f"the manifest's model needs {want} ({_meaning(node.name, axis)})")
     if node.name in INTEGER_INPUTS and node.type != "tensor(int64)":
         raise ModelDirError(f"{component} in {root}: {node.name} is {node.type}, expected tensor(int64)")
+    if node.name not in INTEGER_INPUTS and node.type not in FLOAT_TYPES:
+        raise ModelDirError(f"{component} in {root}: {node.name} is {node.type}, expected tensor(float) or "
+                            "tensor(float16)")
 
 
 def _meaning(name: str, axis: int) -> str:

@@ -17,6 +17,7 @@ import cv2
 import numpy as np
 
 from vledge.errors import ConfigError, ImageError
+from vledge.reads import MAX_IMAGE_FILE_BYTES, read_capped
 from vledge.runtime.image_headers import Probe, probe_header
 
 logger = logging.getLogger(__name__)
@@ -80,17 +81,8 @@ def array_name(array: np.ndarray) -> str:
 
 
 def _read_file(path: str) -> bytes:
-    if os.path.isdir(path):
-        raise ImageError(f"cannot read image {path}: it is a directory")
-    try:
-        with open(path, "rb") as handle:
-            return handle.read()
-    except FileNotFoundError:
-        raise ImageError(f"cannot read image {path}: no such file") from None
-    except OSError as exc:
-        raise ImageError(f"cannot read image {path}: {exc.strerror or exc}") from None
-    except ValueError as exc:  # an embedded NUL, or a lone surrogate the file system cannot encode
-        raise ImageError(f"cannot read image {path!r}: {exc}") from None
+    """A regular file of at most MAX_IMAGE_FILE_BYTES (a FIFO, a device or a larger file is an ImageError)."""
+    return read_capped(path, MAX_IMAGE_FILE_BYTES, ImageError, "image")
 
 
 def _check_pixels(width: int, height: int, limit: int, name: str) -> None:

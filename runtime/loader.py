@@ -6,11 +6,20 @@ Torch-free. What :func:`load` returns is a :class:`vledge.runtime.model.VisionLa
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Sequence
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from vledge.errors import ConfigError, ModelDirError, ProviderError
-from vledge.manifest import COMPONENTS, PRECISIONS, TOKENIZER_NAME, Manifest, read_manifest, resolve_inside
+from vledge.manifest import (
+    COMPONENTS,
+    MANIFEST_NAME,
+    PRECISIONS,
+    TOKENIZER_NAME,
+    Manifest,
+    read_manifest,
+    resolve_inside,
+)
 from vledge.runtime.decoder import Graphs
 from vledge.runtime.gate import gate_failure, gate_warning
 from vledge.runtime.model import VisionLanguageRuntime
@@ -61,6 +70,7 @@ def load(
                            device_id=device_id, threads=threads, optimization=optimization, strict=strict, spin=spin)
     root = Path(model_dir)
     manifest = read_manifest(root, verify=verify)
+    check_nothing_unlisted(root, manifest)
     _check_precisions_exist(manifest, wanted, root)
     tokenizer = Tokenizer.from_file(resolve_inside(root, TOKENIZER_NAME), manifest.model_config.special_tokens)
     names, gpu_fallback = usable_providers(config)  # ProviderError for an explicit GPU request that cannot work
@@ -87,6 +97,7 @@ def load(
         heads=language.key_value_heads if language.has_kv_cache else 0,  # the cache's heads: kv_heads under GQA
         head_dim=language.head_dim if language.has_kv_cache else 0, hidden=language.hidden,
         device=device, device_id=device_id, vocab_size=int(language.vocab_size), fast_binding=fast_binding,
+        image_tokens=int(manifest.num_image_tokens),
     )
     _check_io(graphs, manifest, root)
     graphs.token_table()  # read the token embeddings once now rather than in the first caption
@@ -95,6 +106,26 @@ def load(
         _check_placement(runtime)
     log.info("loaded %s: %s on %s", root, precisions, primary_provider(graphs.decoder))
     return runtime
+
+
+def check_nothing_unlisted(root: Path, manifest: Manifest) -> None:
+    """Refuse a file ONNX Runtime could reach that the manifest does not list (and so does not hash).
+
+    The folders that hold graphs, and the folders below them, are where external data is looked up: every
+    entry there (files, links, anything) must be listed in the manifest; only ``vledge.json`` itself is exempt.
+    """
+    listed = set(manifest.files) | {MANIFEST_NAME}
+    folders = {PurePosixPath(path).parent for by_precision in manifest.variants.values()
+               for path in by_precision.values()}
+    for folder in sorted(folders, key=lambda f: len(f.parts)):
+        base = resolve_inside(root, str(folder)) if folder.parts else root
+        for current, dirs, files in os.walk(base):
+            here = PurePosixPath(folder, *Path(current).relative_to(base).parts)
+            for name in sorted(files) + [d for d in dirs if os.path.islink(os.path.join(current, d))]:
+                relative = str(here / name) if here.parts else name
+                if relative not in listed:
+                    raise ModelDirError(f"model directory {root} holds {relative}, which {MANIFEST_NAME} does not "
+                                        "list: a graph could read it unhashed; remove it or re-export")
 
 
 def _wanted_precisions(precision: str | dict[str, str]) -> dict[str, str]:

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import onnxruntime as ort
 
+from vledge.bounds import MAX_THREADS, check_count
 from vledge.errors import ConfigError, ModelDirError, ProviderError
 
 log = logging.getLogger(__name__)
@@ -59,8 +60,8 @@ class SessionConfig:
         if self.optimization not in OPTIMIZATION_LEVELS:
             raise ConfigError(f"unknown graph optimisation level {self.optimization!r}; "
                               f"choose from {sorted(OPTIMIZATION_LEVELS)}")
-        if self.threads is not None and self.threads < 1:
-            raise ConfigError(f"threads must be at least 1, got {self.threads}")
+        if self.threads is not None:
+            check_count("threads", self.threads, 1, MAX_THREADS)
         resolve_providers(self.providers)  # validate names early
 
 

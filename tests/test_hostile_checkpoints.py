@@ -86,6 +86,12 @@ HOSTILE = {
     "weights_inf": _set_weight(_inf),
     "weights_wrong_shape": _set_weight(lambda t: t.reshape(-1)[:-1].clone()),
     "weights_missing": lambda raw: raw["state_dict"].pop(next(iter(raw["state_dict"]))),
+    "weights_sparse": _set_weight(lambda t: t.reshape(t.shape[0], -1).to_sparse()),
+    "weights_meta": _set_weight(lambda t: torch.empty(t.shape, device="meta")),
+    "special_token_a_number": lambda raw: raw["model_config"].__setitem__("special_tokens", {"image": 5}),
+    "special_tokens_a_list": lambda raw: raw["model_config"].__setitem__("special_tokens", ["<image>"]),
+    "tokenizer_garbage": lambda raw: raw.__setitem__("tokenizer_json", '{"model": {"type": "nothing"}}'),
+    "tokenizer_not_json": lambda raw: raw.__setitem__("tokenizer_json", "{not json"),
 }
 
 

@@ -73,6 +73,13 @@ def _graph_with(kind: str, location: str, directory) -> onnx.ModelProto:
         trip = numpy_helper.from_array(np.array(1, np.int64), name="trip")
         return helper.make_model(helper.make_graph(nodes, "g", [x], [y], initializer=[trip]), opset_imports=[
             helper.make_opsetid("", 13)])
+    if kind == "function_default":  # the tensor is the default value of the function's attribute
+        default = helper.make_attribute("k", _external(numpy_helper.from_array(np.ones((2, 3), np.float32), "k"),
+                                                       location, directory))
+        function = helper.make_function("local", "AddDefault", ["a"], ["b"], [helper.make_node("Add", ["a", "a"], ["b"])],
+                                        opset, attribute_protos=[default])
+        graph = helper.make_graph([helper.make_node("AddDefault", ["x"], ["y"], domain="local")], "g", [x], [y])
+        return helper.make_model(graph, opset_imports=opset + [helper.make_opsetid("local", 1)], functions=[function])
     if kind == "function":
         function = helper.make_function("local", "AddConst", ["a"], ["b"],
                                         [_constant("k", location, directory), helper.make_node("Add", ["a", "k"], ["b"])],
@@ -82,7 +89,8 @@ def _graph_with(kind: str, location: str, directory) -> onnx.ModelProto:
     raise AssertionError(kind)
 
 
-KINDS = ["constant", "initializer", "sparse_initializer", "if_branch", "nested_if", "loop_body", "function"]
+KINDS = ["constant", "initializer", "sparse_initializer", "if_branch", "nested_if", "loop_body", "function",
+         "function_default"]
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -124,7 +132,7 @@ def _all_external_tensors(model: onnx.ModelProto):
 
     graph(model.graph)
     for function in model.functions:
-        tensors = []
+        tensors = [attribute.t for attribute in function.attribute_proto]
         nodes(function.node, tensors)
         found.extend(t for t in tensors if t.external_data)
     assert found
@@ -205,6 +213,14 @@ MALFORMED = {
     "architecture_disagrees": _put("architecture", "vocab_size", 999),
     "model_config_heads_zero": _put("model_config", "language", "heads", 0),
     "model_config_hidden_text": _put("model_config", "language", "hidden", "32"),
+    "model_config_special_token_a_number": _put("model_config", "special_tokens", {"image": 5}),
+    "model_config_special_tokens_a_list": _put("model_config", "special_tokens", ["<image>"]),
+    "prompt_a_list": _put("prompt", ["USER:"]),
+    "prompt_field_a_number": _put("prompt", "system", 5),
+    "preprocess_a_number": _put("preprocess", 3),
+    "preprocess_size_text": _put("preprocess", "image_size", "32"),
+    "parity_a_list": _put("parity", [1]),
+    "provenance_a_string": _put("provenance", "me"),
 }
 
 
@@ -267,3 +283,59 @@ def test_graphs_that_disagree_with_the_manifest_are_refused_before_anything_runs
         _edit_manifest(copy, _put("architecture", "layers", 1))
     with pytest.raises(ModelDirError, match=words):
         load(copy, precision="fp32", providers="cpu", threads=1, verify=False)
+
+
+def test_a_graph_under_any_name_is_scanned_and_unlisted_files_in_reach_are_refused(tiny_model_dir, tmp_path):
+    """A graph listed as ``onnx/embed_tokens.bin`` is scanned like any ``.onnx``; a stray file beside the graphs
+    (which ONNX Runtime could read as external data) stops the load."""
+    from vledge.manifest import read_manifest
+    from vledge.runtime import load
+
+    copy = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, copy)
+    model = onnx.load(str(copy / "onnx" / "embed_tokens.onnx"))
+    table = model.graph.initializer[0]
+    _external(table, "sneaky.data", copy / "onnx")
+    (copy / "onnx" / "embed_tokens.onnx").unlink()
+    onnx.save(model, str(copy / "onnx" / "embed_tokens.bin"))
+
+    def rename(manifest):
+        manifest["files"].pop("onnx/embed_tokens.onnx")
+        manifest["variants"]["embed_tokens"]["fp32"] = "onnx/embed_tokens.bin"
+    _edit_manifest(copy, rename)
+    _rehash(copy, "onnx/embed_tokens.bin")
+    for verify in (True, False):
+        with pytest.raises(ModelDirError, match="sneaky.data.*does not hash"):
+            read_manifest(copy, verify=verify)
+
+    clean = tmp_path / "clean"
+    shutil.copytree(tiny_model_dir, clean)
+    (clean / "onnx" / "notes.txt").write_text("left over")
+    with pytest.raises(ModelDirError, match="onnx/notes.txt.*does not list"):
+        load(clean, precision="fp32", providers="cpu", threads=1)
+    (clean / "onnx" / "notes.txt").unlink()
+    (clean / "onnx" / "deeper").mkdir()
+    (clean / "onnx" / "deeper" / "weights.bin").write_bytes(b"0" * 16)
+    with pytest.raises(ModelDirError, match="onnx/deeper/weights.bin"):
+        load(clean, precision="fp32", providers="cpu", threads=1)
+
+
+@pytest.mark.parametrize("what", ["deep", "fifo", "huge"])
+def test_a_manifest_nested_deep_or_not_a_regular_file_is_one_typed_error(tiny_model_dir, tmp_path, what):
+    import os
+
+    from vledge.runtime import load
+
+    copy = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, copy)
+    manifest = copy / MANIFEST_NAME
+    manifest.unlink()
+    if what == "deep":
+        manifest.write_text('{"format": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    elif what == "fifo":
+        os.mkfifo(manifest)
+    else:
+        with open(manifest, "wb") as handle:
+            handle.truncate(300 << 20)  # sparse: costs no disk
+    with pytest.raises(ModelDirError, match="vledge.json"):
+        load(copy, precision="fp32", providers="cpu", threads=1)

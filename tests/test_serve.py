@@ -390,3 +390,135 @@ def test_lstm_model_is_served_like_the_runtime(tiny_lstm_model_dir, images):
                                                             timeout=60).json(), bodies))
     assert [a["choices"][0]["message"]["content"] for a in answers] == [
         alone(lstm, image, max_tokens=12).text for image in images[:4]]
+
+
+# --------------------------------------------------------------------------- limits under hostile clients
+
+
+def blank_png(width: int, height: int) -> bytes:
+    """A valid grey PNG of ``width`` x ``height`` black pixels: a few KB that decode to width*height pixels."""
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
+
+    raw = zlib.compress(bytes(height * (width + 1)), 9)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
+            + chunk(b"IDAT", raw) + chunk(b"IEND", b""))
+
+
+def huge_headers(port: int, total: int) -> bytes:
+    """Send a request whose headers grow to ``total`` bytes; what the server answers before closing."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+        try:
+            raw.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n")
+            line = b"X-Filler: " + b"a" * 8000 + b"\r\n"
+            for _ in range(total // len(line)):
+                raw.sendall(line)
+            raw.sendall(b"\r\n")
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        try:
+            return raw.recv(4096)
+        except (ConnectionResetError, TimeoutError):
+            return b""
+
+
+def test_health_answers_within_a_second_while_hostile_clients_send_the_limits(model, images):
+    """Every hostile request gets its 4xx, and /health keeps answering within 1 s throughout (client timeout)."""
+    photo = chat_body(data_url(images[5].read_bytes()))
+    with running(model, max_image_pixels=9_000_000, max_pixels_in_flight=18_000_000,
+                 max_header_bytes=16 << 10) as base:
+        url = f"{base}/v1/chat/completions"
+        port = int(base.rsplit(":", 1)[1])
+        done = threading.Event()
+        polls: list[float] = []
+        failures: list[str] = []
+
+        def poll_health() -> None:
+            with httpx.Client(timeout=1.0) as client:
+                for _ in range(3000):  # bounded: about five minutes at most
+                    if done.is_set():
+                        return
+                    started = time.perf_counter()
+                    try:
+                        assert client.get(f"{base}/health").status_code == 200
+                        polls.append(time.perf_counter() - started)
+                    except (httpx.HTTPError, AssertionError) as exc:
+                        failures.append(repr(exc))
+                    time.sleep(0.05)
+
+        watcher = threading.Thread(target=poll_health, daemon=True)
+        watcher.start()
+        try:
+            long_text = chat_body(data_url(images[5].read_bytes()), "a" * 12_000_000)
+            assert_openai_error(httpx.post(url, json=long_text, timeout=60), 400, "text_too_long")
+            many = {"messages": [{"role": "system", "content": "x"}] * 250_000 + photo["messages"]}
+            assert_openai_error(httpx.post(url, json=many, timeout=60), 400, "invalid_request")
+            some = {"messages": [{"role": "system", "content": "x"}] * 40 + photo["messages"]}
+            assert_openai_error(httpx.post(url, json=some, timeout=60), 400, "too_many_messages")
+            deep = b'{"messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+            assert_openai_error(httpx.post(url, content=deep, timeout=60), 400, "invalid_json")
+            assert_openai_error(httpx.post(url, json={**photo, "seed": -1}, timeout=60), 400, "invalid_request")
+            over = assert_openai_error(httpx.post(url, json=chat_body(data_url(blank_png(4000, 4000))),
+                                                  timeout=60), 400, "invalid_image")
+            assert "4000x4000" in over["message"]
+            big = json.dumps(chat_body(data_url(blank_png(3000, 3000)))).encode()
+            with ThreadPoolExecutor(8) as pool:
+                answers = list(pool.map(lambda _: httpx.post(url, content=big, timeout=120), range(8)))
+            for answer in answers:  # each either answered or refused for the budget, never a 500
+                if answer.status_code != 200:
+                    assert_openai_error(answer, 429, "pixel_budget_exceeded")
+            assert huge_headers(port, 1 << 20)[:12] in (b"", b"HTTP/1.1 400", b"HTTP/1.1 431")
+            for path in ("/docs", "/redoc", "/openapi.json"):
+                assert httpx.get(f"{base}{path}").status_code == 404
+            assert httpx.post(url, json=photo, timeout=60).status_code == 200
+        finally:
+            done.set()
+            watcher.join(10)
+    assert not failures, failures
+    assert polls
+
+
+def test_pixel_budget_refuses_what_would_go_over_it():
+    from vledge.errors import RequestError
+    from vledge.serve.budget import PixelBudget
+
+    budget = PixelBudget(100, retry_after_s=3)
+    with budget.reserve(60):
+        with pytest.raises(RequestError) as refused:
+            with budget.reserve(41):
+                pass
+        assert refused.value.status == 429 and refused.value.retry_after_s == 3
+        with budget.reserve(40):
+            assert budget.held == 100
+    assert budget.held == 0
+
+
+def test_api_pages_are_off_by_default_and_behind_the_key_when_on(model):
+    with running(model, docs=True, api_key="k3y") as base:
+        for path in ("/docs", "/redoc", "/openapi.json"):
+            assert_openai_error(httpx.get(f"{base}{path}"), 401, "missing_api_key")
+            assert httpx.get(f"{base}{path}", headers={"Authorization": "Bearer k3y"}).status_code == 200
+        assert httpx.get(f"{base}/health").status_code == 200
+
+
+def test_cli_busy_port_and_too_many_threads_are_one_error_line(tiny_model_dir):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        port = busy.getsockname()[1]
+        done = subprocess.run([sys.executable, "-m", "vledge", "serve", "--model", str(tiny_model_dir), "--port",
+                               str(port)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: ConfigError: cannot listen on 127.0.0.1:"), done.stderr
+    many = subprocess.run([sys.executable, "-m", "vledge", "serve", "--model", str(tiny_model_dir), "--threads",
+                           "1000000"], capture_output=True, text=True, timeout=120)
+    assert many.returncode == 2 and "--threads" in many.stderr and "Traceback" not in many.stderr
+
+
+def test_serve_limits_are_checked_once():
+    for field in ("max_messages", "max_text_chars", "max_image_pixels", "max_header_bytes"):
+        with pytest.raises(ConfigError, match=field):
+            ServeOptions(**{field: 0})
+    with pytest.raises(ConfigError, match="max_pixels_in_flight"):
+        ServeOptions(max_image_pixels=10, max_pixels_in_flight=5)

@@ -9,6 +9,7 @@ tuned on while the manifest, and so the runtime, needs neither jinja nor the tem
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -28,25 +29,108 @@ class ChatPieces:
     uses_bos: bool  # the rendered conversation starts with the bos token
 
 
-def render(template: str, messages: list[dict[str, str]], add_generation_prompt: bool,
-           bos_token: str, eos_token: str) -> str:
-    """The template's text for ``messages``, in the sandbox transformers renders chat templates in."""
-    from jinja2.exceptions import TemplateError
+MAX_TEMPLATE_CHARS = 100_000  # characters a chat template may write for one conversation
+MAX_TEMPLATE_STEPS = 1_000_000  # loop iterations, calls and attribute lookups while rendering
+MAX_TEMPLATE_SECONDS = 5.0  # wall time of one rendering
+MAX_TEMPLATE_RANGE = 10_000  # the longest range() a template may loop over
+
+
+class _Budget:
+    """Steps and time left to one rendering; running out is a ConfigError, checked as the template runs."""
+
+    def __init__(self) -> None:
+        self.steps = 0
+        self.deadline = time.monotonic() + MAX_TEMPLATE_SECONDS
+
+    def tick(self) -> None:
+        self.steps += 1
+        if self.steps > MAX_TEMPLATE_STEPS:
+            raise ConfigError(f"the chat template runs more than {MAX_TEMPLATE_STEPS} steps for one conversation")
+        if not self.steps % 256 and time.monotonic() > self.deadline:
+            raise ConfigError(f"the chat template takes more than {MAX_TEMPLATE_SECONDS:g} s to render")
+
+
+def _environment(budget: _Budget):
+    """jinja's immutable sandbox, as transformers renders chat templates, with every loop, call, lookup and
+    arithmetic result counted or sized against ``budget``."""
+    from jinja2.exceptions import SecurityError, TemplateError
     from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    class Bounded(ImmutableSandboxedEnvironment):
+        intercepted_binops = frozenset(["*", "**", "+"])
+
+        def call(self, context, obj, *args, **kwargs):
+            budget.tick()
+            return super().call(context, obj, *args, **kwargs)
+
+        def getattr(self, obj, attribute):
+            budget.tick()
+            return super().getattr(obj, attribute)
+
+        def getitem(self, obj, argument):
+            budget.tick()
+            return super().getitem(obj, argument)
+
+        def call_binop(self, context, operator, left, right):
+            if operator == "**" and isinstance(right, int) and abs(right) > 64:
+                raise SecurityError("the chat template raises a number to a power over 64")
+            if operator == "*" and isinstance(right, int) and isinstance(left, (str, list)) or (
+                    operator == "*" and isinstance(left, int) and isinstance(right, (str, list))):
+                length = len(left) * right if isinstance(right, int) else len(right) * left
+                if length > MAX_TEMPLATE_CHARS:
+                    raise SecurityError(f"the chat template builds a value of {length} items")
+            result = super().call_binop(context, operator, left, right)
+            if isinstance(result, (str, list)) and len(result) > MAX_TEMPLATE_CHARS:
+                raise SecurityError(f"the chat template builds a value of {len(result)} items")
+            return result
 
     def raise_exception(message: str) -> None:
         raise TemplateError(message)
 
-    environment = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    def bounded_range(*args):
+        numbers = range(*args)
+        if len(numbers) > MAX_TEMPLATE_RANGE:
+            raise SecurityError(f"the chat template loops over range({len(numbers)}), over {MAX_TEMPLATE_RANGE}")
+        for number in numbers:
+            budget.tick()
+            yield number
+
+    environment = Bounded(trim_blocks=True, lstrip_blocks=True)
     environment.globals["raise_exception"] = raise_exception
     environment.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    environment.globals["range"] = bounded_range
+    return environment
+
+
+def render(template: str, messages: list[dict[str, str]], add_generation_prompt: bool,
+           bos_token: str, eos_token: str) -> str:
+    """The template's text for ``messages``, in the sandbox transformers renders chat templates in.
+
+    Bounded: at most MAX_TEMPLATE_CHARS of output, MAX_TEMPLATE_STEPS steps, MAX_TEMPLATE_SECONDS, and
+    ranges of MAX_TEMPLATE_RANGE; a template past a bound, or one that fails in any way (a TypeError, endless
+    recursion), is a ConfigError.
+    """
+    budget = _Budget()
+    pieces, length = [], 0
     try:
-        return environment.from_string(template).render(
-            messages=messages, add_generation_prompt=add_generation_prompt, bos_token=bos_token,
-            eos_token=eos_token,
-        )
-    except TemplateError as exc:
-        raise ConfigError(f"the chat template cannot render a plain user/assistant conversation: {exc}") from None
+        compiled = _environment(budget).from_string(template)
+        for piece in compiled.generate(messages=messages, add_generation_prompt=add_generation_prompt,
+                                       bos_token=bos_token, eos_token=eos_token):
+            budget.tick()
+            length += len(piece)
+            if length > MAX_TEMPLATE_CHARS:
+                raise ConfigError(f"the chat template writes more than {MAX_TEMPLATE_CHARS} characters for a "
+                                  "two-turn conversation")
+            pieces.append(piece)
+    except ConfigError:
+        raise
+    except RecursionError:
+        raise ConfigError("the chat template cannot render a plain user/assistant conversation: it recurses "
+                          "without end") from None
+    except Exception as exc:  # noqa: BLE001 - jinja and the template's own code raise anything (TypeError, ...)
+        raise ConfigError(f"the chat template cannot render a plain user/assistant conversation: "
+                          f"{type(exc).__name__}: {exc}") from None
+    return "".join(pieces)
 
 
 def chat_pieces(template: str, bos_token: str, eos_token: str, special_tokens: Sequence[str]) -> ChatPieces:

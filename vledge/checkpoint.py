@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from vledge.checkpoint_checks import check_special_tokens, check_tensor_layout, checkpoint_tokenizer
 from vledge.config import ModelConfig, PreprocessSpec, TrainConfig, from_dict, to_dict
 from vledge.errors import CheckpointError, ConfigError
 from vledge.hashing import file_sha256  # noqa: F401 (the checkpoint's digest, re-exported)
@@ -45,9 +46,7 @@ class Checkpoint:
         return self.model_config.preprocess
 
     def tokenizer(self):
-        from vledge.tokenizer import Tokenizer
-
-        return Tokenizer.from_json(self.tokenizer_json, self.model_config.special_tokens)
+        return checkpoint_tokenizer(self.tokenizer_json, self.model_config.special_tokens, self.source)
 
     def build_model(self):
         """The model with these weights, in eval mode, on the CPU.
@@ -118,6 +117,7 @@ def load_checkpoint(path: str | Path, map_location: str = "cpu") -> Checkpoint:
         raise CheckpointError(f"{path} is not a vledge checkpoint (no '{FORMAT}' format tag)")
     if payload.get("version") != VERSION:
         raise CheckpointError(f"{path} has checkpoint version {payload.get('version')}, this vledge reads {VERSION}")
+    check_special_tokens(payload.get("model_config"), str(path))
     try:
         model_config = from_dict(ModelConfig, payload["model_config"])
         train_config = from_dict(TrainConfig, payload["train_config"]) if payload.get("train_config") else None
@@ -132,6 +132,7 @@ def load_checkpoint(path: str | Path, map_location: str = "cpu") -> Checkpoint:
         if payload.get(key) is not None and not isinstance(payload[key], dict):
             raise CheckpointError(f"{path}: {key} is {type(payload[key]).__name__}, not a mapping")
     validate_weights(payload["state_dict"], model_config, str(path))
+    checkpoint_tokenizer(payload["tokenizer_json"], model_config.special_tokens, str(path))  # garbage: named now
     return Checkpoint(
         model_config=model_config,
         tokenizer_json=payload["tokenizer_json"],
@@ -155,6 +156,7 @@ def validate_weights(state_dict: Any, model_config: ModelConfig, source: str) ->
     for name, tensor in state_dict.items():
         if not isinstance(name, str) or not isinstance(tensor, torch.Tensor):
             raise CheckpointError(f"{source}: state_dict entry {name!r} is {type(tensor).__name__}, not a tensor")
+        check_tensor_layout(name, tensor, source)
         dtype = str(tensor.dtype).removeprefix("torch.")
         if name.endswith(COUNTER_SUFFIX):
             if dtype != "int64":

@@ -19,6 +19,7 @@ from vledge.config_fields import (  # noqa: F401 (re-exported)
     require_positive,
     to_dict,
 )
+from vledge.bounds import check_train_counts
 from vledge.errors import ConfigError
 from vledge.families import language_family, vision_family
 from vledge.families.hf_config import MAX_HEADS, MAX_IMAGE_SIZE, MAX_LAYERS, MAX_POSITIONS, MAX_VOCAB, MAX_WIDTH
@@ -402,8 +403,7 @@ class TrainConfig:
             raise ConfigError(f"TrainConfig.eval_samples must not be negative, got {self.eval_samples}")
         if self.warmup_steps < 0:
             raise ConfigError(f"TrainConfig.warmup_steps must not be negative, got {self.warmup_steps}")
-        if self.threads is not None and self.threads < 1:
-            raise ConfigError(f"TrainConfig.threads must be at least 1, got {self.threads}")
+        check_train_counts(self.grad_accum, self.threads)
         if not self.stages:
             raise ConfigError("TrainConfig.stages must name at least one stage")
 

@@ -15,7 +15,8 @@ from typing import Protocol
 
 import numpy as np
 
-from vledge.errors import ConfigError
+from vledge.bounds import MAX_BEAMS, MAX_SEED, check_count
+from vledge.errors import ConfigError, InferenceError
 
 
 @dataclass(frozen=True)
@@ -42,8 +43,9 @@ class GenerationOptions:
             raise ConfigError(f"top_k must be >= 0, got {self.top_k}")
         if not 0 < self.top_p <= 1:
             raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.num_beams < 1:
-            raise ConfigError(f"num_beams must be at least 1, got {self.num_beams}")
+        check_count("num_beams", self.num_beams, 1, MAX_BEAMS)
+        if self.seed is not None:
+            check_count("seed", self.seed, 0, MAX_SEED)
         if self.repetition_penalty <= 0:
             raise ConfigError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
         if self.num_beams > 1 and self.temperature > 0:
@@ -266,9 +268,34 @@ def decode_tokens(
 
     Beam search ignores ``on_token`` and ``stop_check``: its hypotheses are only final at the end.
     """
+    model = _FiniteSteps(model)
+    first_logits = usable_logits(first_logits)
     if options.num_beams > 1:
         return beam_search(first_logits, model, options, eos_id)
     return sample_or_greedy(first_logits, model, options, eos_id, on_token, stop_check)
+
+
+def usable_logits(logits: np.ndarray) -> np.ndarray:
+    """``logits`` when every row has a finite best score; NaN or +inf anywhere (or a row all -inf) means the
+    weights or the graph are broken, and an answer picked from them would be silently wrong."""
+    best = np.max(logits, axis=-1) if logits.size else logits
+    if not np.isfinite(best).all():
+        raise InferenceError("the language model produced NaN or infinite logits: its weights or graph are "
+                             "broken (a caption from them would be meaningless)")
+    return logits
+
+
+class _FiniteSteps:
+    """A StepModel whose every step's logits are checked by :func:`usable_logits`."""
+
+    def __init__(self, inner: StepModel) -> None:
+        self.inner = inner
+
+    def step(self, tokens: np.ndarray) -> np.ndarray:
+        return usable_logits(self.inner.step(tokens))
+
+    def reorder(self, rows: np.ndarray) -> None:
+        self.inner.reorder(rows)
 
 
 def left_pad(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:

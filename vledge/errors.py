@@ -39,6 +39,10 @@ class ModelDirError(VledgeError):
     """A model directory that is missing, malformed, tampered with or unsafe to read."""
 
 
+class InferenceError(VledgeError):
+    """A model's graphs gave values no answer can come from (NaN or infinite logits or image features)."""
+
+
 class ProviderError(VledgeError):
     """An execution provider was asked for but is not really available, or ran the graph elsewhere."""
 

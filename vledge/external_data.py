@@ -3,7 +3,7 @@
 The runtime has no onnx dependency, so this walks ModelProto by field number. ONNX Runtime
 reads external data for any tensor it meets: graph initializers and sparse initializers,
 tensor attributes of nodes (``Constant``'s ``value`` and friends), the subgraphs of ``If`` /
-``Loop`` / ``Scan`` to any depth, model-local functions and training-info graphs. All of them
+``Loop`` / ``Scan`` to any depth, model-local functions (their nodes and their attributes' default values) and training-info graphs. All of them
 are visited, with an explicit stack so that a deeply nested hostile file cannot exhaust
 Python's recursion limit.
 """
@@ -21,7 +21,7 @@ CHILDREN = {
     GRAPH: {1: NODE, 5: TENSOR, 15: SPARSE},
     NODE: {5: ATTRIBUTE},
     ATTRIBUTE: {5: TENSOR, 6: GRAPH, 10: TENSOR, 11: GRAPH, 22: SPARSE, 23: SPARSE},
-    FUNCTION: {7: NODE},
+    FUNCTION: {7: NODE, 11: ATTRIBUTE},  # 11: attribute_proto, the defaults of the function's attributes
     TRAINING: {1: GRAPH, 2: GRAPH},
     SPARSE: {1: TENSOR, 2: TENSOR},
 }

@@ -201,3 +201,21 @@ def _swap_into_place(staging: Path, dst: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
     else:
         old.unlink(missing_ok=True)
+
+
+def check_writable_folder(folder: str | os.PathLike, what: str = "output folder") -> Path:
+    """Make ``folder`` if needed and prove a file can be created in it, before any long work writes there.
+
+    OutputError names the folder when it is a file, cannot be made, or refuses a new file (read-only, full).
+    """
+    path = Path(folder)
+    if path.exists() and not path.is_dir():
+        raise OutputError(f"{what} {path} is a file, not a folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        handle, probe = tempfile.mkstemp(prefix=".vledge-write-check-", dir=path)
+        os.close(handle)
+        os.unlink(probe)
+    except OSError as exc:
+        raise OutputError(f"cannot write into {what} {path}: {exc.strerror or exc}") from None
+    return path

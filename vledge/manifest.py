@@ -8,7 +8,6 @@ external-data references inside the ONNX files themselves.
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -19,6 +18,7 @@ from vledge.config import ModelConfig, PreprocessSpec, PromptTemplate, from_dict
 from vledge.errors import ConfigError, ModelDirError
 from vledge.external_data import external_data_locations
 from vledge.manifest_schema import COMPONENTS, PRECISIONS, validate_manifest  # the names live in the schema
+from vledge.reads import read_json
 
 log = logging.getLogger(__name__)
 
@@ -185,10 +185,7 @@ def read_manifest(model_dir: str | Path, verify: bool = True) -> Manifest:
     manifest_path = root / MANIFEST_NAME
     if not manifest_path.is_file():
         raise ModelDirError(f"{root} has no {MANIFEST_NAME}; is it a directory written by `vledge export`?")
-    try:
-        data = json.loads(manifest_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ModelDirError(f"cannot read {manifest_path}: {exc}") from None
+    data = read_json(manifest_path, error=ModelDirError, what="model manifest")  # capped, depth-limited
     manifest = Manifest.from_dict(data, source=str(manifest_path))
     for component, by_precision in manifest.variants.items():
         for precision, relative in by_precision.items():
@@ -196,19 +193,24 @@ def read_manifest(model_dir: str | Path, verify: bool = True) -> Manifest:
                 raise ModelDirError(f"{manifest_path}: {component}/{precision} names {relative!r}, which has no hash")
     if TOKENIZER_NAME not in manifest.files:
         raise ModelDirError(f"{manifest_path} does not list {TOKENIZER_NAME}")
+    graphs = {path for by_precision in manifest.variants.values() for path in by_precision.values()}
     for relative, entry in manifest.files.items():
         path = resolve_inside(root, relative)
         if not path.is_file():
             raise ModelDirError(f"model directory {root} is missing {relative}")
         if verify:
-            verify_file(root, relative, entry, set(manifest.files))
-        elif relative.endswith(".onnx"):  # unhashed, but what ONNX Runtime would read must still be listed
+            verify_file(root, relative, entry, set(manifest.files), graph=relative in graphs)
+        elif relative.endswith(".onnx") or relative in graphs:  # unhashed, but what ONNX Runtime would read must still be listed
             check_external_data(root, relative, set(manifest.files))
     return manifest
 
 
-def verify_file(root: Path, relative: str, entry: FileEntry, listed: set[str] | None = None) -> Path:
-    """Check one listed file's size and sha256, and that its external data stays inside ``root`` and is listed."""
+def verify_file(root: Path, relative: str, entry: FileEntry, listed: set[str] | None = None,
+                graph: bool = False) -> Path:
+    """Check one listed file's size and sha256, and that its external data stays inside ``root`` and is listed.
+
+    A file is scanned for external data when its name ends in ``.onnx`` or ``graph`` says it is a graph."""
+    graph = graph or relative.endswith(".onnx")
     path = resolve_inside(root, relative)
     try:
         size = path.stat().st_size
@@ -220,12 +222,12 @@ def verify_file(root: Path, relative: str, entry: FileEntry, listed: set[str] | 
         )
     try:
         digest = sha256_of(path)
-        locations = external_data_locations(path) if relative.endswith(".onnx") else []
+        locations = external_data_locations(path) if graph else []
     except OSError as exc:  # unreadable (mode 000, another owner), or it vanished after the size check
         raise ModelDirError(f"cannot read {relative} in {root}: {exc.strerror or exc}") from None
     if digest != entry.sha256:
         raise ModelDirError(f"{relative} in {root} does not match its sha256 in {MANIFEST_NAME}: the file was modified")
-    if relative.endswith(".onnx"):
+    if graph:
         check_external_data(root, relative, listed, locations)
     return path
 

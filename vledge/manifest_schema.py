@@ -41,6 +41,13 @@ def positive(value: Any, path: str) -> None:
         _fail(path, "an integer > 0", value)
 
 
+def number(value: Any, path: str) -> None:
+    """A finite JSON number (not a boolean)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value or value in (
+            float("inf"), float("-inf")):
+        _fail(path, "a finite number", value)
+
+
 def anything(value: Any, path: str) -> None:
     pass
 
@@ -117,7 +124,7 @@ MANIFEST = record(
         "format": text,
         "format_version": count,
         "architecture": record({"image_tokens": positive}),
-        "model_config": mapping,
+        "model_config": record({}, {"special_tokens": map_of(text, text)}),
         "special_tokens": both(record({name: count for name in SPECIAL_TOKENS}), map_of(text, count)),
         "prefix_ids": list_of(count),
         "tensors": record({c: record({"inputs": list_of(text, True), "outputs": list_of(text, True)})
@@ -132,8 +139,10 @@ MANIFEST = record(
                                   "stop_token_ids": list_of(count, True)}),
         "parity": mapping,
         "provenance": mapping,
-        "prompt": mapping,
-        "preprocess": mapping,
+        "prompt": map_of(text, text),  # a copy of model_config.prompt, for readers of the folder
+        "preprocess": record({}, {"image_size": positive, "resize_size": positive, "resize": text,
+                                  "interpolation": text, "crop_anchor": text, "channel_order": text,
+                                  "mean": list_of(number, True), "std": list_of(number, True)}),
     },
 )
 

@@ -17,6 +17,7 @@ from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from vledge.errors import TokenizerError
 from vledge.files import write_text
+from vledge.reads import MAX_JSON_BYTES, read_text
 
 log = logging.getLogger(__name__)
 
@@ -79,11 +80,7 @@ class Tokenizer:
 
     @classmethod
     def from_file(cls, path: str | Path, roles: Mapping[str, str] | None = None) -> "Tokenizer":
-        path = Path(path)
-        try:
-            text = path.read_text(encoding="utf-8")
-        except OSError as exc:
-            raise TokenizerError(f"cannot read tokenizer file {path}: {exc.strerror or exc}") from None
+        text = read_text(Path(path), MAX_JSON_BYTES, TokenizerError, "tokenizer file")  # regular, size-capped
         return cls.from_json(text, roles)
 
     def to_json(self) -> str:

@@ -9,17 +9,20 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from vledge.captioning import expand_inputs
 from vledge.errors import ConfigError
+from vledge.reads import MAX_TEXT_BYTES, check_regular, read_text
 
 TABLE_SUFFIXES = frozenset({".parquet", ".pq", ".csv"})
 LIST_SUFFIXES = frozenset({".txt", ".lst"})
 # Tried in this order when --image-column is not given.
 IMAGE_COLUMNS = ("path", "image", "image_path", "file", "filename")
+MAX_TABLE_BYTES = 4 << 30  # a Parquet table (its images may be inside it); CSV tables and lists: MAX_TEXT_BYTES
 
 
 @dataclass(frozen=True)
@@ -36,8 +39,13 @@ class InputItem:
         return self.data if self.data is not None else self.path
 
 
-def list_inputs(spec: str, image_column: str | None = None, prompt_column: str | None = None) -> list[InputItem]:
-    """The inputs ``spec`` names, indexed in order; ConfigError if it names none."""
+def list_inputs(spec: str, image_column: str | None = None, prompt_column: str | None = None,
+                follow_links: bool = False) -> list[InputItem]:
+    """The inputs ``spec`` names, indexed in order; ConfigError if it names none.
+
+    A folder's files that are links resolving outside the folder are refused (ConfigError naming the first)
+    unless ``follow_links``: a folder handed over for captioning does not reach into the rest of the disk.
+    """
     path = Path(spec)
     is_file = path.is_file()
     if is_file and path.suffix.lower() in TABLE_SUFFIXES:
@@ -54,6 +62,8 @@ def list_inputs(spec: str, image_column: str | None = None, prompt_column: str |
                 raise ConfigError(problems[0].error)
             if not path.exists() and files == [spec]:
                 raise ConfigError(f"--input {spec} is not a file, a folder or a pattern that matches files")
+            if path.is_dir() and not follow_links:
+                _refuse_links_out(path, files)
             items = [InputItem(index, file) for index, file in enumerate(files)]
     if not items:
         raise ConfigError(f"--input {spec} lists no images")
@@ -69,6 +79,15 @@ def listing_sha256(items: list[InputItem]) -> str:
     return digest.hexdigest()
 
 
+def _refuse_links_out(folder: Path, files: list[str]) -> None:
+    inside = folder.resolve()
+    for file in files:
+        real = Path(file).resolve()
+        if inside not in real.parents:
+            raise ConfigError(f"--input folder {folder} holds {file}, a link to {real} outside it; "
+                              "pass --follow-links to read such files")
+
+
 def _relative_to(base: Path, entry: str) -> str:
     return entry if os.path.isabs(entry) else os.path.join(base, entry)
 
@@ -76,11 +95,10 @@ def _relative_to(base: Path, entry: str) -> str:
 def _list_file_items(path: Path) -> list[InputItem]:
     base = path.parent
     entries = []
-    with open(path, encoding="utf-8") as handle:
-        for line in handle:
-            entry = line.strip()
-            if entry and not entry.startswith("#"):
-                entries.append(_relative_to(base, entry))
+    for line in read_text(path, MAX_TEXT_BYTES, ConfigError, "input list").splitlines():
+        entry = line.strip()
+        if entry and not entry.startswith("#"):
+            entries.append(_relative_to(base, entry))
     return [InputItem(index, entry) for index, entry in enumerate(entries)]
 
 
@@ -95,6 +113,10 @@ def _table_items(path: Path, image_column: str | None, prompt_column: str | None
         if name is not None and name not in columns:
             raise ConfigError(f"{path} has no column {name!r} (it has {', '.join(columns)})")
     prompts = columns[prompt_column] if prompt_column else [None] * len(columns[image_column])
+    for row, prompt in enumerate(prompts):
+        if prompt is not None and not isinstance(prompt, str):
+            raise ConfigError(f"{path}: the prompt column {prompt_column!r} holds {type(prompt).__name__} values "
+                              f"(row {row}: {prompt!r}); prompts must be text")
     base = path.parent
     items = []
     for row, (value, prompt) in enumerate(zip(columns[image_column], prompts)):
@@ -113,6 +135,7 @@ def _read_parquet(path: Path) -> dict[str, list]:
         import pyarrow.parquet as pq
     except ImportError:
         raise ConfigError("reading a Parquet table needs pyarrow: pip install 'vledge[batch]'") from None
+    check_regular(path, MAX_TABLE_BYTES, ConfigError, "Parquet table")
     try:
         table = pq.read_table(path)
     except Exception as exc:  # pyarrow raises its own ArrowInvalid/OSError kinds
@@ -122,10 +145,9 @@ def _read_parquet(path: Path) -> dict[str, list]:
 
 def _read_csv(path: Path) -> dict[str, list]:
     try:
-        with open(path, newline="", encoding="utf-8") as handle:
-            reader = csv.DictReader(handle)
-            rows = list(reader)
-            names = list(reader.fieldnames or [])
-    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        reader = csv.DictReader(io.StringIO(read_text(path, MAX_TEXT_BYTES, ConfigError, "CSV table"), newline=""))
+        rows = list(reader)
+        names = list(reader.fieldnames or [])
+    except csv.Error as exc:
         raise ConfigError(f"cannot read CSV table {path}: {exc}") from None
     return {name: [row.get(name) for row in rows] for name in names}

@@ -6,6 +6,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from vledge.bounds import MAX_THREADS, check_count
 from vledge.errors import ConfigError
 
 ENGINES = ("local", "ray")
@@ -49,6 +50,7 @@ class BatchOptions:
     providers: str | tuple[str, ...] = "auto"
     max_new_tokens: int = 64
     resume: bool = False
+    follow_links: bool = False  # read files a folder input links to outside itself
 
     def __post_init__(self) -> None:
         _set(self, "model_dir", Path(self.model_dir))
@@ -73,8 +75,7 @@ class BatchOptions:
         _set(self, "workers", workers)
         threads = max(1, (os.cpu_count() or 1) // workers) if self.threads_per_worker is None else \
             self.threads_per_worker
-        if threads < 1:
-            raise ConfigError(f"--threads-per-worker must be at least 1, got {threads}")
+        check_count("threads_per_worker", threads, 1, MAX_THREADS)
         _set(self, "threads_per_worker", threads)
         for name in ("batch_size", "part_size", "max_new_tokens"):
             if getattr(self, name) < 1:

@@ -18,10 +18,12 @@ from typing import Any
 from vledge.bulk.schema import COLUMNS, SCHEMA_VERSION, rows_to_arrow
 from vledge.errors import ConfigError
 from vledge.files import atomic_path, write_json
+from vledge.reads import MAX_TEXT_BYTES, parse_json, read_json, read_text
 
 log = logging.getLogger(__name__)
 
 RUN_MANIFEST = "_vledge_batch.json"
+MAX_PART_BYTES = 1 << 30  # one committed JSON Lines part, read back on --resume
 MANIFEST_FORMAT = "vledge-batch"
 # A resume must agree with the interrupted run on these, or its rows would not belong together.
 RESUME_KEYS = ("schema_version", "model_sha256", "inputs", "inputs_sha256", "prompt", "prompt_column",
@@ -52,7 +54,7 @@ class OutputFolder:
         if existing:
             self._check_same_run(run)
             self._remove_temporaries()
-            done = self.done_indices()
+            done = self.done_indices(int(run["inputs"]))
         else:
             self.root.mkdir(parents=True, exist_ok=True)
             done = set()
@@ -62,10 +64,18 @@ class OutputFolder:
     def parts(self) -> list[Path]:
         return sorted(p for p in self.root.glob(f"part-*{self.suffix}") if p.is_file())
 
-    def done_indices(self) -> set[int]:
+    def done_indices(self, total: int | None = None) -> set[int]:
+        """The inputs the committed parts hold; every index must be an integer below ``total`` (the listing's
+        length) and every part must have the columns of one table, or the folder was edited and is refused."""
         done: set[int] = set()
         for part in self.parts():
             indices = self._read_indices(part)
+            for index in indices:
+                if isinstance(index, bool) or not isinstance(index, int) or not (
+                        0 <= index < (total if total is not None else index + 1)):
+                    raise ConfigError(f"cannot resume: {part} holds index {index!r}, not an input of this run "
+                                      f"(0..{total - 1 if total is not None else 'n'}); the output folder was "
+                                      "changed by hand")
             repeated = done.intersection(indices)
             if repeated:
                 raise ConfigError(f"{part} repeats inputs already in other parts (index {min(repeated)}); "
@@ -95,13 +105,10 @@ class OutputFolder:
         write_json(self.manifest_path, run, ensure_ascii=False)
 
     def read_manifest(self) -> dict[str, Any]:
-        try:
-            recorded = json.loads(self.manifest_path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
+        if not self.manifest_path.exists():
             raise ConfigError(f"{self.root} is not a vledge batch output (no {RUN_MANIFEST}); "
-                              "cannot resume into it") from None
-        except (OSError, ValueError) as exc:
-            raise ConfigError(f"cannot read {self.manifest_path}: {exc}") from None
+                              "cannot resume into it")
+        recorded = read_json(self.manifest_path, MAX_TEXT_BYTES, ConfigError, "batch manifest")
         if not isinstance(recorded, dict) or recorded.get("format") != MANIFEST_FORMAT:
             raise ConfigError(f"{self.manifest_path} is not a vledge batch manifest")
         return recorded
@@ -119,14 +126,26 @@ class OutputFolder:
             log.info("removing %s, left by an interrupted run", leftover)
             leftover.unlink(missing_ok=True)
 
-    def _read_indices(self, part: Path) -> list[int]:
+    def _read_indices(self, part: Path) -> list:
+        """The ``index`` values of one part, as stored (checked by the caller); its columns must be the table's."""
         try:
             if self.output_format == "parquet":
                 import pyarrow.parquet as pq
 
-                return [int(i) for i in pq.read_table(part, columns=["index"]).column("index").to_pylist()]
-            with open(part, encoding="utf-8") as handle:
-                return [int(json.loads(line)["index"]) for line in handle if line.strip()]
+                table = pq.read_table(part)
+                if list(table.column_names) != list(COLUMNS):
+                    raise ValueError(f"its columns are {table.column_names}, not {list(COLUMNS)}")
+                return table.column("index").to_pylist()
+            indices = []
+            text = read_text(part, MAX_PART_BYTES, ConfigError, "committed part")
+            for number, line in enumerate(text.splitlines(), 1):
+                if not line.strip():
+                    continue
+                row = parse_json(line, f"line {number}", ConfigError)
+                if not isinstance(row, dict) or sorted(row) != sorted(COLUMNS):
+                    raise ValueError(f"line {number} is not a row with the columns {list(COLUMNS)}")
+                indices.append(row["index"])
+            return indices
         except Exception as exc:  # noqa: BLE001 - any unreadable part stops the resume with its name
-            raise ConfigError(f"cannot read the committed part {part}: {exc}") from None
+            raise ConfigError(f"cannot resume: cannot read the committed part {part}: {exc}") from None
 

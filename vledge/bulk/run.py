@@ -60,7 +60,7 @@ def run_batch(options: BatchOptions, on_progress: Callable[[int], None] | None =
         import_ray()  # before any work: a missing extra is reported at once
         require_pyarrow("--engine ray")
     model_sha256 = model_manifest_sha256(options.model_dir)
-    items = list_inputs(options.input, options.image_column, options.prompt_column)
+    items = list_inputs(options.input, options.image_column, options.prompt_column, options.follow_links)
     run: dict[str, Any] = {
         "model_dir": str(options.model_dir), "model_sha256": model_sha256, "input": options.input,
         "inputs": len(items), "inputs_sha256": listing_sha256(items), "prompt": options.prompt,

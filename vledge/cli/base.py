@@ -14,7 +14,10 @@ from pathlib import Path
 import click
 
 from vledge import __version__
+from vledge.bounds import MAX_BEAMS, MAX_SEED, MAX_THREADS
 from vledge.errors import VledgeError
+
+THREADS = click.IntRange(1, MAX_THREADS)  # every --threads option: at most MAX_THREADS
 
 
 def fail_cleanly(command):
@@ -119,7 +122,7 @@ def inference_options(command):
         click.option("--provider", default="auto", show_default=True,
                      help="auto | cpu | cuda | tensorrt, or a comma-separated list in priority order (--model only)."),
         click.option("--strict", is_flag=True, help="Fail if heavy nodes would run on the CPU under a GPU provider."),
-        click.option("--threads", type=click.IntRange(min=1), default=None, help="Intra-op threads."),
+        click.option("--threads", type=THREADS, default=None, help=f"Intra-op threads (at most {MAX_THREADS})."),
         click.option("--batch-size", type=click.IntRange(min=1), default=1, show_default=True,
                      help="Images answered together (left-padded batch)."),
         click.option("--max-new-tokens", type=click.IntRange(min=1), default=64, show_default=True),
@@ -128,10 +131,11 @@ def inference_options(command):
         click.option("--top-k", type=click.IntRange(min=0), default=0, help="Sample from the k likeliest (0: off)."),
         click.option("--top-p", type=FiniteFloat(min=0, max=1, min_open=True), default=1.0,
                      help="Nucleus sampling (1: off)."),
-        click.option("--num-beams", type=click.IntRange(min=1), default=1, help="Beam search when above 1."),
+        click.option("--num-beams", type=click.IntRange(1, MAX_BEAMS), default=1,
+                     help=f"Beam search when above 1 (at most {MAX_BEAMS})."),
         click.option("--repetition-penalty", type=FiniteFloat(min=0, min_open=True), default=1.0,
                      help="Above 1 discourages repeated tokens."),
-        click.option("--seed", type=int, default=None, help="Seed for sampling."),
+        click.option("--seed", type=click.IntRange(0, MAX_SEED), default=None, help="Seed for sampling (0 or more)."),
         click.option("--stop", "stop_strings", multiple=True,
                      help="Stop at this text, cut before it (repeatable; \\n means a newline)."),
         click.option("--jsonl", is_flag=True, help="One JSON object per image on stdout."),

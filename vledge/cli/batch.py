@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from vledge.cli.base import FiniteFloat, fail_cleanly, main, parse_providers
+from vledge.cli.base import THREADS, FiniteFloat, fail_cleanly, main, parse_providers
 
 
 @main.command("batch")
@@ -30,7 +30,7 @@ from vledge.cli.base import FiniteFloat, fail_cleanly, main, parse_providers
               help="Join this Ray cluster (e.g. ray://head:10001 or auto) instead of starting Ray here.")
 @click.option("--workers", type=click.IntRange(min=1), default=None,
               help="Worker processes or Ray actors, each with its own model [default: one per core].")
-@click.option("--threads-per-worker", type=click.IntRange(min=1), default=None,
+@click.option("--threads-per-worker", type=THREADS, default=None,
               help="ONNX Runtime threads of each worker (Ray: CPUs per actor) [default: cores / workers].")
 @click.option("--gpus-per-worker", type=FiniteFloat(min=0), default=0.0, show_default=True,
               help="GPUs Ray reserves for each actor (--engine ray).")
@@ -44,10 +44,12 @@ from vledge.cli.base import FiniteFloat, fail_cleanly, main, parse_providers
               help="auto | cpu | cuda | tensorrt, or a comma-separated list in priority order.")
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=64, show_default=True)
 @click.option("--resume", is_flag=True, help="Continue an interrupted run in --output: only inputs not yet written.")
+@click.option("--follow-links", is_flag=True,
+              help="Read files that a folder --input links to outside itself (refused by default).")
 @fail_cleanly
 def batch(model_dir, input_spec, output, output_format, prompt, prompt_column, image_column, engine, ray_address,
           workers, threads_per_worker, gpus_per_worker, batch_size, part_size, precision, provider, max_new_tokens,
-          resume) -> None:
+          resume, follow_links) -> None:
     """Caption many images into a folder of Parquet (or JSONL) parts, one row per input.
 
     A broken image is a row with its error; the run goes on and exits 0. Interrupted runs continue
@@ -62,7 +64,7 @@ def batch(model_dir, input_spec, output, output_format, prompt, prompt_column, i
                            ray_address=ray_address, workers=workers, threads_per_worker=threads_per_worker,
                            gpus_per_worker=gpus_per_worker, batch_size=batch_size, part_size=part_size,
                            precision=precision, providers=parse_providers(provider), max_new_tokens=max_new_tokens,
-                           resume=resume)
+                           resume=resume, follow_links=follow_links)
     bar = tqdm(desc="batch", unit="img", file=sys.stderr, dynamic_ncols=True, disable=None)
     try:
         summary = run_batch(options, on_progress=bar.update, on_start=bar.reset)

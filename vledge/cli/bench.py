@@ -7,6 +7,7 @@ from pathlib import Path
 
 import click
 
+from vledge.bounds import MAX_THREADS
 from vledge.cli.base import fail_cleanly, main
 
 
@@ -17,6 +18,8 @@ def _int_list(text: str) -> tuple[int, ...]:
         raise click.BadParameter(f"expected comma-separated integers, got {text!r}") from None
     if not values or min(values) < 1:
         raise click.BadParameter(f"expected positive integers, got {text!r}")
+    if max(values) > MAX_THREADS:
+        raise click.BadParameter(f"at most {MAX_THREADS} (threads or batch size), got {max(values)}")
     return values
 
 
@@ -52,6 +55,9 @@ def _int_list(text: str) -> tuple[int, ...]:
 def bench_command(ckpt, model_dir, data_dir, threads, batches, engines, providers, peers, repeats, parity_samples,
                   no_cold_start, out_dir, resume, quiet) -> None:
     """Latency and accuracy of PyTorch vs the exported variants, side by side."""
+    from vledge.files import check_writable_folder
+
+    check_writable_folder(out_dir, "--out folder")  # before minutes of measuring
     from vledge.benchmark.engines import EngineSpec
     from vledge.benchmark.report import read_previous, write_outputs, write_progress
     from vledge.benchmark.run import BenchConfig, default_engines, run_benchmark

@@ -17,7 +17,8 @@ def data() -> None:
 @data.command("synth")
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), required=True, help="Output folder.")
 @click.option("--size", type=click.IntRange(min=1), default=20000, show_default=True, help="Number of images.")
-@click.option("--seed", type=int, default=0, show_default=True, help="The same seed and options give the same data.")
+@click.option("--seed", type=click.IntRange(0, 2**32 - 1), default=0, show_default=True,
+              help="The same seed and options give the same data.")
 @click.option("--image-size", type=click.IntRange(min=48), default=64, show_default=True, help="Square side in pixels.")
 @click.option("--workers", type=click.IntRange(min=1), default=None, help="Processes (default: all cores).")
 @click.option("--force", is_flag=True, help="Replace an existing output folder.")

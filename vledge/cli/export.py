@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from vledge.cli.base import FiniteFloat, fail_cleanly, main
+from vledge.cli.base import THREADS, FiniteFloat, fail_cleanly, main
 from vledge.cli.convert import BACKEND_HELP
 
 
@@ -31,7 +31,7 @@ from vledge.cli.convert import BACKEND_HELP
 @click.option("--min-token-agreement", type=FiniteFloat(min=0, max=1), default=0.9, show_default=True,
               help="Share of PyTorch's greedy tokens a variant must reproduce to be chosen by auto.")
 @click.option("--opset", type=click.IntRange(min=17), default=17, show_default=True, help="ONNX opset of the graphs.")
-@click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True,
+@click.option("--threads", type=THREADS, default=1, show_default=True,
               help="Threads for the latency measurements that rank variants.")
 @click.option("--force", is_flag=True, help="Replace an existing model directory.")
 @click.option("--image-processor-backend", "backend", type=click.Choice(["pil", "torchvision"]), default="pil",

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from vledge.cli.base import FiniteFloat, fail_cleanly, main
+from vledge.cli.base import THREADS, FiniteFloat, fail_cleanly, main
 
 
 @main.command("quickstart")
@@ -19,9 +19,10 @@ from vledge.cli.base import FiniteFloat, fail_cleanly, main
 @click.option("--max-steps", type=click.IntRange(min=1), default=None, help="Cap training steps instead.")
 @click.option("--vision-pretrain-steps", type=click.IntRange(min=0), default=300, show_default=True,
               help="Per-cell pretraining of the vision encoder on the scenes' labels (0: skip).")
-@click.option("--threads", type=click.IntRange(min=1), default=None,
+@click.option("--threads", type=THREADS, default=None,
               help="Default: the cores other processes leave free at the start (1-minute load average), at least 1.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the data and the training.")
+@click.option("--seed", type=click.IntRange(0, 2**32 - 1), default=0, show_default=True,
+              help="Seed of the data and the training.")
 @click.option("--force", is_flag=True, help="Reuse a non-empty output folder.")
 @fail_cleanly
 def quickstart_command(out_dir, preset, size, minutes, max_steps, vision_pretrain_steps, threads, seed, force) -> None:

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import click
 
-from vledge.cli.base import FiniteFloat, fail_cleanly, main
+from vledge.bounds import MAX_GRAD_ACCUM
+from vledge.cli.base import THREADS, FiniteFloat, fail_cleanly, main
 
 
 @main.command()
@@ -23,14 +24,14 @@ from vledge.cli.base import FiniteFloat, fail_cleanly, main
               help="Wall-time budget; the schedule follows whichever of steps and time runs out first.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=None,
               help="Examples per step and process (default: preset).")
-@click.option("--grad-accum", type=click.IntRange(min=1), default=None,
-              help="Micro-batches per optimizer step (default: preset).")
+@click.option("--grad-accum", type=click.IntRange(1, MAX_GRAD_ACCUM), default=None,
+              help=f"Micro-batches per optimizer step, at most {MAX_GRAD_ACCUM} (default: preset).")
 @click.option("--lr", type=FiniteFloat(), default=None,
               help="Peak learning rate (default: preset; the language side's only where the preset sets vision_lr).")
 @click.option("--eval-every", type=click.IntRange(min=1), default=None,
               help="Steps between evaluations (default: preset).")
-@click.option("--seed", type=int, default=None, help="Seed of the weights and the batch order (default: preset).")
-@click.option("--threads", type=click.IntRange(min=1), default=None, help="torch threads per process.")
+@click.option("--seed", type=click.IntRange(0, 2**32 - 1), default=None, help="Seed of the weights and the batch order (default: preset).")
+@click.option("--threads", type=THREADS, default=None, help="torch threads per process.")
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default=None,
               help="auto: bf16 autocast on a CUDA GPU that supports it, else fp32 (default: preset, auto).")
 @click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda | cuda:N")
@@ -154,8 +155,8 @@ def train(data_dir, preset, run_dir, stage, max_steps, minutes, batch_size, grad
               help="Wall-time budget; whichever of steps and time runs out first ends the run.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Images per step [default: 64].")
 @click.option("--lr", type=FiniteFloat(), default=None, help="Peak learning rate [default: 3e-3].")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--threads", type=click.IntRange(min=1), default=None, help="torch threads.")
+@click.option("--seed", type=click.IntRange(0, 2**32 - 1), default=0, show_default=True)
+@click.option("--threads", type=THREADS, default=None, help="torch threads.")
 @fail_cleanly
 def pretrain_vision_command(data_dir, out_path, preset, steps, minutes, batch_size, lr, seed, threads) -> None:
     """Pretrain the vision encoder and projector on synthetic scene labels (each cell's colour, shape, size, word).
@@ -198,7 +199,7 @@ def pretrain_vision_command(data_dir, out_path, preset, steps, minutes, batch_si
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="At most this many questions.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True,
               help="Questions answered together.")
-@click.option("--threads", type=click.IntRange(min=1), default=None,
+@click.option("--threads", type=THREADS, default=None,
               help="torch threads. Default: the cores other processes leave free at the start (1-minute load "
                    "average), at least 1, as for train.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from vledge.cli.base import FiniteFloat, fail_cleanly, main, parse_providers
+from vledge.cli.base import THREADS, FiniteFloat, fail_cleanly, main, parse_providers
 
 
 @main.command("webcam")
@@ -31,7 +31,7 @@ from vledge.cli.base import FiniteFloat, fail_cleanly, main, parse_providers
               show_default=True, help="Graph variants to run.")
 @click.option("--provider", default="auto", show_default=True,
               help="auto | cpu | cuda | tensorrt, or a comma-separated list in priority order.")
-@click.option("--threads", type=click.IntRange(min=1), default=None, help="Intra-op threads.")
+@click.option("--threads", type=THREADS, default=None, help="Intra-op threads.")
 @click.option("--max-frames", type=click.IntRange(min=1), default=None, help="Stop after this many frames.")
 @click.option("--seconds", type=FiniteFloat(min=0, min_open=True), default=None,
               help="Stop after this many seconds: of wall clock for a camera or stream, of the source's own "

@@ -10,10 +10,12 @@ for the loader to skip and count, and everything else loads as usual.
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 
 from vledge.errors import DataError
+from vledge.reads import MAX_JSON_BYTES, read_text
 
 _WHITESPACE = re.compile(r"[ \t\n\r]*")
 _DECODER = json.JSONDecoder()
@@ -33,15 +35,9 @@ TOO_DEEP = TooDeep()
 
 def read_json(path: Path) -> object:
     """The file's JSON value; any failure to read it as JSON at all is a DataError naming the file."""
-    try:
-        with open(path, encoding="utf-8") as file:
-            text = file.read()
-    except FileNotFoundError:
-        raise DataError(f"{path}: file not found") from None
-    except UnicodeDecodeError as exc:
-        raise DataError(f"{path}: not a JSON file ({exc})") from None
-    except (OSError, ValueError) as exc:
-        raise DataError(f"{path}: cannot be read ({getattr(exc, 'strerror', None) or exc})") from None
+    if not os.path.exists(path):
+        raise DataError(f"{path}: file not found")
+    text = read_text(path, MAX_JSON_BYTES, DataError, "annotation file")  # a regular file, size-capped, UTF-8
     try:
         try:
             return json.loads(text)

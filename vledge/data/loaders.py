@@ -25,6 +25,7 @@ from vledge.data.jsonfile import TOO_DEEP, read_json
 from vledge.data.records import LoadReport, Record, Turn
 from vledge.errors import DataError
 from vledge.prompt import CAPTION_PROMPT
+from vledge.reads import MAX_IMAGE_FILE_BYTES, read_capped
 
 log = logging.getLogger(__name__)
 
@@ -122,9 +123,9 @@ def _image_problem(path: Path, verify: bool) -> str | None:
 def _decodes(path: Path) -> bool:
     """Whether OpenCV can decode the whole file; truncation is checked first because
     some OpenCV builds fill a cut-off JPEG with grey instead of failing."""
-    try:
-        data = np.fromfile(path, dtype=np.uint8)  # unlike cv2.imread, works on non-ASCII paths on Windows
-    except OSError:
+    try:  # a regular file under the size limit (not a FIFO, a device, or gigabytes)
+        data = np.frombuffer(read_capped(path, MAX_IMAGE_FILE_BYTES, DataError, "image"), dtype=np.uint8)
+    except DataError:
         return False
     if data.size == 0 or _looks_truncated(data.tobytes()):
         return False

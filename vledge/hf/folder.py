@@ -13,6 +13,7 @@ from typing import Any
 
 from vledge.errors import WeightsError
 from vledge.hashing import file_sha256
+from vledge.reads import read_json
 
 SAFETENSORS, SAFETENSORS_INDEX = "model.safetensors", "model.safetensors.index.json"
 
@@ -26,13 +27,11 @@ def local_folder(path: str | Path, what: str = "model") -> Path:
 
 
 def read_config_json(folder: Path) -> dict[str, Any]:
+    """config.json as a JSON object: a capped regular file, depth-limited (vledge.reads), else one WeightsError."""
     path = folder / "config.json"
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise WeightsError(f"{folder} has no config.json: not a Hugging Face model folder") from None
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise WeightsError(f"{path} is not readable JSON: {exc}") from None
+    if not path.exists():
+        raise WeightsError(f"{folder} has no config.json: not a Hugging Face model folder")
+    config = read_json(path, error=WeightsError, what="config")
     if not isinstance(config, dict):
         raise WeightsError(f"{path} does not hold a JSON object")
     return config
@@ -43,9 +42,9 @@ def weight_files(folder: Path) -> list[Path]:
     index = folder / SAFETENSORS_INDEX
     if index.is_file():
         try:
-            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            weight_map = read_json(index, error=WeightsError, what="safetensors index")["weight_map"]
             shards = sorted(set(weight_map.values()))
-        except (OSError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
+        except (KeyError, TypeError, AttributeError) as exc:
             raise WeightsError(f"{index} is not a safetensors index: {exc}") from None
         outside = [name for name in shards if not isinstance(name, str) or Path(name).name != name]
         if outside:

@@ -8,13 +8,13 @@ Templates written for transformers may use its ``{% generation %}`` block; it re
 
 from __future__ import annotations
 
-import json
 import logging
 from datetime import datetime
 from pathlib import Path
 
 from vledge.config import PromptTemplate
-from vledge.errors import ConfigError
+from vledge.errors import ConfigError, DataError
+from vledge.reads import read_json
 
 log = logging.getLogger(__name__)
 
@@ -30,8 +30,8 @@ def find_chat_template(folder: Path) -> str | None:
         if not path.is_file():
             continue
         try:
-            template = json.loads(path.read_text(encoding="utf-8")).get("chat_template")
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+            template = read_json(path, error=DataError, what="processor file").get("chat_template")
+        except (DataError, AttributeError):
             continue
         if isinstance(template, str) and template:
             return template
@@ -116,8 +116,8 @@ def llava_prompt(folder: Path, bos_token: str, eos_token: str, fallback: PromptT
     processor = folder / "processor_config.json"
     if processor.is_file():
         try:
-            image_token = json.loads(processor.read_text(encoding="utf-8")).get("image_token") or image_token
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+            image_token = read_json(processor, error=DataError, what="processor file").get("image_token") or image_token
+        except (DataError, AttributeError):
             pass
     try:
         return prompt_from_template(template, bos_token, eos_token, image_token)

@@ -7,7 +7,6 @@ case the template's end-of-turn token is the eos the runtime stops on. Torch-fre
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +18,7 @@ from tokenizers import Tokenizer as HFTokenizer
 from vledge.chat_template import chat_pieces
 from vledge.config import PromptTemplate
 from vledge.errors import ConfigError, TokenizerError
+from vledge.reads import read_json
 from vledge.tokenizer import IMAGE, PAD, Tokenizer
 
 log = logging.getLogger(__name__)
@@ -36,10 +36,7 @@ class AdaptedTokenizer:
 def _read_json(path: Path) -> dict[str, Any]:
     if not path.is_file():
         return {}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise TokenizerError(f"{path} is not readable JSON: {exc}") from None
+    data = read_json(path, error=TokenizerError, what="tokenizer file")  # capped, depth-limited, typed
     return data if isinstance(data, dict) else {}
 
 

@@ -6,7 +6,6 @@ its class's defaults, tensor prefixes and image processor.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -15,6 +14,7 @@ import torch
 from vledge.config import ViTConfig
 from vledge.errors import ConfigError, WeightsError
 from vledge.families import vision_families, vision_family, vision_family_for_hf
+from vledge.reads import read_json as read_capped_json
 
 def vit_config_from_hf(vision_config: Mapping, feature_layers: int | list[int] | tuple[int, ...] = -2,
                        select: str = "default", where: str = "vision_config", **options) -> ViTConfig:
@@ -47,12 +47,10 @@ def vit_state_from_hf(tensors: Mapping[str, torch.Tensor], prefix: str, model: t
 
 
 def read_json(path: Path, what: str) -> dict:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(f"{what} {path} not found") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ConfigError(f"cannot read {what} {path}: {exc}") from None
+    """A JSON object from a capped regular file (vledge.reads); anything else is one ConfigError naming it."""
+    if not path.exists():
+        raise ConfigError(f"{what} {path} not found")
+    data = read_capped_json(path, error=ConfigError, what=what)
     if not isinstance(data, dict):
         raise ConfigError(f"{what} {path} is not a JSON object")
     return data

@@ -11,6 +11,7 @@ import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -21,6 +22,8 @@ from starlette.requests import ClientDisconnect
 from vledge import __version__
 from vledge.errors import RequestError
 from vledge.prompt import question_ids
+from vledge.runtime.preprocess import ImagePreprocessor
+from vledge.serve.budget import PixelBudget
 from vledge.serve.guard import BODY_TOO_LARGE, RequestGuard
 from vledge.serve.images import image_bytes, image_pixels
 from vledge.serve.metrics import ServerMetrics
@@ -31,9 +34,11 @@ from vledge.serve.schemas import (
     ChatCompletion,
     ChatCompletionChunk,
     ChatCompletionRequest,
+    ChatRequest,
     Choice,
     ChunkChoice,
     Delta,
+    RequestLimits,
     Usage,
     chat_request,
     error_body,
@@ -63,12 +68,34 @@ class ServerState:
         architecture = model.info()["architecture"]
         self.image_tokens = int(architecture["image_tokens"])
         self.max_positions = architecture.get("max_positions")  # None: no limit (LSTM)
+        self.limits = RequestLimits(max_tokens=options.max_new_tokens_limit, max_messages=options.max_messages,
+                                    max_text_chars=options.max_text_chars)
+        base = model.preprocessor
+        self.preprocessor = ImagePreprocessor(base.spec, max_pixels=min(options.max_image_pixels, base.max_pixels),
+                                              reduced_jpeg=base.reduced_jpeg)
+        self.pixel_budget = PixelBudget(options.max_pixels_in_flight, options.retry_after_s)
 
     async def warm_up(self) -> None:
         await asyncio.to_thread(self.model.warmup)
         self.ready = True
         self.metrics.ready.set(1)
         log.info("model %s warmed up; ready", self.model_name)
+
+    def prepare(self, raw: bytes) -> tuple[ChatRequest, np.ndarray, str, int]:
+        """A request body -> (the request, its pixels, its prompt, the prompt's positions); run off the event loop.
+
+        Every count is checked before the work it bounds: messages and characters before tokenizing, the
+        encoded size before base64 decoding, the header's pixel count (and the global budget) before decoding.
+        """
+        try:  # JSON whatever the Content-Type says (curl -d sends a form type)
+            body = ChatCompletionRequest.model_validate_json(raw)
+        except ValidationError as exc:
+            raise RequestValidationError(exc.errors(include_input=False)) from None
+        chat = chat_request(body, self.limits)
+        data = image_bytes(chat.image_url, self.options.max_image_bytes)
+        pixels = image_pixels(self.preprocessor, data, self.pixel_budget)
+        prompt = chat.question or self.model.caption_prompt
+        return chat, pixels, prompt, self.prompt_tokens(prompt)
 
     def prompt_tokens(self, prompt: str) -> int:
         """Tokens the model reads: the templated question with the image token replaced by the visual tokens."""
@@ -103,7 +130,10 @@ def create_app(model, options: ServeOptions | None = None) -> RequestGuard:
             warm.cancel()
             await state.scheduler.stop()
 
-    app = FastAPI(title="vledge", version=__version__, lifespan=lifespan)
+    # The API description pages are off unless asked for; when on, they sit behind the key like /v1/.
+    docs = {"docs_url": "/docs", "redoc_url": "/redoc", "openapi_url": "/openapi.json"} if options.docs else {
+        "docs_url": None, "redoc_url": None, "openapi_url": None}
+    app = FastAPI(title="vledge", version=__version__, lifespan=lifespan, **docs)
     app.state.vledge = state
     _add_error_handlers(app, state)
 
@@ -136,21 +166,17 @@ def create_app(model, options: ServeOptions | None = None) -> RequestGuard:
             raise RequestError("the model is still warming up; retry shortly", status=503, code="not_ready",
                                retry_after_s=options.retry_after_s)
         with state.scheduler.arrival():
-            try:  # JSON whatever the Content-Type says (curl -d sends a form type)
-                body = ChatCompletionRequest.model_validate_json(await request.body())
+            try:
+                raw = await request.body()
             except ClientDisconnect:
                 if BODY_TOO_LARGE in request.scope:
                     raise RequestError(request.scope[BODY_TOO_LARGE], status=413, code="body_too_large") from None
                 state.metrics.requests.labels(status="499").inc()
                 return Response(status_code=499)
-            except ValidationError as exc:
-                raise RequestValidationError(exc.errors()) from None
-            chat = chat_request(body, options.max_new_tokens_limit)
-            data = image_bytes(chat.image_url, options.max_image_bytes)
-            pixels = await asyncio.to_thread(image_pixels, model.preprocessor, data)
+            # parsing, base64, decoding and tokenizing run in a worker thread: the event loop keeps answering
+            prepared = await asyncio.to_thread(state.prepare, raw)
             state.metrics.observe_stage("preprocess", time.perf_counter() - arrived)
-            prompt = chat.question or model.caption_prompt
-            prompt_tokens = state.prompt_tokens(prompt)
+            chat, pixels, prompt, prompt_tokens = prepared
             job = Job(pixels=pixels, prompt=prompt, max_tokens=state.token_room(prompt_tokens, chat.max_tokens),
                       temperature=chat.temperature, top_p=chat.top_p, seed=chat.seed, stop=chat.stop,
                       loop=asyncio.get_running_loop(), stream=chat.stream, positions=prompt_tokens,
@@ -177,7 +203,8 @@ def create_app(model, options: ServeOptions | None = None) -> RequestGuard:
         return StreamingResponse(stream, media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
-    return RequestGuard(app, options.api_key, options.max_body_bytes, state.metrics)
+    protected = ("/docs", "/redoc", "/openapi.json") if options.docs else ()
+    return RequestGuard(app, options.api_key, options.max_body_bytes, state.metrics, protected)
 
 
 def _model_card(state: ServerState) -> dict:

@@ -21,8 +21,10 @@ class RequestGuard:
     route then answers 413 itself).
     """
 
-    def __init__(self, app, api_key: str | None, max_body_bytes: int, metrics=None) -> None:
+    def __init__(self, app, api_key: str | None, max_body_bytes: int, metrics=None,
+                 protected_paths: tuple[str, ...] = ()) -> None:
         self.app = app
+        self.protected_paths = tuple(protected_paths)  # also behind the key (the API description pages)
         self.api_key = api_key.encode() if api_key else None
         self.max_body_bytes = max_body_bytes
         self.metrics = metrics
@@ -32,7 +34,8 @@ class RequestGuard:
             await self.app(scope, receive, send)
             return
         headers = {key.decode("latin-1").lower(): value for key, value in scope.get("headers", ())}
-        if self.api_key is not None and scope.get("path", "").startswith(PROTECTED_PREFIX):
+        path = scope.get("path", "")
+        if self.api_key is not None and (path.startswith(PROTECTED_PREFIX) or path in self.protected_paths):
             problem = self._key_problem(headers.get("authorization"))
             if problem is not None:
                 await self._refuse(scope, send, 401, problem[0], problem[1],

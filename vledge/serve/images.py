@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import re
 
 import numpy as np
 
 from vledge.errors import ImageError, RequestError
+from vledge.runtime.image_headers import probe_header
+from vledge.serve.budget import PixelBudget
 
 _DATA_URL = re.compile(r"data:(?P<media>[^;,]*)(?P<params>(;[^;,]*)*),", re.ASCII)
 
@@ -53,9 +56,25 @@ def image_bytes(url: str, max_bytes: int) -> bytes:
     return data
 
 
-def image_pixels(preprocessor, data: bytes) -> np.ndarray:
-    """Encoded image bytes -> float32 [3, S, S] through the runtime's preprocessing (and its pixel limit)."""
+def image_pixels(preprocessor, data: bytes, budget: PixelBudget | None = None) -> np.ndarray:
+    """Encoded image bytes -> float32 [3, S, S] through the runtime's preprocessing (and its pixel limit).
+
+    The decoded size is read from the file header first and reserved from ``budget`` for the time of the
+    decode; an image whose header gives no size reserves the preprocessor's whole per-image limit.
+    """
     try:
-        return preprocessor.preprocess(data)
+        probe = probe_header(data, "image_url")
     except ImageError as exc:
         raise RequestError(f"the image cannot be used: {exc}", code="invalid_image", param="image_url.url") from None
+    limit = preprocessor.max_pixels
+    pixels = probe.size[0] * probe.size[1] if probe.size is not None else limit
+    if pixels > limit:
+        raise RequestError(f"the image has {probe.size[0]}x{probe.size[1]} pixels, over the server's limit of "
+                           f"{limit}", code="invalid_image", param="image_url.url")
+    reservation = budget.reserve(pixels) if budget is not None else contextlib.nullcontext()
+    with reservation:
+        try:
+            return preprocessor.preprocess(data)
+        except ImageError as exc:
+            raise RequestError(f"the image cannot be used: {exc}", code="invalid_image",
+                               param="image_url.url") from None

@@ -9,6 +9,15 @@ from vledge.errors import ConfigError
 
 API_KEY_ENV = "VLEDGE_API_KEY"
 
+# (field, lowest, highest) of the request limits: each is checked once here, before the server starts.
+_BOUNDS = (
+    ("max_messages", 1, 10_000),
+    ("max_text_chars", 1, 1 << 20),
+    ("max_image_pixels", 1, 64_000_000),  # the runtime's own decoding limit
+    ("max_pixels_in_flight", 1, 1 << 31),
+    ("max_header_bytes", 1024, 1 << 20),
+)
+
 
 @dataclass(frozen=True)
 class ServeOptions:
@@ -26,6 +35,12 @@ class ServeOptions:
     request_timeout_s: float = 60.0  # per request, from arrival to the last token: 504 after this
     retry_after_s: int = 1  # the Retry-After header of 429 and 503 answers
     model_name: str | None = None  # the id in /v1/models and answers (default: the model folder's name)
+    max_messages: int = 32  # messages in one request (system messages included)
+    max_text_chars: int = 16384  # characters of text in one request, all messages together
+    max_image_pixels: int = 16_000_000  # width x height of one decoded image
+    max_pixels_in_flight: int = 64_000_000  # decoded pixels of all requests being decoded at once; more: 429
+    max_header_bytes: int = 64 << 10  # a request's line and headers together; more: the connection is closed
+    docs: bool = False  # serve /docs, /redoc and /openapi.json (behind the API key when one is set)
 
     def __post_init__(self) -> None:
         if not isinstance(self.host, str) or not self.host.strip():
@@ -50,6 +65,13 @@ class ServeOptions:
             raise ConfigError(f"request_timeout_s must be > 0, got {self.request_timeout_s}")
         if self.retry_after_s < 0:
             raise ConfigError(f"retry_after_s must be >= 0, got {self.retry_after_s}")
+        for name, low, high in _BOUNDS:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+                raise ConfigError(f"{name} must be an integer in {low}..{high}, got {value!r}")
+        if self.max_image_pixels > self.max_pixels_in_flight:
+            raise ConfigError(f"max_image_pixels ({self.max_image_pixels}) must not exceed max_pixels_in_flight "
+                              f"({self.max_pixels_in_flight}): no image could ever be decoded")
         if self.model_name is not None and not self.model_name.strip():
             raise ConfigError("model_name must not be empty")
 

@@ -15,6 +15,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from vledge.errors import RequestError
 
 MAX_STOP_STRINGS = 4  # as OpenAI's API
+MESSAGES_BOUND = 10_000  # no request parses past this many messages, whatever the server's max_messages
+SEED_BOUND = 2**63 - 1  # seeds are 0..2**63-1 (a negative seed is refused, as numpy refuses it)
 
 
 class ImageUrl(BaseModel):
@@ -46,12 +48,12 @@ class StreamOptions(BaseModel):
 class ChatCompletionRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
     model: str | None = None
-    messages: list[Message] = Field(min_length=1)
+    messages: list[Message] = Field(min_length=1, max_length=MESSAGES_BOUND)
     max_tokens: int | None = Field(default=None, ge=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, gt=0, le=1)
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=0, le=SEED_BOUND)
     stop: str | list[str] | None = None
     n: int | None = 1
     stream: bool | None = False
@@ -75,8 +77,28 @@ class ChatRequest:
     include_usage: bool
 
 
-def chat_request(body: ChatCompletionRequest, max_tokens_limit: int) -> ChatRequest:
-    """Check what the wire format allows but this server cannot do, and pick out the image and the question."""
+@dataclass(frozen=True)
+class RequestLimits:
+    """What one request may hold (the server's ``max_messages`` and ``max_text_chars``)."""
+
+    max_tokens: int
+    max_messages: int = 32
+    max_text_chars: int = 16384
+
+
+def chat_request(body: ChatCompletionRequest, limits: RequestLimits) -> ChatRequest:
+    """Check what the wire format allows but this server cannot do, and pick out the image and the question.
+
+    The counts (messages, characters of text) are checked here, before anything is tokenized or decoded.
+    """
+    max_tokens_limit = limits.max_tokens
+    if len(body.messages) > limits.max_messages:
+        raise RequestError(f"the request has {len(body.messages)} messages, over the server's limit of "
+                           f"{limits.max_messages}", code="too_many_messages", param="messages")
+    chars = _text_chars(body)
+    if chars > limits.max_text_chars:
+        raise RequestError(f"the request holds {chars} characters of text, over the server's limit of "
+                           f"{limits.max_text_chars}", code="text_too_long", param="messages")
     if body.n not in (None, 1):
         raise RequestError(f"n must be 1, got {body.n}", code="unsupported_parameter", param="n")
     if body.tools:
@@ -98,6 +120,17 @@ def chat_request(body: ChatCompletionRequest, max_tokens_limit: int) -> ChatRequ
         top_p=body.top_p if body.top_p is not None else 1.0, seed=body.seed,
         stop=tuple(stop for stop in stops if stop), stream=bool(body.stream),
         include_usage=bool(body.stream_options and body.stream_options.include_usage))
+
+
+def _text_chars(body: ChatCompletionRequest) -> int:
+    """Characters of text in every message and stop string: what tokenizing the request may cost."""
+    total = sum(len(stop) for stop in ((body.stop,) if isinstance(body.stop, str) else body.stop or ()))
+    for message in body.messages:
+        if isinstance(message.content, str):
+            total += len(message.content)
+        else:
+            total += sum(len(part.text or "") for part in message.content or ())
+    return total
 
 
 def _image_and_question(messages: list[Message]) -> tuple[str, str]:

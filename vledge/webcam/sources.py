@@ -13,6 +13,7 @@ import numpy as np
 
 from vledge.errors import ConfigError, ImageError, SourceError
 from vledge.runtime.image_decoding import MAX_PIXELS
+from vledge.reads import MAX_IMAGE_FILE_BYTES, read_capped
 from vledge.runtime.image_headers import probe_header
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
@@ -111,26 +112,28 @@ class ImageFolderSource(FrameSource):
             return None
         path = self.files[self._next]
         self._next += 1  # a bad image is skipped after the retries, not read forever
-        _check_header(path)
-        image = cv2.imread(str(path), cv2.IMREAD_COLOR)
+        data = _check_header(path)
+        try:
+            image = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR)
+        except cv2.error:
+            image = None
         if image is None:
             raise SourceError(f"cannot read image {path}")
         return image
 
 
-def _check_header(path: Path) -> None:
-    """Refuse a truncated file or one over the pixel limit from its header, before decoding it at full size."""
+def _check_header(path: Path) -> bytes:
+    """The file's bytes (a regular file under the size limit); a truncated file or one over the pixel limit is
+    refused from its header, before decoding it at full size."""
+    data = read_capped(path, MAX_IMAGE_FILE_BYTES, SourceError, "image")
     try:
-        with open(path, "rb") as handle:
-            data = handle.read()
         probe = probe_header(data, str(path))
-    except OSError as exc:
-        raise SourceError(f"cannot read image {path}: {exc.strerror or exc}") from None
     except ImageError as exc:
         raise SourceError(str(exc)) from None
     if probe.size is not None and probe.size[0] * probe.size[1] > MAX_PIXELS:
         width, height = probe.size
         raise SourceError(f"image {path} has {width}x{height} pixels, over the limit of {MAX_PIXELS}: skipped")
+    return data
 
 
 class SyntheticSource(FrameSource):
