@@ -17,6 +17,45 @@ def _num(value: float | None, digits: int = 3) -> str:
     return "–" if value is None else f"{value:.{digits}g}"
 
 
+def _forced(p: VariantParity, name: str) -> tuple[str, str]:
+    figures = p.teacher_forced.get(name)
+    if figures is None:
+        return "–", "–"
+    return _pct(figures.top1_agreement), f"{figures.mean_kl:.3g}"
+
+
+def forced_table(parity: dict[str, VariantParity]) -> list[str]:
+    """Teacher-forced top-1 agreement and mean KL per variant, one column pair per forced set."""
+    names = sorted({name for p in parity.values() for name in p.teacher_forced})
+    if not names:
+        return []
+    sources = {name: next(p.teacher_forced[name] for p in parity.values() if name in p.teacher_forced)
+               for name in names}
+    header = "| variant | " + " | ".join(
+        f"top-1 ({sources[n].source}, {sources[n].positions} positions) | mean KL nats ({sources[n].source})"
+        for n in names) + " | free-running token agreement |"
+    lines = [header, "| --- |" + " ---: | ---: |" * len(names) + " ---: |"]
+    for label, p in parity.items():
+        cells = [cell for name in names for cell in _forced(p, name)]
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {_pct(p.generation.token_agreement)} |")
+    return lines
+
+
+def gate_lines(gate: dict) -> list[str]:
+    """Which metric decided ``auto`` and each variant's verdict."""
+    if not gate:
+        return []
+    lines = ["## Gate", "",
+             f"`--quantize auto` decides on {gate['metric']} agreement: teacher-forced top-1 >= "
+             f"{_pct(gate['min_top1_agreement'])} and mean KL <= {gate['max_mean_kl']:g} nats on every forced set, "
+             f"or (free-running) greedy token agreement >= {_pct(gate['min_token_agreement'])}; exact-match accuracy "
+             f"within {gate['max_accuracy_drop']:g} points either way.", ""]
+    for label, verdict in gate.get("verdicts", {}).items():
+        outcome = "passes" if verdict["passed"] else "fails: " + "; ".join(verdict["reasons"])
+        lines.append(f"- {label}: decided by {verdict['decided_by']} agreement; {outcome}")
+    return lines + [""]
+
+
 def parity_table(parity: dict[str, VariantParity]) -> list[str]:
     lines = [
         "| variant | embeds max abs | logits max abs | logits mean abs | token agreement | identical answers "
@@ -53,6 +92,13 @@ def write_parity_markdown(path: Path, manifest: Manifest, parity: dict[str, Vari
         "",
         *parity_table(parity),
         "",
+        "Teacher-forced: PyTorch and the variant are fed the same tokens (the held-out answers, or the "
+        "`--parity-text` text) and their next-token predictions are compared at every position: top-1 agreement "
+        "and the mean KL divergence KL(PyTorch || variant).",
+        "",
+        *forced_table(parity),
+        "",
+        *gate_lines(manifest.parity.get("gate", {})),
         "## Selected variants",
         "",
     ]

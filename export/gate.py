@@ -1,0 +1,58 @@
+"""Which quantized variants ``--quantize auto`` may choose: the budgets and the verdict per variant.
+
+By default the decision rests on teacher-forced figures (``vledge.export.forced``): a variant must pick
+PyTorch's next token at ``min_top1_agreement`` of the forced positions and keep the mean KL divergence from
+PyTorch's distribution within ``max_mean_kl`` nats, on the held-out answers and on the ``--parity-text``
+text when one is given. Free-running token agreement (``min_token_agreement``) decides only with
+``gate="free-running"`` or where a measurement has no teacher-forced figures. The exact-match accuracy
+budget applies either way.
+
+Defaults: 0.97 top-1 keeps a variant whose greedy choice differs from PyTorch's at fewer than 3 in 100
+positions, the level at which answers read the same; 0.05 nats of mean KL is several times what 4-bit
+block-wise weights cost a trained LM (about 0.01-0.03 nats) and far below a broken variant (well above 1
+nat, as the test that corrupts a quantized decoder shows).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from vledge.export.parity import VariantParity
+
+GATE_METRICS = ("teacher-forced", "free-running")
+DEFAULT_MIN_TOP1_AGREEMENT = 0.97
+DEFAULT_MAX_MEAN_KL = 0.05
+
+
+@dataclass
+class Verdict:
+    passed: bool
+    decided_by: str  # "teacher-forced" or "free-running": the agreement metric the budgets were applied to
+    reasons: list[str] = field(default_factory=list)  # why it failed; empty when it passed
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def judge(measured: VariantParity, options) -> Verdict:
+    """The gate's verdict on one measured variant under ``options`` (an ``ExportOptions``)."""
+    reasons = []
+    if measured.accuracy_delta < -options.max_accuracy_drop:
+        reasons.append(f"exact-match accuracy {measured.accuracy_delta:+.1f} points against PyTorch, beyond "
+                       f"the {options.max_accuracy_drop:g}-point budget")
+    forced = {name: figures for name, figures in measured.teacher_forced.items() if figures.positions}
+    if options.gate == "teacher-forced" and forced:
+        for figures in forced.values():
+            if figures.top1_agreement < options.min_top1_agreement:
+                reasons.append(f"teacher-forced top-1 agreement {figures.top1_agreement:.1%} on the "
+                               f"{figures.source} ({figures.positions} positions), below "
+                               f"{options.min_top1_agreement:.1%}")
+            if figures.mean_kl > options.max_mean_kl:
+                reasons.append(f"mean KL divergence {figures.mean_kl:.4g} nats on the {figures.source}, above "
+                               f"{options.max_mean_kl:g}")
+        return Verdict(not reasons, "teacher-forced", reasons)
+    agreement = measured.generation.token_agreement
+    if agreement < options.min_token_agreement:
+        reasons.append(f"free-running greedy tokens agree {agreement:.1%} with PyTorch, below "
+                       f"{options.min_token_agreement:.1%}")
+    return Verdict(not reasons, "free-running", reasons)
