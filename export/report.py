@@ -24,21 +24,13 @@ def _forced(p: VariantParity, name: str) -> tuple[str, str]:
     return _pct(figures.top1_agreement), f"{figures.mean_kl:.3g}"
 
 
-def forced_table(parity: dict[str, VariantParity]) -> list[str]:
-    """Teacher-forced top-1 agreement and mean KL per variant, one column pair per forced set."""
-    names = sorted({name for p in parity.values() for name in p.teacher_forced})
-    if not names:
-        return []
-    sources = {name: next(p.teacher_forced[name] for p in parity.values() if name in p.teacher_forced)
-               for name in names}
-    header = "| variant | " + " | ".join(
-        f"top-1 ({sources[n].source}, {sources[n].positions} positions) | mean KL nats ({sources[n].source})"
-        for n in names) + " | free-running token agreement |"
-    lines = [header, "| --- |" + " ---: | ---: |" * len(names) + " ---: |"]
-    for label, p in parity.items():
-        cells = [cell for name in names for cell in _forced(p, name)]
-        lines.append(f"| {label} | " + " | ".join(cells) + f" | {_pct(p.generation.token_agreement)} |")
-    return lines
+def _forced_sets(parity: dict[str, VariantParity]) -> list[tuple[str, str]]:
+    """(name, column label) of every teacher-forced set measured, held-out answers first."""
+    found: dict[str, str] = {}
+    for p in parity.values():
+        for name, figures in p.teacher_forced.items():
+            found.setdefault(name, f"{figures.source}, {figures.positions} positions")
+    return sorted(found.items())
 
 
 def gate_lines(gate: dict) -> list[str]:
@@ -57,15 +49,19 @@ def gate_lines(gate: dict) -> list[str]:
 
 
 def parity_table(parity: dict[str, VariantParity]) -> list[str]:
+    forced = _forced_sets(parity)
+    forced_header = "".join(f" teacher-forced top-1 ({label}) | mean KL nats ({label}) |" for _, label in forced)
     lines = [
-        "| variant | embeds max abs | logits max abs | logits mean abs | token agreement | identical answers "
-        "| first divergence (min) | accuracy | Δ points | caption agreement | vision ms | decode step ms |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| variant | embeds max abs | logits max abs | logits mean abs |" + forced_header + " token agreement "
+        "| identical answers | first divergence (min) | accuracy | Δ points | caption agreement | vision ms "
+        "| decode step ms |",
+        "| --- |" + " ---: |" * (11 + 2 * len(forced)),
     ]
     for label, p in parity.items():
+        forced_cells = "".join(f" {top1} | {kl} |" for name, _ in forced for top1, kl in [_forced(p, name)])
         lines.append(
             f"| {label} | {_num(p.image_embeds.max_abs)} | {_num(p.prefill_logits.max_abs)} "
-            f"| {_num(p.prefill_logits.mean_abs)} | {_pct(p.generation.token_agreement)} "
+            f"| {_num(p.prefill_logits.mean_abs)} |{forced_cells} {_pct(p.generation.token_agreement)} "
             f"| {_pct(p.generation.sequence_match)} | {p.generation.first_divergence_min if p.generation.first_divergence_min is not None else '–'} "
             f"| {_pct(p.accuracy.get('overall'))} | {p.accuracy_delta:+.1f} | {_pct(p.generation.caption_agreement)} "
             f"| {_num(p.latency_ms.get('vision_ms'))} | {_num(p.latency_ms.get('decode_step_ms'))} |"
@@ -90,13 +86,12 @@ def write_parity_markdown(path: Path, manifest: Manifest, parity: dict[str, Vari
         "fp16 graphs run on a CPU through casts: their drift is meaningful here, their speed is not "
         "(`selected.cuda` picks them for GPUs without a GPU measurement).",
         "",
-        *parity_table(parity),
-        "",
-        "Teacher-forced: PyTorch and the variant are fed the same tokens (the held-out answers, or the "
+        "Teacher-forced columns: PyTorch and the variant are fed the same tokens (the held-out answers, or the "
         "`--parity-text` text) and their next-token predictions are compared at every position: top-1 agreement "
-        "and the mean KL divergence KL(PyTorch || variant).",
+        "and the mean KL divergence KL(PyTorch || variant). Token agreement is free-running: greedy answers "
+        "compared token by token.",
         "",
-        *forced_table(parity),
+        *parity_table(parity),
         "",
         *gate_lines(manifest.parity.get("gate", {})),
         "## Selected variants",

@@ -102,7 +102,7 @@ def test_manifest_and_report_carry_teacher_forced_figures(tiny_model_dir):
     assert gate["verdicts"]["decoder_model_merged:q4"]["decided_by"] == "teacher-forced"
     report = (tiny_model_dir / "parity.md").read_text()
     assert "## Gate" in report and "decided by teacher-forced agreement" in report
-    assert "top-1 (held-out answers" in report
+    assert "teacher-forced top-1 (held-out answers" in report and report.count("| fp32 |") == 1
 
 
 def _corrupt_matmul_nbits(path):
