@@ -4,7 +4,8 @@
 
 Exports the merged decoder of the Hugging Face LM folder the way ``vledge export`` does (fp32, optimised, the
 family's fusion passes), then writes variants of it: dynamic int8 (MatMulInteger, the exporter's ``int8``) and
-MatMulNBits with 8 and 4 bits, block 16 and 32, symmetric and not, ``accuracy_level`` 4, the LM head kept 8-bit
+MatMulNBits with 8 and 4 bits, block 16 and 32, symmetric and not, ``accuracy_level`` 4 (int8 compute) and 0
+(float compute) for some, the LM head kept 8-bit
 for 4-bit variants (as the exporter's ``q4``). For each it measures, against the fp32 graph:
 
 * drift: the text in ``benchmarks/text/public_domain_english.txt`` fed token by token through the KV cache
@@ -28,7 +29,7 @@ TEXT = Path(__file__).parent / "text" / "public_domain_english.txt"
 # name -> (bits, block, symmetric); "int8-dynamic" is the exporter's MatMulInteger variant
 VARIANTS = {"int8-dynamic": None, "nbits8-b32-asym": (8, 32, False), "nbits8-b32-sym": (8, 32, True),
             "nbits8-b16-asym": (8, 16, False), "q4-b16-asym": (4, 16, False), "q4-b32-asym": (4, 32, False),
-            "q4-b32-sym": (4, 32, True)}
+            "q4-b32-sym": (4, 32, True), "nbits8-b32-sym-acc0": (8, 32, True, 0), "q4-b32-asym-acc0": (4, 32, False, 0)}
 
 
 def build(folder: Path, work: Path) -> tuple[dict[str, Path], object]:
@@ -66,16 +67,16 @@ def quantize(src: Path, dst: Path, spec) -> None:
         return
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
-    bits, block, symmetric = spec
+    bits, block, symmetric, level = (*spec, 4)[:4]
     model = load_graph(src)
     head = [node.name for node in _weight_matmuls(model) if _matches(node, ("lm_head", "logits"))]
-    quantizer = MatMulNBitsQuantizer(model, bits=bits, block_size=block, is_symmetric=symmetric, accuracy_level=4,
+    quantizer = MatMulNBitsQuantizer(model, bits=bits, block_size=block, is_symmetric=symmetric, accuracy_level=level,
                                      nodes_to_exclude=head if bits == 4 else [], op_types_to_quantize=("MatMul",))
     quantizer.process()
     result = quantizer.model.model
     if bits == 4:  # the head 8-bit, as the exporter's q4
-        quantizer = MatMulNBitsQuantizer(result, bits=8, block_size=block, is_symmetric=symmetric, accuracy_level=4,
-                                         op_types_to_quantize=("MatMul",))
+        quantizer = MatMulNBitsQuantizer(result, bits=8, block_size=block, is_symmetric=symmetric,
+                                         accuracy_level=level, op_types_to_quantize=("MatMul",))
         quantizer.process()
         result = quantizer.model.model
     save_graph(result, dst, dst)

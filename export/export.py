@@ -219,8 +219,11 @@ def _export_into(root: Path, checkpoint, origin: dict, options: ExportOptions, s
 
     skipped: dict[str, str] = {}
     # The family says how a q4 decoder keeps its LM head (a pretrained LM's head stays 8-bit: vledge.families.llama).
+    # and whether its int8 decoder is 8-bit weight-only MatMulNBits rather than dynamic MatMulInteger.
+    family = config.language.family
     qoptions = quantize.QuantizeOptions(calibration_method=options.calibration_method,
-                                        keep_bits=config.language.family.q4_head_bits)
+                                        keep_bits=family.q4_head_bits,
+                                        int8_weights=getattr(family, "int8_weights", "dynamic"))
     for precision in options.precisions:
         for component in COMPONENTS:
             if precision not in quantize.AVAILABLE.get(component, ()):

@@ -7,12 +7,15 @@ text when one is given. Free-running token agreement (``min_token_agreement``) d
 ``gate="free-running"`` or where a measurement has no teacher-forced figures. The exact-match accuracy
 budget applies either way.
 
-Defaults: 0.97 top-1 keeps a variant whose greedy choice differs from PyTorch's at fewer than 3 in 100
-forced positions. 0.05 nats of mean KL: on the tiny test model the int8 and q4 decoders measured below 1e-4
-nats (99.7 % top-1) and the same q4 decoder with scrambled 4-bit weights 0.10 nats (38 % top-1); the budget
-leaves room for LMs with large vocabularies and flatter distributions, where quantization costs more KL at
-the same top-1 agreement. Top-1 is the figure that catches a broken variant on a peaked model; KL catches
-one that keeps the argmax but distorts the distribution a sampler draws from.
+Defaults, measured. On SmolLM2-135M-Instruct (64 tokens of real English text through the KV cache, against
+the fp32 graph; ``benchmarks/weight_only_choice.py``) 8-bit weight-only MatMulNBits agreed on the next token at
+94 % of positions with 0.0097 nats of mean KL, and even with float compute (``accuracy_level`` 0) only at 95 %
+with 0.0043 nats: a small LM has many near-ties, and top-1 counts every one broken the other way as a miss.
+Variants that change the answers scored far lower: dynamic int8 (MatMulInteger) 56 % and 0.89 nats, 4-bit
+block 16 66 % and 0.73 nats. Hence top-1 >= 0.90 and mean KL <= 0.05 nats. On the tiny test model int8 and q4
+measure 99.7 % and below 1e-4 nats, and the q4 decoder with its 4-bit weights scrambled 38 % and 0.10 nats.
+Top-1 catches a broken variant on a peaked model; KL one that keeps the argmax but distorts the distribution
+a sampler draws from.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from dataclasses import asdict, dataclass, field
 from vledge.export.parity import VariantParity
 
 GATE_METRICS = ("teacher-forced", "free-running")
-DEFAULT_MIN_TOP1_AGREEMENT = 0.97
+DEFAULT_MIN_TOP1_AGREEMENT = 0.9
 DEFAULT_MAX_MEAN_KL = 0.05
 
 

@@ -61,7 +61,7 @@ def test_low_free_running_but_high_teacher_forced_agreement_is_accepted():
     assert judge(parity["decoder_model_merged:q4"], free).decided_by == "free-running"
 
 
-@pytest.mark.parametrize("top1, kl, reason", [(0.95, 0.01, "top-1 agreement 95.0%"),
+@pytest.mark.parametrize("top1, kl, reason", [(0.85, 0.01, "top-1 agreement 85.0%"),
                                               (0.99, 0.2, "mean KL divergence 0.2 nats")])
 def test_teacher_forced_budgets_block_a_variant(top1, kl, reason):
     from vledge.export import ExportOptions
@@ -74,7 +74,7 @@ def test_teacher_forced_budgets_block_a_variant(top1, kl, reason):
     assert _select(parity, VARIANTS, ExportOptions())["cpu"]["decoder_model_merged"] == "int8"
     verdict = judge(parity["decoder_model_merged:q4"], ExportOptions())
     assert not verdict.passed and reason in verdict.reasons[0]
-    lenient = ExportOptions(min_top1_agreement=0.9, max_mean_kl=0.5)
+    lenient = ExportOptions(min_top1_agreement=0.8, max_mean_kl=0.5)
     assert _select(parity, VARIANTS, lenient)["cpu"]["decoder_model_merged"] == "q4"
 
 
@@ -98,7 +98,7 @@ def test_manifest_and_report_carry_teacher_forced_figures(tiny_model_dir):
     q4 = variants["decoder_model_merged:q4"]["teacher_forced"]["answers"]
     assert q4["positions"] == fp32["positions"] and 0 < q4["mean_kl"]
     gate = manifest.parity["gate"]
-    assert gate["metric"] == "teacher-forced" and gate["min_top1_agreement"] == 0.97
+    assert gate["metric"] == "teacher-forced" and gate["min_top1_agreement"] == 0.9
     assert gate["verdicts"]["decoder_model_merged:q4"]["decided_by"] == "teacher-forced"
     report = (tiny_model_dir / "parity.md").read_text()
     assert "## Gate" in report and "decided by teacher-forced agreement" in report
@@ -145,7 +145,7 @@ def test_the_gate_blocks_a_quantized_decoder_broken_on_purpose(tiny_run, tiny_mo
         verdicts[precision] = (judge(measured, ExportOptions()), measured.teacher_forced["answers"])
     verdict, figures = verdicts["q4"]
     assert not verdict.passed and verdict.decided_by == "teacher-forced", verdict
-    assert figures.mean_kl > 0.05 and figures.top1_agreement < 0.97
+    assert figures.mean_kl > 0.05 and figures.top1_agreement < 0.9
     assert verdicts["fp32"][0].passed and verdicts["fp32"][1].top1_agreement == 1.0
 
 

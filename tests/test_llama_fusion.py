@@ -127,3 +127,34 @@ def test_a_rewrite_that_changes_the_numbers_is_dropped(decoders, tmp_path, monke
     ops = _ops(out)
     assert ops["MatMul"] == _ops(unfused)["MatMul"]  # nothing packed: only the norm fusion survived
     assert ops["SkipSimplifiedLayerNormalization"] >= 1
+
+
+def test_llama_int8_is_8bit_weight_only_and_tracks_fp32(decoders, tmp_path):
+    from vledge.export.fusion import decoder_probe
+    from vledge.export.quantize import QuantizeOptions, quantize_component
+    from vledge.families import language_family
+
+    family, _, _, _, fused = decoders
+    kind = language_family(family).int8_weights
+    assert kind == "matmulnbits"
+    out = quantize_component("decoder_model_merged", "int8", fused, tmp_path / "int8.onnx",
+                             options=QuantizeOptions(int8_weights=kind), language_kind=family)
+    model = onnx.load(str(out))
+    nbits = [node for node in model.graph.node if node.op_type == "MatMulNBits"]
+    assert {onnx.helper.get_attribute_value(a) for n in nbits for a in n.attribute if a.name == "bits"} == {8}
+    assert {onnx.helper.get_attribute_value(a) for n in nbits for a in n.attribute if a.name == "block_size"} == {32}
+    assert any("lm_head" in n.name for n in nbits)  # the head too: 8-bit weights drift like float here
+    assert not any(n.op_type in ("MatMulInteger", "DynamicQuantizeLinear") for n in model.graph.node)
+    want, got = decoder_probe(_session(fused)), decoder_probe(_session(out))
+    for a, b in zip(want, got):
+        x, y = a[0].ravel(), b[0].ravel()
+        assert float(x @ y / (np.linalg.norm(x) * np.linalg.norm(y))) > 0.999
+
+
+def test_int8_weight_only_options_are_validated():
+    from vledge.errors import QuantizationError
+    from vledge.export.quantize import QuantizeOptions
+
+    for bad in (dict(int8_weights="static"), dict(int8_block_size=24), dict(int8_symmetric=1)):
+        with pytest.raises(QuantizationError, match=next(iter(bad))):
+            QuantizeOptions(**bad)

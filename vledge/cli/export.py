@@ -32,7 +32,7 @@ from vledge.cli.convert import BACKEND_HELP
                    "auto; decides only with --gate free-running.")
 @click.option("--gate", type=click.Choice(["teacher-forced", "free-running"]), default="teacher-forced",
               show_default=True, help="Which agreement with PyTorch decides auto.")
-@click.option("--min-top1-agreement", type=FiniteFloat(min=0, max=1), default=0.97, show_default=True,
+@click.option("--min-top1-agreement", type=FiniteFloat(min=0, max=1), default=0.9, show_default=True,
               help="Teacher-forced budget: share of positions where a variant must pick PyTorch's next token.")
 @click.option("--max-mean-kl", type=FiniteFloat(min=0), default=0.05, show_default=True,
               help="Teacher-forced budget: mean KL divergence from PyTorch's next-token distribution, in nats.")
