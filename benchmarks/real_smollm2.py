@@ -149,16 +149,25 @@ def load_engine(engine: str, args) -> object:
         return TorchDecoder(args.folder, args.threads)
     manifest = json.loads((args.model_dir / "vledge.json").read_text())
     arch = manifest["architecture"]
-    from safetensors.numpy import load_file
+    from safetensors import safe_open
 
-    embed = load_file(str(args.folder / "model.safetensors"))["model.embed_tokens.weight"].astype(np.float32)
+    with safe_open(str(args.folder / "model.safetensors"), "np") as weights:  # the token table alone
+        embed = weights.get_tensor("model.embed_tokens.weight").astype(np.float32)
     return OrtDecoder(args.model_dir / "onnx" / DECODER_FILES[engine], embed, arch, args.threads)
 
 
-def worker(args) -> dict:
-    from transformers import AutoTokenizer
+def text_ids(cache: Path, folder: Path) -> Path:
+    """The text's token ids, written once by the driver (so an ONNX Runtime worker never imports torch)."""
+    path = cache / "text_ids.json"
+    if not path.exists():
+        from transformers import AutoTokenizer
 
-    ids = AutoTokenizer.from_pretrained(args.folder)(TEXT.read_text())["input_ids"]
+        path.write_text(json.dumps(AutoTokenizer.from_pretrained(folder)(TEXT.read_text())["input_ids"]))
+    return path
+
+
+def worker(args) -> dict:
+    ids = json.loads((args.cache / "text_ids.json").read_text())
     tick = time.perf_counter()
     engine = load_engine(args.engine, args)
     result = {"engine": args.engine, "load_s": time.perf_counter() - tick}
@@ -241,6 +250,7 @@ def main() -> None:
         return
     report: dict = {"machine_before": machine(), "command": " ".join(sys.argv)}
     build_folder(args.cache)
+    text_ids(args.cache, args.folder)
     model_dir = build_model_dir(args.cache, args.folder, args.timeout)
     manifest = json.loads((model_dir / "vledge.json").read_text())
     report["selected_cpu"] = manifest["selected"]["cpu"]
