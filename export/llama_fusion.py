@@ -26,8 +26,8 @@ import numpy as np
 
 from vledge.errors import QuantizationError
 from vledge.export.fusion import decoder_probe
-from vledge.export.onnx_files import (atomic_output, copy_graph, cpu_session, load_graph, save_graph, source_graph,
-                                      validate_graph)
+from vledge.export.onnx_files import (atomic_output, copy_graph, cpu_session, load_graph, quiet, save_graph,
+                                      source_graph, validate_graph)
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +39,16 @@ def _fuse_rms_norms(model) -> tuple[int, int]:
     from onnxruntime.transformers.onnx_model import OnnxModel
 
     wrapped = OnnxModel(model)
-    FusionSimplifiedLayerNormalization(wrapped).apply()
-    FusionSkipSimplifiedLayerNormalization(wrapped).apply()
+    # its shape inference warns about the dynamic mask arithmetic it cannot bound; nothing a user can act on
+    shapes = logging.getLogger("symbolic_shape_infer")
+    level = shapes.level
+    shapes.setLevel(logging.ERROR)
+    try:
+        with quiet():
+            FusionSimplifiedLayerNormalization(wrapped).apply()
+            FusionSkipSimplifiedLayerNormalization(wrapped).apply()
+    finally:
+        shapes.setLevel(level)
     plain = _expand_plain_norms(model)
     wrapped.prune_graph()
     wrapped.topological_sort()
