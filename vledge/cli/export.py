@@ -17,7 +17,7 @@ from vledge.cli.convert import BACKEND_HELP
                    "Hugging Face LLaVA folder).")
 @click.option("--quantize", default="auto", show_default=True,
               help="Comma-separated variants: int8, q4, fp16; 'auto' makes all and picks the fastest per graph "
-                   "within --max-accuracy-drop; 'none' writes fp32 only.")
+                   "that the parity gate passes (--gate and its budgets); 'none' writes fp32 only.")
 @click.option("--calibration-data", "data_dir", type=click.Path(path_type=Path), default=None,
               help="Dataset for int8 calibration (train/val split) and the parity check (test/val split); "
                    "default: freshly generated built-in synthetic scenes.")
