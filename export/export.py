@@ -37,6 +37,8 @@ from vledge.export.parity import (
     torch_reference,
 )
 from vledge.export.progress import QuestionCallback, question_counter
+from vledge.export.forced import ForcedSet, answer_set, read_parity_text, text_set
+from vledge.export.gate import DEFAULT_MAX_MEAN_KL, DEFAULT_MIN_TOP1_AGREEMENT, GATE_METRICS, judge
 from vledge.export.report import write_parity_markdown
 from vledge.export.transformers_js import write_transformers_js_files
 from vledge.export.tool_warnings import tool_warnings_to_debug_log
@@ -66,9 +68,15 @@ class ExportOptions:
     calibration_samples: int = 64
     parity_samples: int = 128
     max_accuracy_drop: float = 1.0  # points; for auto
-    # for auto: a variant must also pick PyTorch's greedy tokens this often (accuracy alone says nothing
-    # where the reference itself scores near zero, e.g. an imported model on the built-in scenes)
+    # for auto, the free-running budget: a variant must pick PyTorch's greedy tokens this often (accuracy alone
+    # says nothing where the reference itself scores near zero); it decides only with gate="free-running"
+    # or for a measurement without teacher-forced figures (vledge.export.gate)
     min_token_agreement: float = 0.9
+    gate: str = "teacher-forced"  # which agreement decides auto: "teacher-forced" or "free-running"
+    min_top1_agreement: float = DEFAULT_MIN_TOP1_AGREEMENT  # teacher-forced budgets (vledge.export.gate)
+    max_mean_kl: float = DEFAULT_MAX_MEAN_KL
+    parity_text: Path | None = None  # a UTF-8 text whose tokens are also teacher-forced
+    parity_text_tokens: int = 1024  # at most this many tokens of it
     opset: int = DEFAULT_OPSET
     threads: int = 1  # for the latency measurements that decide auto
     force: bool = False
@@ -93,6 +101,14 @@ class ExportOptions:
             raise ConfigError(f"max_accuracy_drop must be a finite number >= 0, got {self.max_accuracy_drop}")
         if not (math.isfinite(self.min_token_agreement) and 0 <= self.min_token_agreement <= 1):
             raise ConfigError(f"min_token_agreement must be in [0, 1], got {self.min_token_agreement}")
+        if self.gate not in GATE_METRICS:
+            raise ConfigError(f"unknown gate {self.gate!r}; choose from {', '.join(GATE_METRICS)}")
+        if not (math.isfinite(self.min_top1_agreement) and 0 <= self.min_top1_agreement <= 1):
+            raise ConfigError(f"min_top1_agreement must be in [0, 1], got {self.min_top1_agreement}")
+        if not (math.isfinite(self.max_mean_kl) and self.max_mean_kl >= 0):
+            raise ConfigError(f"max_mean_kl must be a finite number >= 0, got {self.max_mean_kl}")
+        if isinstance(self.parity_text_tokens, bool) or not 1 <= self.parity_text_tokens <= 16384:
+            raise ConfigError(f"parity_text_tokens must be 1 to 16384, got {self.parity_text_tokens}")
         if self.parity_samples < 1 or self.calibration_samples < 1:
             raise ConfigError("parity and calibration need at least one sample")
 
@@ -152,6 +168,8 @@ def export_checkpoint(checkpoint, out_dir: str | Path, origin: dict, options: Ex
 def _check_out_dir(out_dir: Path, options: ExportOptions) -> None:
     if out_dir.exists() and not options.force:
         raise ExportError(f"{out_dir} already exists; pass --force to replace it")
+    if options.parity_text is not None:
+        read_parity_text(options.parity_text)  # a missing or unreadable text fails before minutes of work
     check_output_dir(out_dir, "model directory")  # before minutes of export: /proc/x, a read-only mount
 
 
@@ -183,10 +201,12 @@ def _export_into(root: Path, checkpoint, origin: dict, options: ExportOptions, s
     say("loading held-out data for calibration and parity")
     calibration, samples = _held_out_data(options, model, tokenizer, work)
 
-    say(f"running the PyTorch reference on {len(samples)} held-out questions")
+    forced = _forced_sets(options, samples, tokenizer, model)
+    say(f"running the PyTorch reference on {len(samples)} held-out questions "
+        f"({', '.join(f'{rows.positions} teacher-forced positions of the {rows.source}' for rows in forced.values())})")
     torch.set_num_threads(max(1, options.threads))
     try:
-        reference = torch_reference(model, tokenizer, samples,
+        reference = torch_reference(model, tokenizer, samples, forced=forced,
                                     progress=question_counter(on_questions, "pytorch", len(samples)))
     finally:
         torch.set_num_threads(threads_before)
@@ -205,8 +225,10 @@ def _export_into(root: Path, checkpoint, origin: dict, options: ExportOptions, s
 
     skipped: dict[str, str] = {}
     # The family says how a q4 decoder keeps its LM head (a pretrained LM's head stays 8-bit: vledge.families.llama).
+    # and whether its int8 decoder is 8-bit weight-only MatMulNBits rather than dynamic MatMulInteger.
+    family = config.language.family
     qoptions = quantize.QuantizeOptions(calibration_method=options.calibration_method,
-                                        keep_bits=config.language.family.q4_head_bits)
+                                        keep_bits=family.q4_head_bits, int8_weights=family.int8_weights)
     cuda = cuda_works() if "fp16" in options.precisions else False
     for precision in options.precisions:
         for component in COMPONENTS:
@@ -227,8 +249,8 @@ def _export_into(root: Path, checkpoint, origin: dict, options: ExportOptions, s
             variants[component][precision] = variant_filename(component, precision)
             manifest = _manifest(checkpoint, origin, tokenizer, model, variants, root)
             _write_manifest(root, manifest)
-            why = reason_not_to_measure(root, component, precision, samples, reference, options.min_token_agreement,
-                                        options.threads, cuda)
+            budget = options.min_top1_agreement if options.gate == "teacher-forced" else options.min_token_agreement
+            why = reason_not_to_measure(root, component, precision, samples, reference, budget, options.threads, cuda)
             if why:
                 skipped[label] = why
                 say(f"{label}: {why}")
@@ -239,6 +261,8 @@ def _export_into(root: Path, checkpoint, origin: dict, options: ExportOptions, s
             parity[label] = _measure(root, chosen, samples, reference, options, on_questions, label)
 
     selected = _select(parity, variants, options)
+    verdicts = {label: judge(p, options).to_dict() for label, p in parity.items()
+                if label not in ("fp32", "selected:cpu") and not label.endswith(":fp16")}
     if any(p != "fp32" for p in selected["cpu"].values()):
         say("measuring the selected combination")
         parity["selected:cpu"] = _measure(root, selected["cpu"], samples, reference, options, on_questions,
@@ -254,6 +278,11 @@ def _export_into(root: Path, checkpoint, origin: dict, options: ExportOptions, s
         "tolerance": {"atol": FP32_ATOL, "rtol": FP32_RTOL, "min_token_agreement": FP32_MIN_TOKEN_AGREEMENT},
         "max_accuracy_drop": options.max_accuracy_drop,
         "min_token_agreement": options.min_token_agreement,
+        "gate": {"metric": options.gate, "min_top1_agreement": options.min_top1_agreement,
+                 "max_mean_kl": options.max_mean_kl, "min_token_agreement": options.min_token_agreement,
+                 "max_accuracy_drop": options.max_accuracy_drop, "verdicts": verdicts},
+        "teacher_forced": {name: {"source": rows.source, "positions": rows.positions}
+                           for name, (rows, _) in reference.forced.items()},
         "data": str(options.data) if options.data else "built-in synthetic scenes (fresh seed)",
     }
     write_parity_markdown(root / "parity.md", manifest, parity, reference, skipped)
@@ -278,7 +307,7 @@ def _measure(root: Path, precisions: dict[str, str], samples: ParitySamples, ref
 
 def _select(parity: dict[str, VariantParity], variants: dict[str, dict[str, str]],
             options: ExportOptions) -> dict[str, dict[str, str]]:
-    """Per component, the fastest CPU variant within the accuracy and token-agreement budgets; fp16 for CUDA."""
+    """Per component, the fastest CPU variant the gate passes (``vledge.export.gate``); fp16 for CUDA."""
     stage_key = {"vision_encoder": "vision_ms", "embed_tokens": "embed_ms", "decoder_model_merged": "decode_step_ms"}
     cpu: dict[str, str] = {}
     for component in COMPONENTS:
@@ -287,12 +316,10 @@ def _select(parity: dict[str, VariantParity], variants: dict[str, dict[str, str]
             measured = parity.get(f"{component}:{precision}")
             if precision in ("fp32", "fp16") or measured is None:
                 continue  # fp16 runs through casts on a CPU: it is for GPUs
-            if measured.accuracy_delta < -options.max_accuracy_drop:
-                continue
-            if measured.generation.token_agreement < options.min_token_agreement:
-                log.info("auto passes over %s:%s: greedy tokens agree %.1f%% with PyTorch, below %.1f%%",
-                         component, precision, 100 * measured.generation.token_agreement,
-                         100 * options.min_token_agreement)
+            verdict = judge(measured, options)
+            if not verdict.passed:
+                log.info("auto passes over %s:%s (%s): %s", component, precision, verdict.decided_by,
+                         "; ".join(verdict.reasons))
                 continue
             ms = measured.latency_ms.get(stage_key[component], float("inf"))
             if ms < best_ms:
@@ -300,6 +327,17 @@ def _select(parity: dict[str, VariantParity], variants: dict[str, dict[str, str]
         cpu[component] = best
     cuda = {component: ("fp16" if "fp16" in variants[component] else "fp32") for component in COMPONENTS}
     return {"cpu": cpu, "cuda": cuda}
+
+
+def _forced_sets(options: ExportOptions, samples: ParitySamples, tokenizer, model) -> dict[str, ForcedSet]:
+    """What the gate teacher-forces: the held-out answers, and the --parity-text text when given."""
+    template = model.config.prompt
+    sets = {"answers": answer_set(tokenizer, template, samples.image_index, samples.prompts, samples.answers)}
+    if options.parity_text is not None:
+        sets["text"] = text_set(read_parity_text(options.parity_text), tokenizer, template,
+                                options.parity_text_tokens, model.config.language.max_positions,
+                                model.num_image_tokens, Path(options.parity_text).name)
+    return sets
 
 
 def _held_out_data(options: ExportOptions, model, tokenizer, work: Path) -> tuple[np.ndarray, ParitySamples]:

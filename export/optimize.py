@@ -17,6 +17,7 @@ from vledge.errors import QuantizationError
 from vledge.families import language_family
 from vledge.export.fusion import fuse_attention
 from vledge.export.layer_fusion import fuse_layers
+from vledge.export.llama_fusion import fuse_llama
 from vledge.export.onnx_files import atomic_output, load_graph, op_types, source_graph, validate_graph
 
 log = logging.getLogger(__name__)
@@ -104,7 +105,7 @@ def optimize_graph(src: Path, dst: Path, level: str = "basic") -> Path:
 
 
 # The decoder fusion passes a family may name (LanguageFamily.decoder_fusions), in the order they run.
-DECODER_FUSIONS = {"attention": fuse_attention, "layers": fuse_layers}
+DECODER_FUSIONS = {"attention": fuse_attention, "layers": fuse_layers, "llama": fuse_llama}
 
 
 def optimize_component(component: str, src: Path, dst: Path, level: str = "basic", fuse: bool = True,

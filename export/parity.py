@@ -3,7 +3,9 @@
 Stages: image embeddings (vision encoder + projector), prefill logits with the
 PyTorch image embeddings fed to the exported decoder (so decoder drift is seen on
 its own), then greedy generation end to end: token agreement, the first divergence,
-exact-match accuracy per task and caption agreement.
+exact-match accuracy per task and caption agreement; and teacher-forced next-token
+agreement and KL divergence (``vledge.export.forced``) over the held-out answers and
+an optional real text.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import numpy as np
 from vledge.data.records import Record
 from vledge.decoding import GenerationOptions
 from vledge.evaluation import CAPTION_TASKS, LONG_ANSWER_TASKS, questions_of
+from vledge.export.forced import ForcedSet, TeacherForced, forced_log_probs
 from vledge.generation import Engine, generate
 from vledge.metrics import AccuracyByTask, exact_match
 from vledge.models.generate import TorchEngine
@@ -101,6 +104,8 @@ class Reference:
     tokens: list[list[int]]
     texts: list[str]
     accuracy: dict[str, float]
+    # name ("answers", "text") -> the forced rows and PyTorch's log-probabilities at each of their positions
+    forced: dict[str, tuple[ForcedSet, list[np.ndarray]]] = field(default_factory=dict)
 
 
 def _accuracy(texts: Sequence[str], samples: ParitySamples) -> dict[str, float]:
@@ -139,11 +144,14 @@ def _answer_all(engine: Engine, samples: ParitySamples, image_embeds: np.ndarray
 
 
 def torch_reference(model: VisionLanguageModel, tokenizer: Tokenizer, samples: ParitySamples,
-                    batch_size: int = 32, progress: Callable[[int], None] | None = None) -> Reference:
+                    batch_size: int = 32, forced: dict[str, ForcedSet] | None = None,
+                    progress: Callable[[int], None] | None = None) -> Reference:
+    """PyTorch's answers and, for each set in ``forced``, its teacher-forced log-probabilities."""
     engine = TorchEngine(model.eval(), tokenizer)
     image_embeds = _encode_all(engine, samples.pixel_values)
     logits, tokens, texts = _answer_all(engine, samples, image_embeds, image_embeds, batch_size, progress)
-    return Reference(image_embeds, logits, tokens, texts, _accuracy(texts, samples))
+    runs = {name: (rows, forced_log_probs(engine, image_embeds, rows)) for name, rows in (forced or {}).items()}
+    return Reference(image_embeds, logits, tokens, texts, _accuracy(texts, samples), runs)
 
 
 @dataclass
@@ -200,6 +208,8 @@ class VariantParity:
     accuracy_delta: float  # overall, in points (percent), variant minus PyTorch
     questions: int
     latency_ms: dict[str, float] = field(default_factory=dict)
+    # "answers" (held-out answers) and "text" (--parity-text): teacher-forced agreement with PyTorch
+    teacher_forced: dict[str, TeacherForced] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -211,11 +221,13 @@ def measure_engine(engine: Engine, samples: ParitySamples, reference: Reference,
     """Compare one engine with the PyTorch reference on the same pixels and prompts.
 
     The prefill logits are computed from the reference's image embeddings, so the decoder's drift is seen on
-    its own; the answers come from the engine's own embeddings, end to end.
+    its own; the answers and the teacher-forced predictions come from the engine's own embeddings, end to end.
     """
     embeds = _encode_all(engine, samples.pixel_values)
     logits, tokens, texts = _answer_all(engine, samples, embeds, reference.image_embeds, batch_size, progress)
     accuracy = _accuracy(texts, samples)
+    forced = {name: TeacherForced.between(rows.source, forced_log_probs(engine, embeds, rows), ref_log_probs)
+              for name, (rows, ref_log_probs) in reference.forced.items()}
     return VariantParity(
         precisions=dict(precisions or {}),
         image_embeds=Drift.between(embeds, reference.image_embeds),
@@ -224,6 +236,7 @@ def measure_engine(engine: Engine, samples: ParitySamples, reference: Reference,
         accuracy=accuracy,
         accuracy_delta=100.0 * (accuracy["overall"] - reference.accuracy["overall"]),
         questions=len(samples),
+        teacher_forced=forced,
     )
 
 

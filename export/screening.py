@@ -6,11 +6,12 @@ of an export with a real LM. Two kinds of variant are spared it:
 - **fp16 where no CUDA provider works.** fp16 is made for ``selected.cuda``; on the CPU it runs
   through casts and no CPU choice takes it, so a CPU-only export builds it and records it as not
   measured.
-- **A quantized variant already outside the token budget, teacher-forced.** Fed PyTorch's own
+- **A quantized variant already outside the gate's budget, teacher-forced.** Fed PyTorch's own
   answers on a few questions, a variant whose next-token choice already disagrees with PyTorch's
-  more often than ``--min-token-agreement`` allows would diverge at least as early when it answers
-  freely (greedy answers are identical up to the first disagreement), so it is recorded as not
-  measured instead of being generated in full.
+  more often than the deciding budget allows (``--min-top1-agreement`` under the teacher-forced
+  gate; ``--min-token-agreement`` under the free-running one, which it can only do worse on, since
+  greedy answers are identical up to the first disagreement) is recorded as not measured instead
+  of being generated in full.
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ def teacher_forced_agreement(engine, samples: ParitySamples, reference: Referenc
 
 
 def reason_not_to_measure(root: Path, component: str, precision: str, samples: ParitySamples,
-                          reference: Reference, min_token_agreement: float, threads: int,
+                          reference: Reference, min_agreement: float, threads: int,
                           cuda: bool | None = None) -> str | None:
     """Why ``component`` in ``precision`` (the other graphs fp32) is not worth a full measurement, or None."""
     if precision == "fp16":
@@ -72,9 +73,9 @@ def reason_not_to_measure(root: Path, component: str, precision: str, samples: P
                   component: precision}
     runtime = load(root, precision=precisions, providers="cpu", threads=threads, verify=False)
     agreement = teacher_forced_agreement(runtime, samples, reference)
-    if agreement >= min_token_agreement:
+    if agreement >= min_agreement:
         return None
     questions = min(SCREEN_QUESTIONS, len(samples))
     return (f"not generated in full: fed PyTorch's answers to {questions} held-out questions, it picks PyTorch's "
-            f"next token {agreement:.1%} of the time, below --min-token-agreement {min_token_agreement:.0%}; "
+            f"next token {agreement:.1%} of the time, below the gate's {min_agreement:.0%}; "
             "auto cannot choose it")

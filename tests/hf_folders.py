@@ -42,14 +42,14 @@ def make_lm_folder(folder: Path, arch: str = "llama", tied: bool = False, rope_s
     import torch
     import transformers
 
-    if arch == "llama":
+    if arch in ("llama", "mistral"):
         specials = ["<unk>", "<s>", "</s>"] + (["<|im_start|>", "<|im_end|>"] if chat else [])
         token_names = {"bos_token": "<s>", "eos_token": "<|im_end|>" if chat else "</s>", "unk_token": "<unk>"}
     else:  # Qwen2: no bos, no unk
         specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
         token_names = {"eos_token": "<|im_end|>" if chat else "<|endoftext|>", "pad_token": "<|endoftext|>"}
     backend = _tokenizer(specials, vocab_size=360)
-    if arch == "llama":
+    if arch in ("llama", "mistral"):
         from tokenizers import processors
 
         backend.post_processor = processors.TemplateProcessing(
@@ -62,6 +62,11 @@ def make_lm_folder(folder: Path, arch: str = "llama", tied: bool = False, rope_s
                                           bos_token_id=backend.token_to_id("<s>"),
                                           eos_token_id=backend.token_to_id("</s>"))
         model_class = transformers.LlamaForCausalLM
+    elif arch == "mistral":
+        config = transformers.MistralConfig(**common, rope_theta=10000.0, sliding_window=None,
+                                            bos_token_id=backend.token_to_id("<s>"),
+                                            eos_token_id=backend.token_to_id("</s>"))
+        model_class = transformers.MistralForCausalLM
     else:
         config = transformers.Qwen2Config(**common, rope_scaling=rope_scaling, rope_theta=1000000.0,
                                           use_sliding_window=False)

@@ -31,6 +31,9 @@ class LanguageFamily:
     q4_refusal: ClassVar[str | None] = None
     # q4 stores the LM head with this many bits instead of float (None: float).
     q4_head_bits: ClassVar[int | None] = None
+    # How the int8 decoder stores its weights: "dynamic" (MatMulInteger, activations quantized per call) or
+    # "matmulnbits" (8-bit weight-only MatMulNBits, float activations; chosen by measurement, docs/results.md).
+    int8_weights: ClassVar[str] = "dynamic"
     # LoRA adapters fit its projections (vledge.models.lora).
     lora: ClassVar[bool] = False
     # The benchmark's torch.compile and OpenVINO engines are measured for this family.

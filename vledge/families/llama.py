@@ -77,7 +77,12 @@ class LlamaFamily(LanguageFamily):
     name = "llama"
     config_class = LlamaConfig
     cache = "kv"
-    decoder_fusions = ()  # its grouped attention stays MatMul-Softmax-MatMul; ORT's session optimisations only
+    # residual + RMSNorm fusion and packed q/k/v and gate/up projections (vledge.export.llama_fusion); its grouped
+    # attention stays MatMul-Softmax-MatMul
+    decoder_fusions = ("llama",)
+    # int8 decoder as 8-bit weight-only MatMulNBits (block 32, symmetric): on SmolLM2-135M it tracked fp32 far
+    # closer than dynamic MatMulInteger and ran faster (vledge.export.quantize.quantize_decoder_int8_weight_only)
+    int8_weights = "matmulnbits"
     # The head is vocab x hidden (49152 x 576 for SmolLM2-135M): in float it is as large as all the 4-bit layers
     # together and dominates a q4 step, so q4 stores it 8-bit (int8 or float keep the head's accuracy).
     q4_head_bits = 8
