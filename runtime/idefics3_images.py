@@ -59,8 +59,8 @@ class Idefics3ImageOptions:
         for name, value in (("size.longest_edge", self.longest_edge), ("max_image_size.longest_edge", self.tile)):
             if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 2 * MAX_IMAGE_SIZE:
                 raise ConfigError(f"{name} must be an integer 1..{2 * MAX_IMAGE_SIZE}, got {value!r}")
-        side = min(self.longest_edge, MAX_IMAGE_SIZE) if self.do_resize else MAX_IMAGE_SIZE
-        if self.do_image_splitting and math.ceil(side / self.tile) > MAX_GRID_SIDE:
+        side = min(self.longest_edge, MAX_IMAGE_SIZE)
+        if self.do_resize and self.do_image_splitting and math.ceil(side / self.tile) > MAX_GRID_SIDE:
             raise ConfigError(f"max_image_size.longest_edge {self.tile} would split a {side}-pixel side into more "
                               f"than {MAX_GRID_SIDE} tiles")
         if self.resample not in RESAMPLE_NAMES:
