@@ -9,7 +9,7 @@ Pillow 12 and older always resample horizontally first; Pillow 13 resamples vert
 the height shrinks by more than twice as many pixels as the width does. The order changes some
 pixels by a few grey levels, so it is an explicit choice here. This module repeats each step in the same order and
 the same arithmetic: the weights use ``math.sin`` (the C library's ``sin``, as Pillow does) and the
-integer sums are done in float64, exact because every partial sum stays far below 2**53.
+sums are int32, as Pillow's (its 22 fractional bits leave room for 8-bit pixels and negative lobes).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ RESAMPLE_NAMES = {LANCZOS: "lanczos", BILINEAR: "bilinear", BICUBIC: "bicubic"}
 PASS_ORDERS = ("pillow13", "pillow12")
 
 _MAX_SIDE = 1 << 15  # far above any size an image processor asks for; bounds memory
-_CHUNK = 1 << 22  # gathered elements converted to float at a time
+_CHUNK = 1 << 21  # output values summed at a time (bounds the int32 accumulator's memory)
 
 
 def _bilinear(x: float) -> float:
@@ -67,7 +67,7 @@ _FILTERS = {LANCZOS: (_lanczos, 3.0), BILINEAR: (_bilinear, 1.0), BICUBIC: (_bic
 
 @functools.lru_cache(maxsize=64)
 def _coefficients(in_size: int, out_size: int, resample: int) -> tuple[np.ndarray, np.ndarray]:
-    """(first input index [out], int weights as float64 [out, taps]) of one axis, as Resample.c makes them.
+    """(first input index [out], int32 weights [out, taps]) of one axis, as Resample.c makes them.
 
     A pure function of its arguments, so this cache is the only shared state (lru_cache is thread-safe).
     """
@@ -94,25 +94,26 @@ def _coefficients(in_size: int, out_size: int, resample: int) -> tuple[np.ndarra
         starts[xx] = xmin
     used = np.nonzero(weights.any(axis=0))[0]
     width = int(used.max()) + 1 if used.size else 1
-    weights = np.ascontiguousarray(weights[:, :width])
+    weights = np.ascontiguousarray(weights[:, :width].astype(np.int32))
     starts.setflags(write=False)
     weights.setflags(write=False)
     return starts, weights
 
 
 def _pass(pixels: np.ndarray, starts: np.ndarray, weights: np.ndarray) -> np.ndarray:
-    """Resample uint8 [N, M, C] along axis 0 -> uint8 [out, M, C], rounding and clipping as ``clip8``."""
+    """Resample uint8 [N, M, C] along axis 0 -> uint8 [out, M, C]: Pillow's int32 sums, one tap at a time,
+    then its rounding and clipping (``clip8``)."""
     in_size = pixels.shape[0]
     flat = pixels.reshape(in_size, -1)
     count, taps = weights.shape
     rows = np.minimum(starts[:, None] + np.arange(taps), in_size - 1)  # zero-weight taps may point past the end
     out = np.empty((count, flat.shape[1]), dtype=np.uint8)
-    step = max(1, _CHUNK // (taps * flat.shape[1]))
+    step = max(1, _CHUNK // flat.shape[1])
     for begin in range(0, count, step):
         end = min(begin + step, count)
-        gathered = flat[rows[begin:end]].astype(np.float64)  # [n, taps, M]
-        acc = np.einsum("nk,nkm->nm", weights[begin:end], gathered).astype(np.int64)  # exact integers
-        acc += 1 << (PRECISION_BITS - 1)
+        acc = np.full((end - begin, flat.shape[1]), 1 << (PRECISION_BITS - 1), dtype=np.int32)
+        for tap in range(taps):
+            acc += weights[begin:end, tap, None] * flat[rows[begin:end, tap]]
         acc >>= PRECISION_BITS  # arithmetic shift: floor, as in C
         np.clip(acc, 0, 255, out=acc)
         out[begin:end] = acc
