@@ -104,6 +104,8 @@ class Idefics3ImageOptions:
 
 def _edge(config: Mapping, key: str, default: int) -> int:
     value = config.get(key, {"longest_edge": default})
+    if isinstance(value, Mapping):  # a saved size dict may list its other forms as null
+        value = {k: v for k, v in value.items() if v is not None}
     if not isinstance(value, Mapping) or set(value) != {"longest_edge"}:
         raise ConfigError(f"{key} must be {{\"longest_edge\": N}} (other forms are not reproduced), got {value!r}")
     return value["longest_edge"]

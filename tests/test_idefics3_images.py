@@ -147,6 +147,7 @@ def test_prompt_expansion_and_input_ids_equal_the_processor():
     ({"resample": 4}, "resample"),
     ({"resample": 5}, "resample"),
     ({"size": {"height": 100, "width": 100}}, "size"),
+    ({"size": {"longest_edge": 256, "height": 100}}, "size"),
     ({"max_image_size": {"longest_edge": 0}}, "max_image_size.longest_edge"),
     ({"size": {"longest_edge": 4096}}, "max_image_size.longest_edge"),  # 4096 / 64 tiles a side
     ({"image_std": [0.5, 0.0, 0.5]}, "image_std"),
@@ -174,3 +175,9 @@ def test_bad_inputs_are_typed_errors():
         expand_prompt("<image><image>", [(0, 0)], 4)
     with pytest.raises(ConfigError, match="rows"):
         image_prompt(0, 3, 4)
+
+
+def test_size_dicts_may_list_their_other_forms_as_null():
+    config = {"size": {"longest_edge": 256, "height": None, "width": None},
+              "max_image_size": {"longest_edge": 64, "shortest_edge": None}}
+    assert Idefics3ImageOptions.from_config(config) == Idefics3ImageOptions(longest_edge=256, tile=64)
