@@ -26,7 +26,7 @@ PASS_ORDER = "pillow13" if int(PIL.__version__.split(".")[0]) >= 13 else "pillow
 def _photos() -> dict[str, np.ndarray]:
     astronaut = skimage_data.astronaut()
     return {"astronaut": astronaut, "coffee": skimage_data.coffee(), "chelsea": skimage_data.chelsea(),
-            "rocket": skimage_data.rocket(), "tall": astronaut[:, 150:330], "wide": astronaut[200:300],
+            "rocket": skimage_data.rocket(), "tall": astronaut[:, 150:330], "wide": astronaut[200:303],
             "small": np.ascontiguousarray(astronaut[::9, ::11])}
 
 
