@@ -81,13 +81,20 @@ def _prune(model) -> None:
     wrapped.topological_sort()
 
 
-def _real_positions_match(reference: Path, candidate: Path, tolerance: float, label: Path) -> None:
-    """Raise unless ``candidate`` gives ``reference``'s logits and its keys/values wherever the mask is 1.
+def check_rewrite(reference: Path, candidate: Path, tolerance: float, label: Path) -> None:
+    """Raise QuantizationError unless ``candidate`` gives ``reference``'s logits and its keys/values wherever the
+    mask is 1, on the decoder probe (a left-padded prefill and decode steps).
 
     Keys and values at padded positions may differ (a padded query's own attention is never read:
-    the mask hides those keys from every real query).
+    the mask hides those keys from every real query). Shared by every decoder rewrite (this module's,
+    vledge.export.llama_fusion's), so each is held to the same check.
     """
-    want, got = decoder_probe(cpu_session(reference)), decoder_probe(cpu_session(candidate))
+    try:
+        want, got = decoder_probe(cpu_session(reference)), decoder_probe(cpu_session(candidate))
+    except QuantizationError:
+        raise
+    except Exception as exc:  # onnxruntime raises its own exception classes
+        raise QuantizationError(f"{label}: the rewritten decoder fails to run on the probe inputs ({exc})") from exc
     for step, (a, b) in enumerate(zip(want, got)):
         for index, (x, y) in enumerate(zip(a, b)):
             if x.shape != y.shape:
@@ -122,7 +129,7 @@ def fuse_layers(src: Path, dst: Path, tolerance: float = 1e-4) -> Path:
             with atomic_output(Path(dst)) as out:
                 save_graph(model, out, Path(dst))
                 validate_graph(out)
-                _real_positions_match(src, out, tolerance, Path(dst))
+                check_rewrite(src, out, tolerance, Path(dst))
         except QuantizationError as exc:
             log.warning("%s: %s; %s", src.name, exc,
                         "trying without the mask inside attention" if masked else "left as it was")

@@ -25,8 +25,8 @@ from pathlib import Path
 import numpy as np
 
 from vledge.errors import QuantizationError
-from vledge.export.fusion import decoder_probe
-from vledge.export.onnx_files import (atomic_output, copy_graph, cpu_session, load_graph, quiet, save_graph,
+from vledge.export.layer_fusion import check_rewrite
+from vledge.export.onnx_files import (atomic_output, copy_graph, load_graph, quiet, save_graph,
                                       source_graph, validate_graph)
 
 log = logging.getLogger(__name__)
@@ -127,27 +127,6 @@ def _pack_projections(model) -> int:
     return packs
 
 
-def _check(reference: Path, candidate: Path, tolerance: float) -> None:
-    """Raise unless ``candidate`` gives ``reference``'s logits and keys/values (at real positions) on the probe."""
-    try:
-        want, got = decoder_probe(cpu_session(reference)), decoder_probe(cpu_session(candidate))
-    except QuantizationError:
-        raise
-    except Exception as exc:  # onnxruntime raises its own exception classes
-        raise QuantizationError(f"the rewritten decoder fails to run on the probe inputs ({exc})") from exc
-    for step, (a, b) in enumerate(zip(want, got)):
-        for index, (x, y) in enumerate(zip(a, b)):
-            if x.shape != y.shape:
-                raise QuantizationError(f"output {index} has shape {y.shape}, expected {x.shape}")
-            if index > 0 and x.ndim == 4:  # present: row 0's first position is padding, never read
-                x, y = x[1:], y[1:]
-            scale = max(1.0, float(np.abs(x).max()))
-            error = float(np.abs(x - y).max())
-            if not error <= tolerance * scale:
-                raise QuantizationError(f"step {step}, output {index} differs by {error:.3g} "
-                                        f"(> {tolerance * scale:.3g})")
-
-
 def fuse_llama(src: Path, dst: Path, tolerance: float = 1e-4) -> Path:
     """RMSNorm fusions and packed projections for a Llama-family decoder, each checked against ``src``.
 
@@ -166,7 +145,7 @@ def fuse_llama(src: Path, dst: Path, tolerance: float = 1e-4) -> Path:
             with atomic_output(Path(dst)) as out:
                 save_graph(model, out, Path(dst))
                 validate_graph(out)
-                _check(src, out, tolerance)
+                check_rewrite(src, out, tolerance, Path(dst))
         except QuantizationError as exc:
             log.warning("%s: Llama fusion (norms %s, packing %s) dropped: %s", src.name, norms, pack, exc)
             continue
