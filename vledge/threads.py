@@ -14,7 +14,7 @@ def default_threads() -> int:
 
     A torch thread that shares its core with a busy process stalls every parallel op it takes part
     in: on a 2-core machine with other work running, 2 threads trained the small preset 5x slower
-    than 1 (15.0 vs 3.0 s/step, README). Idle, all cores are used.
+    than 1 (15.1 vs 3.0 s/step, docs/results.md). Idle, all cores are used.
     """
     cores = os.cpu_count() or 1
     try:
