@@ -108,6 +108,15 @@ def check_rewrite(reference: Path, candidate: Path, tolerance: float, label: Pat
                                         f"output {index} (max abs diff {error:.3g} > {tolerance * scale:.3g})")
 
 
+def write_checked(model, src: Path, dst: Path, tolerance: float) -> None:
+    """Write the rewritten ``model`` to ``dst``, atomically and only if it passes :func:`check_rewrite` against
+    ``src`` (QuantizationError otherwise, with ``dst`` untouched)."""
+    with atomic_output(dst) as out:
+        save_graph(model, out, dst)
+        validate_graph(out)
+        check_rewrite(src, out, tolerance, dst)
+
+
 def fuse_layers(src: Path, dst: Path, tolerance: float = 1e-4) -> Path:
     """Fuse residual + LayerNorm pairs and move the attention mask into attention, checked against ``src``.
 
@@ -126,10 +135,7 @@ def fuse_layers(src: Path, dst: Path, tolerance: float = 1e-4) -> Path:
         if not fused and not masked:
             break
         try:
-            with atomic_output(Path(dst)) as out:
-                save_graph(model, out, Path(dst))
-                validate_graph(out)
-                check_rewrite(src, out, tolerance, Path(dst))
+            write_checked(model, src, Path(dst), tolerance)
         except QuantizationError as exc:
             log.warning("%s: %s; %s", src.name, exc,
                         "trying without the mask inside attention" if masked else "left as it was")

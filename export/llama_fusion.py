@@ -25,9 +25,8 @@ from pathlib import Path
 import numpy as np
 
 from vledge.errors import QuantizationError
-from vledge.export.layer_fusion import check_rewrite
-from vledge.export.onnx_files import (atomic_output, copy_graph, load_graph, quiet, save_graph,
-                                      source_graph, validate_graph)
+from vledge.export.layer_fusion import write_checked
+from vledge.export.onnx_files import (atomic_output, copy_graph, load_graph, quiet, source_graph)
 
 log = logging.getLogger(__name__)
 
@@ -142,10 +141,7 @@ def fuse_llama(src: Path, dst: Path, tolerance: float = 1e-4) -> Path:
         if not any(made) and not packs:
             continue
         try:
-            with atomic_output(Path(dst)) as out:
-                save_graph(model, out, Path(dst))
-                validate_graph(out)
-                check_rewrite(src, out, tolerance, Path(dst))
+            write_checked(model, src, Path(dst), tolerance)
         except QuantizationError as exc:
             log.warning("%s: Llama fusion (norms %s, packing %s) dropped: %s", src.name, norms, pack, exc)
             continue
