@@ -279,8 +279,6 @@ def quantize_decoder_int8_weight_only(src: Path, dst: Path, block_size: int = 32
     nats, and it decoded faster (25 vs 36 ms per step at past 64, one thread) in a smaller file (152 vs 220 MB).
     Block 16 drifted a little less (0.0068 nats) but ran slower (33 ms); asymmetric block 32 drifted more.
     """
-    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
-
     QuantizeOptions(int8_block_size=block_size, int8_symmetric=symmetric, accuracy_level=accuracy_level)
     src = source_graph(src)
     model = load_graph(src)
@@ -289,10 +287,7 @@ def quantize_decoder_int8_weight_only(src: Path, dst: Path, block_size: int = 32
         raise QuantizationError(f"{src}: no MatMul weight to quantize 8-bit weight-only")
     try:
         with quiet():
-            quantizer = MatMulNBitsQuantizer(model, bits=8, block_size=block_size, is_symmetric=symmetric,
-                                             accuracy_level=accuracy_level, op_types_to_quantize=("MatMul",))
-            quantizer.process()
-            result = quantizer.model.model
+            result = _matmul_nbits(model, 8, block_size, symmetric, accuracy_level)
     except Exception as exc:
         raise QuantizationError(f"{src}: 8-bit weight-only quantization failed: {exc}") from exc
     with atomic_output(Path(dst)) as out:
@@ -304,6 +299,18 @@ def quantize_decoder_int8_weight_only(src: Path, dst: Path, block_size: int = 32
 
 
 # --------------------------------------------------------------------------- 4-bit
+
+
+def _matmul_nbits(model, bits: int, block_size: int, symmetric: bool, accuracy_level: int,
+                  exclude: tuple[str, ...] = ()):
+    """``model`` with its weight MatMuls (but the nodes named in ``exclude``) as ``bits``-bit MatMulNBits."""
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    quantizer = MatMulNBitsQuantizer(model, bits=bits, block_size=block_size, is_symmetric=symmetric,
+                                     accuracy_level=accuracy_level, nodes_to_exclude=list(exclude),
+                                     op_types_to_quantize=("MatMul",))
+    quantizer.process()
+    return quantizer.model.model
 
 
 def _weight_matmuls(model) -> list:
@@ -329,8 +336,6 @@ def quantize_decoder_q4(src: Path, dst: Path, block_size: int = 16, accuracy_lev
     with no other MatMul weight (LSTM decoders: their LSTM weights cannot be 4-bit, so q4 would
     only copy the file; use int8 there).
     """
-    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
-
     QuantizeOptions(block_size=block_size, accuracy_level=accuracy_level, keep_float=tuple(keep_float),
                     keep_bits=keep_bits)  # validates the arguments
     src = source_graph(src)
@@ -347,16 +352,9 @@ def quantize_decoder_q4(src: Path, dst: Path, block_size: int = 16, accuracy_lev
         raise QuantizationError(f"{src}: MatMul nodes without names cannot be excluded by name")
     try:
         with quiet():
-            quantizer = MatMulNBitsQuantizer(model, bits=4, block_size=block_size, is_symmetric=False,
-                                             accuracy_level=accuracy_level, nodes_to_exclude=kept,
-                                             op_types_to_quantize=("MatMul",))
-            quantizer.process()
-            result = quantizer.model.model
-            if keep_bits == 8 and kept:
-                quantizer = MatMulNBitsQuantizer(result, bits=8, block_size=block_size, is_symmetric=False,
-                                                 accuracy_level=accuracy_level, op_types_to_quantize=("MatMul",))
-                quantizer.process()
-                result = quantizer.model.model
+            result = _matmul_nbits(model, 4, block_size, False, accuracy_level, exclude=tuple(kept))
+            if keep_bits == 8 and kept:  # the kept MatMuls are the only float ones left
+                result = _matmul_nbits(result, 8, block_size, False, accuracy_level)
     except Exception as exc:
         raise QuantizationError(f"{src}: 4-bit quantization failed: {exc}") from exc
     with atomic_output(Path(dst)) as out:
