@@ -20,7 +20,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from vledge.errors import ConfigError, DataError, ImageError
+from vledge.errors import ConfigError, ImageError
+from vledge.image_tiles import expand_prompt, image_prompt  # noqa: F401 (re-exported)
 from vledge.runtime.pil_resize import PASS_ORDERS, RESAMPLE_NAMES, pil_resize
 
 logger = logging.getLogger(__name__)
@@ -79,6 +80,15 @@ class Idefics3ImageOptions:
             raise ConfigError(f"image_std must not contain 0, got {self.image_std!r}")
         if self.pass_order not in PASS_ORDERS:
             raise ConfigError(f"pass_order must be one of {PASS_ORDERS}, got {self.pass_order!r}")
+
+    @classmethod
+    def from_spec(cls, spec) -> Idefics3ImageOptions:
+        """Options from a tiled ``PreprocessSpec`` (``resize == "tiles"``), as a model directory records them."""
+        tiles = spec.tiles
+        return cls(longest_edge=tiles.longest_edge, tile=spec.image_size, do_resize=tiles.do_resize,
+                   do_image_splitting=tiles.split, resample=tiles.resample, do_rescale=tiles.rescale_factor != 1.0,
+                   rescale_factor=tiles.rescale_factor, do_normalize=True, image_mean=tuple(spec.mean),
+                   image_std=tuple(spec.std), pass_order=tiles.pass_order)
 
     @classmethod
     def from_config(cls, config: Mapping, pass_order: str = "pillow13") -> Idefics3ImageOptions:
@@ -211,35 +221,3 @@ def preprocess(rgb: np.ndarray, options: Idefics3ImageOptions) -> Idefics3Images
     logger.debug("idefics3 image %dx%d -> %d tiles (%d rows, %d cols)", rgb.shape[1], rgb.shape[0],
                  len(tiles), rows, cols)
     return Idefics3Images(pixel_values=normalise(tiles, options), rows=rows, cols=cols)
-
-
-def image_prompt(rows: int, cols: int, image_seq_len: int, *, fake_image_token: str = FAKE_IMAGE_TOKEN,
-                 image_token: str = IMAGE_TOKEN, global_image_token: str = GLOBAL_IMAGE_TOKEN) -> str:
-    """The text one image token expands to (``_prompt_split_image`` / ``_prompt_single_image``)."""
-    for name, value in (("rows", rows), ("cols", cols), ("image_seq_len", image_seq_len)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise ConfigError(f"{name} must be a non-negative integer, got {value!r}")
-    if image_seq_len < 1 or (rows == 0) != (cols == 0):
-        raise ConfigError(f"need image_seq_len >= 1 and rows, cols both 0 or both positive, got "
-                          f"image_seq_len={image_seq_len}, rows={rows}, cols={cols}")
-    single = fake_image_token + global_image_token + image_token * image_seq_len + fake_image_token
-    if rows == 0:
-        return single
-    lines = ["".join(f"{fake_image_token}<row_{r + 1}_col_{c + 1}>" + image_token * image_seq_len
-                     for c in range(cols)) + "\n" for r in range(rows)]
-    return "".join(lines) + "\n" + single
-
-
-def expand_prompt(text: str, grids: Sequence[tuple[int, int]], image_seq_len: int, *,
-                  fake_image_token: str = FAKE_IMAGE_TOKEN, image_token: str = IMAGE_TOKEN,
-                  global_image_token: str = GLOBAL_IMAGE_TOKEN) -> str:
-    """``text`` with its n-th ``image_token`` replaced by the expansion of the n-th image's (rows, cols)."""
-    pieces = text.split(image_token)
-    if len(pieces) - 1 != len(grids):
-        raise DataError(f"the prompt has {len(pieces) - 1} {image_token} tokens but {len(grids)} images were given")
-    out = [pieces[0]]
-    for (rows, cols), piece in zip(grids, pieces[1:]):
-        out.append(image_prompt(rows, cols, image_seq_len, fake_image_token=fake_image_token,
-                                image_token=image_token, global_image_token=global_image_token))
-        out.append(piece)
-    return "".join(out)

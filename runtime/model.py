@@ -23,7 +23,8 @@ import onnxruntime as ort
 
 from vledge import generation
 from vledge.decoding import GenerationOptions, left_pad
-from vledge.errors import ConfigError
+from vledge.errors import ConfigError, ImageError
+from vledge.image_tiles import expand_image_ids, tiles_per_row
 from vledge.generation import GenerationResult, Timings, clamp_to_positions, cut_at_stop, partial_stop, stop_list
 from vledge.manifest import Manifest, resolve_inside
 from vledge.prompt import CAPTION_PROMPT, question_ids
@@ -33,6 +34,8 @@ from vledge.runtime.providers import SessionConfig, primary_provider, profile_pl
 from vledge.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
+
+MAX_IMAGES_PER_PROMPT = 16  # images one prompt of a tiled model may come with (each is up to ~17 tiles)
 
 __all__ = ["GenerationResult", "Timings", "VisionLanguageRuntime"]  # the results are re-exported here
 
@@ -105,9 +108,30 @@ class VisionLanguageRuntime:
         images = self._image_list(images)
         prompts = self._prompt_list(prompts, len(images))
         started = time.perf_counter()
+        if self.preprocessor.tiled:
+            rows = [self._tiled_row(row, index, channel_order) for index, row in enumerate(images)]
+            timings = Timings(preprocess_ms=(time.perf_counter() - started) * 1e3)
+            return self.generate_from_tiles(rows, prompts, options, stop_strings, on_token, timings)
+        several = [index for index, image in enumerate(images) if isinstance(image, (list, tuple))]
+        if several:
+            raise ConfigError(f"prompt {several[0]} comes with several images; this model takes one image per "
+                              "prompt (tiled models such as SmolVLM take several)")
         pixels = self.preprocessor.batch(images, channel_order=channel_order)
         timings = Timings(preprocess_ms=(time.perf_counter() - started) * 1e3)
         return self.generate_from_pixels(pixels, prompts, options, stop_strings, on_token, timings)
+
+    def _tiled_row(self, row, index: int, channel_order: str) -> list:
+        """One prompt's images (one image, or a list of them) as tiles, each failure naming the prompt."""
+        items = list(row) if isinstance(row, (list, tuple)) else [row]
+        if not items:
+            raise ConfigError(f"prompt {index} comes with an empty list of images")
+        if len(items) > MAX_IMAGES_PER_PROMPT:
+            raise ConfigError(f"prompt {index} comes with {len(items)} images; at most {MAX_IMAGES_PER_PROMPT} "
+                              "are taken")
+        try:
+            return [self.preprocessor.tiles(item, channel_order) for item in items]
+        except ImageError as exc:
+            raise ImageError(f"prompt {index}: {exc}") from exc
 
     def stream(self, image, prompt: str | None = None, options: GenerationOptions | None = None,
                stop_strings: Sequence[str] | str = (), channel_order: str = "BGR") -> Iterator[str]:
@@ -171,11 +195,21 @@ class VisionLanguageRuntime:
     def warmup(self) -> None:
         """Caption a blank image once, so the first real call does not pay ONNX Runtime's first-run costs."""
         size = self.manifest.preprocess.image_size
+        if self.preprocessor.tiled:
+            self.generate([np.zeros((size, size, 3), np.uint8)], [self.caption_prompt],
+                          GenerationOptions(max_new_tokens=2))
+            return
         self.generate_from_pixels(np.zeros((1, 3, size, size), np.float32), [self.caption_prompt],
                                   GenerationOptions(max_new_tokens=2))
 
     def embed_images(self, images: Sequence, channel_order: str = "BGR") -> np.ndarray:
-        """Image embeddings [N, image_tokens, hidden]: what the language model sees (also a scene descriptor)."""
+        """Image embeddings [N, image_tokens, hidden]: what the language model sees (also a scene descriptor).
+
+        A tiled model gives one array per image instead, [tiles, image_tokens, hidden] (its tiles, then the
+        global view)."""
+        if self.preprocessor.tiled:
+            return [self.graphs.encode_images(self.preprocessor.tiles(image, channel_order).pixel_values)
+                    for image in self._image_list(images)]
         return self.graphs.encode_images(self.preprocessor.batch(self._image_list(images), channel_order=channel_order))
 
     def info(self) -> dict[str, Any]:
@@ -224,6 +258,8 @@ class VisionLanguageRuntime:
         timings: Timings | None = None,
     ) -> list[GenerationResult]:
         """Like :meth:`generate` from preprocessed ``pixel_values`` [N, 3, S, S] float32."""
+        if self.preprocessor.tiled:
+            raise ConfigError("this model splits each image into tiles: use generate() or generate_from_tiles()")
         pixel_values = np.asarray(pixel_values)
         size = self.manifest.preprocess.image_size
         if pixel_values.ndim != 4 or pixel_values.shape[1:] != (3, size, size):
@@ -232,6 +268,34 @@ class VisionLanguageRuntime:
         ids = [question_ids(self.tokenizer, self.manifest.prompt, prompt) for prompt in prompts]
         return generation.generate_from_pixels(self, pixel_values, ids, self._options(options), stop_strings,
                                                on_token, timings=timings)
+
+    def generate_from_tiles(
+        self,
+        rows: Sequence[Sequence],
+        prompts: Sequence[str],
+        options: GenerationOptions | None = None,
+        stop_strings: Sequence[str] | str = (),
+        on_token: Callable[[int, int], None] | None = None,
+        timings: Timings | None = None,
+    ) -> list[GenerationResult]:
+        """A tiled model's generation from preprocessed images: ``rows[i]`` is prompt i's list of
+        ``ImagePreprocessor.tiles()`` results (``Idefics3Images``), in the order the images appear."""
+        prompts = self._prompt_list(prompts, len(rows))
+        ids, pixels, counts = self.tiled_inputs(rows, prompts)
+        return generation.generate_from_pixels(self, pixels, ids, self._options(options), stop_strings, on_token,
+                                               timings=timings, tiles_per_row=counts)
+
+    def tiled_inputs(self, rows: Sequence[Sequence], prompts: Sequence[str]):
+        """(expanded prompt ids, every row's tiles [N, 3, S, S], tiles per row) for a tiled model."""
+        tiles_spec = self.manifest.preprocess.tiles
+        ids = []
+        for images, prompt in zip(rows, prompts):
+            grids = [(image.rows, image.cols) for image in images]
+            base = question_ids(self.tokenizer, self.manifest.prompt, prompt, images=len(images))
+            ids.append(expand_image_ids(self.tokenizer, tiles_spec, base, grids))
+        pixels = np.concatenate([image.pixel_values for images in rows for image in images])
+        counts = tiles_per_row([[(image.rows, image.cols) for image in images] for images in rows])
+        return ids, pixels, counts
 
     def generate_from_embeds(
         self,
@@ -263,14 +327,18 @@ class VisionLanguageRuntime:
         ``options.max_new_tokens`` is lowered to what the model's positions leave room for
         (``vledge.generation.clamp_to_positions``).
         """
-        image_embeds = np.asarray(image_embeds, dtype=np.float32)
         image_id = self.tokenizer.image_id
         prompt_ids = [list(ids) for ids in prompt_ids]
-        if len(prompt_ids) != image_embeds.shape[0]:
-            raise ConfigError(f"{len(prompt_ids)} prompts for {image_embeds.shape[0]} images")
+        if len(prompt_ids) != len(image_embeds):
+            raise ConfigError(f"{len(prompt_ids)} prompts for {len(image_embeds)} rows of image embeddings")
+        fill = self.preprocessor.tiled
+        visual = [np.asarray(row, dtype=np.float32).reshape(-1, self.graphs.hidden) if fill
+                  else np.asarray(row, dtype=np.float32) for row in image_embeds]
         for row, ids in enumerate(prompt_ids):
-            if ids.count(image_id) != 1:
-                raise ConfigError(f"prompt {row} must hold exactly one image token, has {ids.count(image_id)}")
+            wanted = len(visual[row]) if fill else 1
+            if ids.count(image_id) != wanted:
+                what = f"{wanted} image tokens (one per visual token)" if fill else "exactly one image token"
+                raise ConfigError(f"prompt {row} must hold {what}, has {ids.count(image_id)}")
         prefix = self.prefix_ids
         use_prefix = self.prefix_cache and bool(prefix) and all(ids[: len(prefix)] == prefix for ids in prompt_ids)
         rests = [ids[len(prefix):] if use_prefix else ids for ids in prompt_ids]
@@ -279,8 +347,13 @@ class VisionLanguageRuntime:
         width = text_embeds.shape[1]
         for row, rest in enumerate(rests):
             row_text = text_embeds[row, width - len(rest):]
+            image = visual[row].astype(row_text.dtype)
+            if fill:  # one image token per visual token, filled in order
+                row_text = row_text.copy()
+                row_text[np.asarray(rest) == image_id] = image
+                rows_embeds.append(row_text)
+                continue
             at = rest.index(image_id)
-            image = image_embeds[row].astype(row_text.dtype)
             rows_embeds.append(np.concatenate([row_text[:at], image, row_text[at + 1:]]))
         if self.graphs.cache == "recurrent":
             state = self._prefix_state() if use_prefix else None

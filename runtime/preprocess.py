@@ -17,6 +17,8 @@ import numpy as np
 
 from vledge.config import PreprocessSpec, from_dict
 from vledge.errors import ConfigError, ImageError
+from vledge.runtime.idefics3_images import Idefics3ImageOptions, Idefics3Images
+from vledge.runtime.idefics3_images import preprocess as tile_image
 from vledge.runtime.image_decoding import CHANNEL_ORDERS, MAX_PIXELS, ImageSource, decode_image, pixel_limit
 from vledge.runtime.resampling import resize_and_crop
 
@@ -51,6 +53,23 @@ class ImagePreprocessor:
         std = np.asarray(spec.std, dtype=np.float32)[:, None]
         self._lut = ((values[None, :] - mean) / std).astype(np.float32)
         self._lut.setflags(write=False)
+        self._tile_options = Idefics3ImageOptions.from_spec(spec) if spec.tiles is not None else None
+
+    @property
+    def tiled(self) -> bool:
+        """The model sees each image as several tiles (Idefics3 / SmolVLM): use :meth:`tiles`."""
+        return self._tile_options is not None
+
+    def tiles(self, image: ImageSource, channel_order: str = "BGR") -> Idefics3Images:
+        """One image -> its tiles float32 [n, 3, S, S] and its (rows, cols) grid, for a tiled model's spec."""
+        if self._tile_options is None:
+            raise ConfigError("this model reads one square image per picture, not tiles: use preprocess()")
+        rgb = decode_image(image, channel_order=channel_order, max_pixels=self.max_pixels)  # RGB
+        return tile_image(np.ascontiguousarray(rgb), self._tile_options)
+
+    def _square_only(self) -> None:
+        if self._tile_options is not None:
+            raise ConfigError("this model splits each image into tiles (Idefics3 / SmolVLM): use tiles()")
 
     def __repr__(self) -> str:
         return f"ImagePreprocessor({self.spec!r}, max_pixels={self.max_pixels})"
@@ -60,12 +79,14 @@ class ImagePreprocessor:
 
     def preprocess(self, image: ImageSource, channel_order: str = "BGR") -> np.ndarray:
         """One image (path, bytes or array) -> float32 [3, S, S], as training's ``preprocess`` returns."""
+        self._square_only()
         rgb = decode_image(image, channel_order=channel_order, max_pixels=self.max_pixels,
                            reduce_for=self.image_size if self.reduced_jpeg else None)
         return self.normalize(self.resize_and_crop(rgb))
 
     def batch(self, images: Sequence[ImageSource] | np.ndarray, channel_order: str = "BGR") -> np.ndarray:
         """Several images -> float32 [N, 3, S, S]; a bad one raises ImageError naming its index."""
+        self._square_only()
         if isinstance(images, (str, bytes, bytearray, memoryview, os.PathLike)) or (
                 isinstance(images, np.ndarray) and images.ndim != 4):
             raise ImageError("batch() takes a sequence of images (or an N x H x W x C array); "

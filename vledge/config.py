@@ -27,8 +27,10 @@ from vledge.families.hf_config import MAX_HEADS, MAX_IMAGE_SIZE, MAX_LAYERS, MAX
 VIT_ACTIVATIONS = ("quick_gelu", "gelu_pytorch_tanh", "gelu")
 VIT_SELECT = ("default", "full")
 VIT_REDUCTIONS = ("avg_pool_2x2", "pixel_shuffle_2x2")
-PROJECTORS = ("linear", "mlp2x_gelu")
+PROJECTORS = ("linear", "mlp2x_gelu", "pixel_shuffle")
 INTERPOLATIONS = ("bilinear", "bicubic", "bilinear_pil", "bicubic_pil")
+PASS_ORDERS = ("pillow13", "pillow12")  # which Pillow release's order of resize passes tiles reproduce
+TILE_RESAMPLES = (1, 2, 3)  # Pillow's LANCZOS, BILINEAR, BICUBIC
 
 
 @dataclass
@@ -144,10 +146,21 @@ class ProjectorConfig:
     # model's own position embeddings are tiny next to loud visual tokens, so without it the model
     # can hardly tell which cell a visual token comes from ("what is at the top left?").
     positions: bool = False
+    # pixel_shuffle (Idefics3's connector): each scale x scale block of visual tokens becomes one token
+    # scale**2 as wide, then one bias-free linear map to the language model's width.
+    scale_factor: int = 1
 
     def __post_init__(self) -> None:
         if self.kind not in PROJECTORS:
             raise ConfigError(f"unknown projector {self.kind!r}; choose from {PROJECTORS}")
+        if isinstance(self.scale_factor, bool) or not isinstance(self.scale_factor, int) or \
+                not 1 <= self.scale_factor <= 16:
+            raise ConfigError(f"ProjectorConfig.scale_factor must be an integer 1..16, got {self.scale_factor!r}")
+        if self.scale_factor != 1 and self.kind != "pixel_shuffle":
+            raise ConfigError(f"ProjectorConfig.scale_factor applies to the pixel_shuffle projector only, not "
+                              f"{self.kind!r}")
+        if self.kind == "pixel_shuffle" and (self.norm or self.positions):
+            raise ConfigError("the pixel_shuffle projector takes neither norm nor positions")
 
 
 # Fields the flat language config of earlier releases wrote for every family, with the values they had when
@@ -238,12 +251,53 @@ def language_config(kind: str, **numbers) -> LanguageConfig:
 
 
 @dataclass
+class ImageTiles:
+    """Idefics3 / SmolVLM images: tiles of ``PreprocessSpec.image_size`` plus a global view, between marker tokens.
+
+    The image is resized so its longest side is ``longest_edge`` (keeping the aspect ratio), then, with ``split``,
+    resized up to whole tiles and cut row by row, followed by the whole image squashed to one tile; without
+    ``split`` only that squashed image. In the prompt one image token becomes, per tile,
+    ``fake_token`` + ``<row_R_col_C>`` + ``tokens_per_tile`` image tokens (a newline after each row), then the
+    global view's ``fake_token`` + ``global_token`` + image tokens + ``fake_token`` (docs/idefics3.md).
+    """
+
+    longest_edge: int = 4 * 364  # size["longest_edge"]
+    split: bool = True  # do_image_splitting
+    tokens_per_tile: int = 64  # image_seq_len
+    resample: int = 1  # Pillow's filter number (1 Lanczos, 2 bilinear, 3 bicubic)
+    do_resize: bool = True
+    rescale_factor: float = 1 / 255  # 1.0: no rescale
+    pass_order: str = "pillow13"
+    fake_token: str = "<fake_token_around_image>"
+    global_token: str = "<global-img>"
+
+    def __post_init__(self) -> None:
+        for name in ("split", "do_resize"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"ImageTiles.{name} must be true or false, got {getattr(self, name)!r}")
+        for name in ("longest_edge", "tokens_per_tile"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 2 * MAX_IMAGE_SIZE:
+                raise ConfigError(f"ImageTiles.{name} must be an integer 1..{2 * MAX_IMAGE_SIZE}, got {value!r}")
+        if self.resample not in TILE_RESAMPLES:
+            raise ConfigError(f"ImageTiles.resample must be one of {TILE_RESAMPLES} (Lanczos, bilinear, bicubic), "
+                              f"got {self.resample!r}")
+        require_positive("ImageTiles", rescale_factor=self.rescale_factor)
+        if self.pass_order not in PASS_ORDERS:
+            raise ConfigError(f"ImageTiles.pass_order must be one of {PASS_ORDERS}, got {self.pass_order!r}")
+        for name in ("fake_token", "global_token"):
+            if not isinstance(getattr(self, name), str) or not getattr(self, name):
+                raise ConfigError(f"ImageTiles.{name} must be a non-empty string")
+
+
+@dataclass
 class PreprocessSpec:
     """How a decoded RGB image becomes the model's pixel tensor; the runtime follows it exactly."""
 
     image_size: int = 64  # side of the square pixel tensor the vision encoder reads
     # "shortest_edge_center_crop": resize the short side to resize_size, crop the centre square.
     # "squash": resize both sides to image_size, ignoring aspect ratio.
+    # "tiles": several image_size tiles per image, as ``tiles`` says (Idefics3 / SmolVLM).
     resize: str = "shortest_edge_center_crop"
     # shortest_edge_center_crop only: the short side's length before the crop (None: image_size).
     resize_size: int | None = None
@@ -256,10 +310,13 @@ class PreprocessSpec:
     mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
     std: tuple[float, float, float] = (0.5, 0.5, 0.5)
     channel_order: str = "RGB"
+    tiles: ImageTiles | None = None  # resize "tiles" only
 
     def __post_init__(self) -> None:
-        if self.resize not in ("shortest_edge_center_crop", "squash"):
+        if self.resize not in ("shortest_edge_center_crop", "squash", "tiles"):
             raise ConfigError(f"unknown resize mode {self.resize!r}")
+        if (self.resize == "tiles") != (self.tiles is not None):
+            raise ConfigError("PreprocessSpec.tiles is set exactly when resize is 'tiles'")
         if self.interpolation not in INTERPOLATIONS:
             raise ConfigError(f"unknown interpolation {self.interpolation!r}; choose from {INTERPOLATIONS}")
         if self.crop_anchor not in ("round", "floor"):

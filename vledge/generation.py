@@ -85,10 +85,14 @@ class Engine(Protocol):
     def encode_images(self, pixel_values: np.ndarray) -> np.ndarray:
         """Preprocessed pixels [N, 3, S, S] float32 -> image embeddings [N, image_tokens, hidden] float32."""
 
-    def prefill(self, image_embeds: np.ndarray, prompt_ids: Sequence[Sequence[int]],
+    def prefill(self, image_embeds: np.ndarray | Sequence[np.ndarray], prompt_ids: Sequence[Sequence[int]],
                 options: GenerationOptions) -> tuple[PrefilledSteps, GenerationOptions]:
         """Run the prompts (one image token each, replaced by that row's embeddings); returns the step model
-        and ``options`` with ``max_new_tokens`` clamped by :func:`clamp_to_positions`."""
+        and ``options`` with ``max_new_tokens`` clamped by :func:`clamp_to_positions`.
+
+        A tiled model's rows (``vledge.image_tiles``) hold one image token per visual token; ``image_embeds``
+        is then one array per row, [tiles, image_tokens, hidden], whose tokens fill the row's image tokens in
+        order."""
 
 
 # --------------------------------------------------------------------------- positions
@@ -220,14 +224,26 @@ def generate(
 
 def generate_from_pixels(engine: Engine, pixel_values: np.ndarray, prompt_ids: Sequence[Sequence[int]],
                          options: GenerationOptions, *args, timings: Timings | None = None,
-                         **kwargs) -> list[GenerationResult]:
+                         tiles_per_row: Sequence[int] | None = None, **kwargs) -> list[GenerationResult]:
     """:func:`generate` from preprocessed pixels [N, 3, S, S]: the vision encoder runs first (timed).
 
-    The other arguments (``stop_strings``, ``on_token``) are :func:`generate`'s.
+    For a tiled model ``pixel_values`` holds every row's tiles one row after the other and ``tiles_per_row``
+    says how many are each row's. The other arguments (``stop_strings``, ``on_token``) are :func:`generate`'s.
     """
     timings = timings or Timings()
     tick = time.perf_counter()
     image_embeds = engine.encode_images(pixel_values)
+    if tiles_per_row is not None:
+        image_embeds = split_rows(image_embeds, tiles_per_row)
     timings.vision_ms = (time.perf_counter() - tick) * 1e3
     return generate(engine, image_embeds, prompt_ids, options, *args, timings=timings, **kwargs)
 
+
+
+def split_rows(image_embeds: np.ndarray, tiles_per_row: Sequence[int]) -> list[np.ndarray]:
+    """Visual tokens of every row's tiles [N, T, H] -> one array per row (a tiled model's prefill input)."""
+    counts = [int(n) for n in tiles_per_row]
+    if sum(counts) != len(image_embeds) or any(n < 0 for n in counts):
+        raise ConfigError(f"{len(image_embeds)} tiles cannot be split into rows of {counts}")
+    ends = np.cumsum(counts)
+    return [image_embeds[end - n:end] for n, end in zip(counts, ends)]

@@ -37,8 +37,12 @@ def encode_conversation(
     turns: Sequence[Turn],
     with_image: bool = True,
     generation_prompt: bool = False,
+    images: int = 1,
 ) -> EncodedPrompt:
-    """Ids of a whole conversation; with ``generation_prompt`` the last turn's answer is left open."""
+    """Ids of a whole conversation; with ``generation_prompt`` the last turn's answer is left open.
+
+    With ``with_image`` the first turn starts with ``images`` image tokens, one per image, side by side.
+    """
     ids = prefix_ids(tokenizer, template)
     target = [False] * len(ids)
 
@@ -50,7 +54,7 @@ def encode_conversation(
         if index > 0:
             add(tokenizer.encode(template.turn_separator + template.user), False)
         if index == 0 and with_image:
-            add([tokenizer.image_id] + tokenizer.encode(template.image_separator), False)
+            add([tokenizer.image_id] * images + tokenizer.encode(template.image_separator), False)
         add(tokenizer.encode(turn.question) + tokenizer.encode(template.assistant), False)
         if generation_prompt and index == len(turns) - 1:
             break
@@ -58,7 +62,9 @@ def encode_conversation(
     return EncodedPrompt(ids=ids, target=target)
 
 
-def question_ids(tokenizer: Tokenizer, template: PromptTemplate, question: str, with_image: bool = True) -> list[int]:
-    """Ids that ask one question about one image, ending where the answer begins."""
+def question_ids(tokenizer: Tokenizer, template: PromptTemplate, question: str, with_image: bool = True,
+                 images: int = 1) -> list[int]:
+    """Ids that ask one question about ``images`` images (one image token each), ending where the answer begins."""
     turn = Turn(question=question, answer="")
-    return encode_conversation(tokenizer, template, [turn], with_image=with_image, generation_prompt=True).ids
+    return encode_conversation(tokenizer, template, [turn], with_image=with_image, generation_prompt=True,
+                               images=images).ids

@@ -38,6 +38,7 @@ _BUILTIN_VISION = {
     "efficientnet_b0": "vledge.families.torchvision_cnn",
     "clip": "vledge.families.clip",
     "siglip": "vledge.families.siglip",
+    "idefics3": "vledge.families.idefics3",
 }
 
 

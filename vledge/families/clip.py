@@ -24,6 +24,8 @@ class CLIPFamily(VisionFamily):
     class_token: ClassVar[bool] = True  # a learned first token; "default" selection drops it
     pre_layernorm: ClassVar[bool] = True  # LayerNorm on the embeddings before the first block
     patch_bias: ClassVar[bool] = False
+    # Positions looked up by bucketed fractional patch coordinates (Idefics3's towers), not in reading order.
+    bucketed_positions: ClassVar[bool] = False
     default_select: ClassVar[str] = "default"
     hf_model_types = ("clip_vision_model",)
     hf_parent_model_types = ("clip",)

@@ -257,6 +257,9 @@ def llava_checkpoint(path: str | Path, context: int = 4096, backend: str = "pil"
                       state_dict=imported.state_dict, source=str(path))
 
 
+folder_checkpoint = llava_checkpoint  # the reader vledge.hf.fusion_folders calls
+
+
 def convert_llava(path: str | Path, out: str | Path, context: int = 4096, backend: str = "pil") -> Path:
     """Write a LLaVA folder as a vledge ``ckpt.pt`` (atomically), its weights checked against the model first."""
     from vledge.checkpoint import save_checkpoint

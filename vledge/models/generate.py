@@ -103,9 +103,13 @@ class TorchEngine:
     def prefill(self, image_embeds, prompt_ids: Sequence[Sequence[int]], options: GenerationOptions):
         """Prefill (image, prompt) rows; returns the step model and ``options`` clamped to the positions left."""
         model, device = self.model, self.device
-        image_embeds = torch.as_tensor(image_embeds).to(device)
-        if len(prompt_ids) != image_embeds.shape[0]:
-            raise ConfigError(f"{len(prompt_ids)} prompts for {image_embeds.shape[0]} images")
+        if len(prompt_ids) != len(image_embeds):
+            raise ConfigError(f"{len(prompt_ids)} prompts for {len(image_embeds)} rows of image embeddings")
+        if model.fills_image_tokens:  # one array of tiles per row; their tokens fill the image tokens in order
+            image_embeds = torch.cat([torch.as_tensor(np.asarray(row, dtype=np.float32)).reshape(
+                -1, model.config.language.hidden) for row in image_embeds]).to(device)
+        else:
+            image_embeds = torch.as_tensor(image_embeds).to(device)
         if not model.is_transformer:
             rows = [model.merge(torch.as_tensor([list(prompt)], device=device),
                                 image_embeds[row:row + 1]).inputs_embeds[0] for row, prompt in enumerate(prompt_ids)]

@@ -35,6 +35,17 @@ class Embeddings(nn.Module):
         self.class_embedding = nn.Parameter(torch.zeros(config.hidden)) if family.class_token else None
         positions = config.grid * config.grid + (1 if family.class_token else 0)
         self.position_embedding = nn.Embedding(positions, config.hidden)
+        self.grid = config.grid
+        # Idefics3's towers look their positions up by bucketing each patch's fractional coordinates; for the
+        # full tiles vledge feeds that is a fixed permutation, computed once with the reference's arithmetic.
+        self.bucketed = family.bucketed_positions
+        if self.bucketed:
+            self.register_buffer("position_ids", bucketed_position_ids(config.grid, config.grid, config.grid),
+                                 persistent=False)
+
+    def reset_buffers(self) -> None:
+        if self.bucketed:
+            self.position_ids = bucketed_position_ids(self.grid, self.grid, self.grid)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         patches = self.patch_embedding(pixel_values.to(self.patch_embedding.weight.dtype))
@@ -42,7 +53,26 @@ class Embeddings(nn.Module):
         if self.class_embedding is not None:
             cls = self.class_embedding.to(tokens.dtype).expand(tokens.shape[0], 1, -1)
             tokens = torch.cat([cls, tokens], dim=1)
+        if self.bucketed:
+            return tokens + self.position_embedding.weight[self.position_ids][None]
         return tokens + self.position_embedding.weight[None]
+
+
+def bucketed_position_ids(side: int, rows: int, cols: int) -> torch.Tensor:
+    """Position ids of a ``rows`` x ``cols`` patch grid in a tower of ``side`` x ``side`` positions.
+
+    Idefics3VisionEmbeddings' arithmetic for a patch grid with every patch real: float32 fractional coordinates
+    ``i / rows`` bucketed against ``arange(1/side, 1, 1/side)`` (right-closed), so float rounding places each
+    patch exactly where the reference does.
+    """
+    boundaries = torch.arange(1 / side, 1.0, 1 / side)
+    coords_h = torch.clamp(torch.arange(rows, dtype=torch.float32) * (1.0 / torch.tensor(float(rows))),
+                           max=1.0 - 1e-6)
+    coords_w = torch.clamp(torch.arange(cols, dtype=torch.float32) * (1.0 / torch.tensor(float(cols))),
+                           max=1.0 - 1e-6)
+    bucket_h = torch.bucketize(coords_h, boundaries, right=True)
+    bucket_w = torch.bucketize(coords_w, boundaries, right=True)
+    return (bucket_h[:, None] * side + bucket_w[None, :]).reshape(-1)
 
 
 class Attention(nn.Module):

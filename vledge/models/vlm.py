@@ -65,7 +65,11 @@ class VisionLanguageModel(nn.Module):
         self.embed_tokens = nn.Embedding(config.language.vocab_size, config.language.hidden)
         # The family's module; a KV-cache family follows TransformerLM's forward contract, a recurrent one LSTMLM's.
         self.language: nn.Module = config.language.family.module(config.language)
-        self.num_image_tokens = self.vision.num_tokens(config.preprocess.image_size)
+        # Visual tokens per image (per tile for a tiled model): what the vision graph outputs per input row.
+        self.num_image_tokens = self.vision.num_tokens(config.preprocess.image_size) // config.projector.scale_factor ** 2
+        # A tiled model's prompts hold one image token per visual token (expanded as vledge.image_tiles says),
+        # filled in order; every other model's hold one image token per image, replaced by its visual tokens.
+        self.fills_image_tokens = config.preprocess.tiles is not None
         # One learned vector per visual token position, as loud as the visual tokens themselves.
         self.image_positions = (
             nn.Parameter(torch.randn(self.num_image_tokens, config.language.hidden) * IMAGE_POSITION_INIT_STD)
@@ -109,11 +113,15 @@ class VisionLanguageModel(nn.Module):
     ) -> MergedInputs:
         """Replace each row's single image token by that row's visual tokens.
 
-        Every row grows by the same amount, so left or right padding stays where it was.
+        Every row grows by the same amount, so left or right padding stays where it was. A tiled model's rows
+        keep their length: their image tokens take the visual tokens of ``image_embeds`` [tiles, tokens, hidden]
+        one by one, in order (the tiles of every row, row after row).
         """
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         is_image = input_ids == self.image_token_id
+        if self.fills_image_tokens:
+            return self._fill(input_ids, is_image, image_embeds, attention_mask, labels)
         per_row = is_image.sum(dim=1)
         if not bool((per_row == 1).all()):
             raise ConfigError(f"every sequence needs exactly one image token, got counts {per_row.tolist()}")
@@ -142,6 +150,19 @@ class VisionLanguageModel(nn.Module):
             position_ids=position_ids_from_mask(merged_mask),
             labels=merged_labels,
         )
+
+    def _fill(self, input_ids: torch.Tensor, is_image: torch.Tensor, image_embeds: torch.Tensor,
+              attention_mask: torch.Tensor, labels: torch.Tensor | None) -> MergedInputs:
+        text_embeds = self.embed_tokens(input_ids)
+        visual = image_embeds.reshape(-1, text_embeds.shape[-1]).to(text_embeds.dtype)
+        count = int(is_image.sum())
+        if count != visual.shape[0]:
+            raise ConfigError(f"the prompts hold {count} image tokens for {visual.shape[0]} visual tokens "
+                              f"({image_embeds.shape[0]} tiles of {self.num_image_tokens})")
+        embeds = text_embeds.masked_scatter(is_image[..., None], visual)
+        merged_labels = torch.where(is_image, IGNORE_INDEX, labels) if labels is not None else None
+        return MergedInputs(inputs_embeds=embeds, attention_mask=attention_mask,
+                            position_ids=position_ids_from_mask(attention_mask), labels=merged_labels)
 
     def decode(self, merged: MergedInputs) -> torch.Tensor:
         if self.is_transformer:
