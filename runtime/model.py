@@ -24,7 +24,7 @@ import onnxruntime as ort
 from vledge import generation
 from vledge.decoding import GenerationOptions, left_pad
 from vledge.errors import ConfigError, ImageError
-from vledge.image_tiles import expand_image_ids, tiles_per_row
+from vledge.image_tiles import tiled_question, tiles_per_row
 from vledge.generation import GenerationResult, Timings, clamp_to_positions, cut_at_stop, partial_stop, stop_list
 from vledge.manifest import Manifest, resolve_inside
 from vledge.prompt import CAPTION_PROMPT, question_ids
@@ -288,11 +288,8 @@ class VisionLanguageRuntime:
     def tiled_inputs(self, rows: Sequence[Sequence], prompts: Sequence[str]):
         """(expanded prompt ids, every row's tiles [N, 3, S, S], tiles per row) for a tiled model."""
         tiles_spec = self.manifest.preprocess.tiles
-        ids = []
-        for images, prompt in zip(rows, prompts):
-            grids = [(image.rows, image.cols) for image in images]
-            base = question_ids(self.tokenizer, self.manifest.prompt, prompt, images=len(images))
-            ids.append(expand_image_ids(self.tokenizer, tiles_spec, base, grids))
+        ids = [tiled_question(self.tokenizer, self.manifest.prompt, tiles_spec, prompt, images)
+               for images, prompt in zip(rows, prompts)]
         pixels = np.concatenate([image.pixel_values for images in rows for image in images])
         counts = tiles_per_row([[(image.rows, image.cols) for image in images] for images in rows])
         return ids, pixels, counts

@@ -81,3 +81,11 @@ def expand_image_ids(tokenizer, tiles: ImageTiles, ids: Sequence[int], grids: Se
 def tiles_per_row(grids_per_row: Sequence[Sequence[tuple[int, int]]]) -> list[int]:
     """Tiles each row's images make (rows * cols + 1 per image: the tiles and the global view)."""
     return [sum(rows * cols + 1 for rows, cols in grids) for grids in grids_per_row]
+
+
+def tiled_question(tokenizer, template, tiles: ImageTiles, question: str, images: Sequence) -> list[int]:
+    """The ids asking ``question`` about ``images`` (each with ``rows`` and ``cols``, as ``Idefics3Images``)."""
+    from vledge.prompt import question_ids
+
+    base = question_ids(tokenizer, template, question, images=len(images))
+    return expand_image_ids(tokenizer, tiles, base, [(image.rows, image.cols) for image in images])

@@ -42,3 +42,11 @@ def normalize(pixels_uint8: torch.Tensor, spec: PreprocessSpec) -> torch.Tensor:
 def preprocess(source: str | Path | bytes, spec: PreprocessSpec) -> torch.Tensor:
     """One image file or bytes -> float32 [3, S, S] exactly as training feeds the model."""
     return normalize(resize_and_crop(load_rgb(source), spec), spec)
+
+
+def preprocess_tiles(source, spec: PreprocessSpec):
+    """A tiled model's image (path, bytes or RGB array) -> ``Idefics3Images`` (tiles [n, 3, S, S] float32, rows,
+    cols), through the runtime's own code so training, the export's checks and the runtime see the same pixels."""
+    from vledge.runtime.preprocess import ImagePreprocessor
+
+    return ImagePreprocessor(spec).tiles(source if not isinstance(source, Path) else str(source), "RGB")
