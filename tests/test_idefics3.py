@@ -60,8 +60,11 @@ def built(tmp_path_factory):
     assert result.exit_code == 0, result.output
     from vledge.export import ExportOptions, export
 
+    text = root / "text.txt"
+    text.write_text("A small cat sits on a red mat near the door. " * 8)
     export(ckpt, root / "smolvlm-model", ExportOptions(quantize=("int8", "q4"), parity_samples=8,
-                                                       calibration_samples=8))
+                                                       calibration_samples=8, parity_text=text,
+                                                       parity_text_tokens=64))
     out["smolvlm-split"] = (folder, root / "smolvlm-model", ckpt)
     # Idefics3, no splitting: vledge export HF_DIR straight from the folder.
     folder = make_idefics3_folder(root / "idefics3", kind="idefics3", split=False)
@@ -105,6 +108,10 @@ def test_export_passes_the_gate_with_variants(built, kind):
     assert manifest["preprocess"]["resize"] == "tiles"
     assert tiles["split"] == (kind == "smolvlm-split") and tiles["tokens_per_tile"] == 4
     assert not (model / "config.json").exists()  # transformers.js's idefics3 wants another vision graph
+    forced = fp32["teacher_forced"]
+    assert forced["answers"]["top1_agreement"] == 1.0 and forced["answers"]["positions"] > 0
+    if kind == "smolvlm-split":  # --parity-text: the text forced after the first image's expanded prompt
+        assert forced["text"]["positions"] == 64 and forced["text"]["top1_agreement"] == 1.0
     import onnx
 
     graph = onnx.load(str(model / "onnx" / "vision_encoder.onnx"), load_external_data=False).graph
