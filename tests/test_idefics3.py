@@ -259,3 +259,17 @@ def test_unreproducible_processor_and_backend_are_one_line_errors(tmp_path):
     result = CliRunner().invoke(main, ["convert", str(folder), "-o", str(tmp_path / "b.pt")])
     assert result.exit_code != 0 and "resample" in result.output
     assert not (tmp_path / "b.pt").exists()
+
+
+def test_a_malformed_tiles_spec_is_refused(built, tmp_path):
+    import shutil
+
+    import vledge.runtime
+    from vledge.errors import ModelDirError
+
+    model = shutil.copytree(built["smolvlm-split"][1], tmp_path / "model")
+    manifest = json.loads((model / "vledge.json").read_text())
+    manifest["preprocess"]["tiles"]["split"] = "yes"
+    (model / "vledge.json").write_text(json.dumps(manifest))
+    with pytest.raises(ModelDirError, match="preprocess.tiles.split"):
+        vledge.runtime.load(model)
