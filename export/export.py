@@ -398,6 +398,19 @@ def _split(data: Path, names: Sequence[str]):
     raise ExportError(f"no usable {'/'.join(names)} split in {data}: {'; '.join(problems) or 'empty'}")
 
 
+def _decoder_limits(decoder: Path) -> dict:
+    """What the runtime must know about the decoder's operators: a GroupQueryAttention decoder extends a non-empty
+    cache by several positions for one row at a time only (``vledge.export.gqa``)."""
+    import onnx
+
+    from vledge.export.gqa import CACHE_EXTEND_ROWS, OP
+
+    if not decoder.is_file():
+        return {}
+    graph = onnx.load(str(decoder), load_external_data=False).graph
+    return {"cache_extend_rows": CACHE_EXTEND_ROWS} if any(n.op_type == OP for n in graph.node) else {}
+
+
 def _manifest(checkpoint, origin: dict, tokenizer, model, variants, root: Path) -> Manifest:
     import onnx
     import onnxruntime
@@ -417,7 +430,8 @@ def _manifest(checkpoint, origin: dict, tokenizer, model, variants, root: Path) 
         files=_hash_files(root),
         generation={"max_new_tokens": 32, "caption_prompt": CAPTION_PROMPT, "temperature": 0.0,
                     "eos_token_id": tokenizer.eos_id, "pad_token_id": tokenizer.pad_id,
-                    "stop_token_ids": model_stop_ids(config.language.source, tokenizer.eos_id)},
+                    "stop_token_ids": model_stop_ids(config.language.source, tokenizer.eos_id),
+                    **_decoder_limits(root / variant_filename("decoder_model_merged", "fp32"))},
         provenance={
             **origin,
             "checkpoint_metrics": _plain(checkpoint.metrics),

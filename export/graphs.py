@@ -167,7 +167,16 @@ def export_graphs(model: VisionLanguageModel, out_dir: Path, opset: int = DEFAUL
         paths["decoder_model_merged"] = _export(
             module, args, out_dir / "decoder_model_merged.onnx", **decoder_names, dynamic_axes=axes, opset=opset
         )
-    fix_logits_shape(paths["decoder_model_merged"])
+        fix_logits_shape(paths["decoder_model_merged"])
+        if model.is_transformer and model.config.language.family.attention_op == "GroupQueryAttention":
+            from vledge.export.gqa import export_gqa_decoder, grouped_query_attention
+
+            def export_grouped(path: Path) -> None:
+                with grouped_query_attention(module):
+                    _export(module, args, path, **decoder_names, dynamic_axes=axes, opset=opset)
+                fix_logits_shape(path)
+
+            export_gqa_decoder(export_grouped, paths["decoder_model_merged"])
     return paths
 
 
