@@ -48,6 +48,25 @@ def val_records(data: Path):
     return load_records(data, split="val")[0]
 
 
+def torch_answers(ckpt: Path, paths: list[str], max_new_tokens: int = 8):
+    """The checkpoint's greedy answers to QUESTION about each image, through the PyTorch model."""
+    from vledge.checkpoint import load_checkpoint
+    from vledge.decoding import GenerationOptions
+    from vledge.generation import generate_from_pixels
+    from vledge.image_tiles import tiled_question, tiles_per_row
+    from vledge.models.generate import TorchEngine
+    from vledge.runtime.preprocess import ImagePreprocessor
+
+    checkpoint = load_checkpoint(ckpt)
+    config, tokenizer = checkpoint.model_config, checkpoint.tokenizer()
+    tiles = [ImagePreprocessor(config.preprocess).tiles(path, "RGB") for path in paths]
+    ids = [tiled_question(tokenizer, config.prompt, config.preprocess.tiles, QUESTION, [t]) for t in tiles]
+    return generate_from_pixels(TorchEngine(checkpoint.build_model().eval(), tokenizer),
+                                np.concatenate([t.pixel_values for t in tiles]), ids,
+                                GenerationOptions(max_new_tokens=max_new_tokens),
+                                tiles_per_row=tiles_per_row([[(t.rows, t.cols)] for t in tiles]))
+
+
 @pytest.fixture(scope="module")
 def finetuned(tmp_path_factory):
     from click.testing import CliRunner
@@ -147,33 +166,36 @@ def test_a_frozen_tower_run_trains_the_language_model_only(finetuned, tmp_path):
     assert changed == {"language"}, changed
 
 
+def test_caption_ckpt_answers_with_the_fine_tuned_checkpoint(finetuned):
+    from click.testing import CliRunner
+
+    from vledge.cli import main
+
+    paths = [str(r.image) for r in val_records(finetuned.data)]
+    expected = torch_answers(finetuned.run / "ckpt.pt", paths)
+    result = CliRunner().invoke(main, ["caption", "--ckpt", str(finetuned.run / "ckpt.pt"), "--question", QUESTION,
+                                       "--max-new-tokens", "8", "--batch-size", "4", "--jsonl", *paths])
+    assert result.exit_code == 0, result.output
+    records = [json.loads(line) for line in result.output.splitlines() if line.startswith("{")]
+    assert [r["image"] for r in records] == paths
+    assert [r["text"] for r in records] == [e.text for e in expected]
+
+
 def test_the_fine_tuned_model_exports_and_the_runtime_answers_as_pytorch(finetuned):
     """Needs an exporter that traces tiled models (the pixel-shuffle connector, tiled parity samples)."""
     import vledge.runtime
-    from vledge.checkpoint import load_checkpoint
     from vledge.decoding import GenerationOptions
     from vledge.export import ExportOptions, export
-    from vledge.generation import generate_from_pixels
-    from vledge.image_tiles import tiled_question, tiles_per_row
-    from vledge.models.generate import TorchEngine
-    from vledge.runtime.preprocess import ImagePreprocessor
 
-    checkpoint = load_checkpoint(finetuned.run / "ckpt.pt")
-    config, tokenizer = checkpoint.model_config, checkpoint.tokenizer()
     paths = [str(r.image) for r in val_records(finetuned.data)]
-    options = GenerationOptions(max_new_tokens=8)
-    preprocessor = ImagePreprocessor(config.preprocess)
-    tiles = [preprocessor.tiles(path, "RGB") for path in paths]
-    ids = [tiled_question(tokenizer, config.prompt, config.preprocess.tiles, QUESTION, [t]) for t in tiles]
-    expected = generate_from_pixels(TorchEngine(checkpoint.build_model().eval(), tokenizer),
-                                    np.concatenate([t.pixel_values for t in tiles]), ids, options,
-                                    tiles_per_row=tiles_per_row([[(t.rows, t.cols)] for t in tiles]))
+    expected = torch_answers(finetuned.run / "ckpt.pt", paths)
     assert [r.text.strip() for r in expected] == [list(COLOURS)[i % 3] for i in range(24, 30)]
 
     model_dir = finetuned.root / "model"
     export(finetuned.run / "ckpt.pt", model_dir, ExportOptions(quantize=("none",), data=finetuned.data,
                                                                 parity_samples=6, calibration_samples=4))
     model = vledge.runtime.load(model_dir)
-    answers = model.generate(paths, [QUESTION] * len(paths), options, channel_order="RGB")
+    answers = model.generate(paths, [QUESTION] * len(paths), GenerationOptions(max_new_tokens=8),
+                             channel_order="RGB")
     assert [a.token_ids for a in answers] == [e.token_ids for e in expected]
     assert [a.text for a in answers] == [e.text for e in expected]
