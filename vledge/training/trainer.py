@@ -22,7 +22,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from vledge.config import ModelConfig, TrainConfig
+from vledge.config import ModelConfig, StageConfig, TrainConfig
 from vledge.data.dataset import batch_pixels, collate
 from vledge.errors import TrainingError
 from vledge.evaluation import evaluate
