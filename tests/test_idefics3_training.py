@@ -108,9 +108,10 @@ def test_a_lora_fine_tune_learns_the_colours_and_writes_a_plain_model(finetuned)
     assert any(k.startswith("language.") and k.endswith("q_proj.weight") for k in changed), sorted(changed)
 
 
-def test_tiled_examples_expand_the_image_prompt_and_every_loss_path_agrees(finetuned):
+def test_tiled_examples_expand_the_image_prompt_and_every_loss_path_agrees(finetuned, monkeypatch, caplog):
     """The training ids hold the image prompt the runtime asks with, no expanded token is a target, and the
-    frozen-feature cache and the length pieces give the loss of one plain forward pass."""
+    frozen-feature cache, the length pieces and tiles decoded again (a dataset over the cache limit) give the
+    loss of one plain forward pass."""
     from vledge.checkpoint import load_checkpoint
     from vledge.data.dataset import ConversationDataset, cache_images, collate
     from vledge.data.loaders import load_records
@@ -136,18 +137,30 @@ def test_tiled_examples_expand_the_image_prompt_and_every_loss_path_agrees(finet
         assert all(label == IGNORE_INDEX for label in example.labels[:len(question)])
         answer = [label for label in example.labels if label != IGNORE_INDEX]
         assert tokenizer.decode(answer).strip() == record.turns[0].answer
-        assert example.pixels.shape[0] == tiles.rows * tiles.cols + 1
-        assert sum(1 for t in example.input_ids if t == tokenizer.image_id) == 4 * example.pixels.shape[0]
+        assert example.pixels.count == len(example.pixels.load()) == tiles.rows * tiles.cols + 1
+        assert sum(1 for t in example.input_ids if t == tokenizer.image_id) == 4 * example.pixels.count
 
     with torch.no_grad():
         whole = model(**collate(examples, config.preprocess, tokenizer.pad_id)).loss
         keys = sorted(images)
         cached = FrozenFeatures(keys, project_images(model, images, keys, config.preprocess),
-                                [int(images[k].tiles.shape[0]) for k in keys])
+                                [images[k].count for k in keys])
         embeds = model.place_visual_tokens(cached.lookup([e.image for e in examples]))
         pieces = [[0, 2, 4, 6], [1, 3, 5, 7]]
         split = pieces_loss(model, examples, embeds, pieces, tokenizer.pad_id)
     torch.testing.assert_close(split, whole, rtol=1e-5, atol=1e-6)
+
+    import vledge.data.dataset
+
+    monkeypatch.setattr(vledge.data.dataset, "CACHE_LIMIT_BYTES", 3 * 3 * 32 * 32 * 4)  # room for 4 tiles
+    unheld = cache_images(records, config.preprocess, LoadReport(source="test"))
+    assert "keeping only their grids" in caplog.text
+    assert all(unheld[k].tiles is None and unheld[k].grid == images[k].grid for k in keys)
+    again = ConversationDataset(records, unheld, tokenizer, config.prompt, model.num_image_tokens, 512,
+                                tiles=config.preprocess.tiles).examples
+    assert [e.input_ids for e in again] == [e.input_ids for e in examples]
+    with torch.no_grad():
+        assert torch.equal(model(**collate(again, config.preprocess, tokenizer.pad_id)).loss, whole)
 
 
 def test_a_frozen_tower_run_trains_the_language_model_only(finetuned, tmp_path):

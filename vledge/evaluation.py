@@ -108,7 +108,7 @@ def evaluate(
         if images is not None and key in images:
             if tiled:
                 grids[key] = images[key].grid
-                return normalize_tiles(images[key].tiles, spec)
+                return normalize_tiles(images[key].load(), spec)
             return normalize(images[key], spec)
         if key not in cache:
             try:

@@ -33,7 +33,7 @@ CACHE_LIMIT_BYTES = 4 << 30
 @dataclass
 class Example:
     record_id: str
-    pixels: torch.Tensor  # uint8 [3, S, S]; a tiled model's: uint8 tiles [n, 3, S, S]
+    pixels: torch.Tensor | TiledPixels  # uint8 [3, S, S]; a tiled model's: its TiledPixels
     input_ids: list[int]
     labels: list[int]
     image: str = ""  # the image's cache key (its path)
@@ -96,8 +96,8 @@ def _count_unreadable(records: Sequence[Record], cache: dict, report: LoadReport
 
 
 def _cache_tiles(paths: list[str], spec: PreprocessSpec, workers: int) -> dict[str, TiledPixels]:
-    """Each image's uint8 tiles; an image's tile count is known once it is decoded, so the limit is checked as
-    they arrive."""
+    """Each image's uint8 tiles and grid. An image's tile count is known once it is decoded, so the limit is
+    checked as they arrive; past it only the grids are kept and a batch decodes its images again."""
 
     def load(path: str) -> TiledPixels | None:
         try:
@@ -107,16 +107,19 @@ def _cache_tiles(paths: list[str], spec: PreprocessSpec, workers: int) -> dict[s
             return None
 
     cache: dict[str, TiledPixels] = {}
-    used = 0
+    used, held = 0, True
     with ThreadPoolExecutor(max_workers=workers) as pool:
         for path, image in zip(paths, pool.map(load, paths)):
             if image is None:
                 continue
             used += image.tiles.numel()
-            if used > CACHE_LIMIT_BYTES:
-                raise DataError(f"the tiles of {len(cache) + 1} of {len(paths)} images already need over "
-                                f"{CACHE_LIMIT_BYTES / 2**30:.0f} GiB of cache; use fewer images")
-            cache[path] = image
+            if held and used > CACHE_LIMIT_BYTES:
+                held = False
+                log.warning("the tiles of %d of %d images already need over %.0f GiB of cache: keeping only their "
+                            "grids, each batch decodes and splits its images again (slower steps)", len(cache) + 1,
+                            len(paths), CACHE_LIMIT_BYTES / 2**30)
+                cache = {key: value.unloaded(key, spec) for key, value in cache.items()}
+            cache[path] = image if held else image.unloaded(path, spec)
     return cache
 
 
@@ -150,7 +153,7 @@ class ConversationDataset(torch.utils.data.Dataset):
                 continue  # its image was unreadable, already counted
             grid = None
             if tiles is not None:
-                pixels, grid = pixels.tiles, pixels.grid
+                grid = pixels.grid
             step = turns_per_example or len(record.turns)
             for start in range(0, len(record.turns), step):
                 turns = record.turns[start:start + step]
@@ -210,13 +213,13 @@ def batch_pixels(examples: Sequence[Example], spec: PreprocessSpec) -> torch.Ten
     """The batch's normalised pixels: [B, 3, S, S], or a tiled model's tiles of every example in order
     [tiles, 3, S, S] (``tile_counts`` says how many are each example's)."""
     if spec.tiles is not None:
-        return normalize_tiles(torch.cat([e.pixels for e in examples]), spec)
+        return normalize_tiles(torch.cat([e.pixels.load() for e in examples]), spec)
     return normalize(torch.stack([e.pixels for e in examples]), spec)
 
 
 def tile_counts(examples: Sequence[Example]) -> list[int]:
     """Tiles per example of a tiled model's batch, in ``batch_pixels`` order."""
-    return [int(e.pixels.shape[0]) for e in examples]
+    return [e.pixels.count for e in examples]
 
 
 def collate_text(examples: Sequence[Example], pad_id: int) -> dict[str, torch.Tensor]:

@@ -56,15 +56,30 @@ def preprocess_tiles(source, spec: PreprocessSpec):
 
 @dataclass(frozen=True)
 class TiledPixels:
-    """A tiled model's image before normalisation, as training caches it (uint8 is a quarter of float32)."""
+    """A tiled model's image before normalisation, as training caches it (uint8 is a quarter of float32).
 
-    tiles: torch.Tensor  # uint8 [n, 3, S, S]: the row-major tiles, then the global view
+    Without ``tiles`` only its grid is held and :meth:`load` decodes ``source`` again (a dataset whose tiles
+    do not fit the cache).
+    """
+
     rows: int  # 0 and 0 when the image was not split
     cols: int
+    count: int  # tiles: rows * cols + 1 (the global view), or 1
+    tiles: torch.Tensor | None = None  # uint8 [count, 3, S, S]: the row-major tiles, then the global view
+    source: str | None = None
+    spec: PreprocessSpec | None = None
 
     @property
     def grid(self) -> tuple[int, int]:
         return self.rows, self.cols
+
+    def load(self) -> torch.Tensor:
+        """The uint8 tiles [count, 3, S, S], held or decoded again."""
+        return self.tiles if self.tiles is not None else load_tiles(self.source, self.spec).tiles
+
+    def unloaded(self, source: str, spec: PreprocessSpec) -> TiledPixels:
+        """The same image holding only its grid: ``load`` decodes ``source`` when asked."""
+        return TiledPixels(self.rows, self.cols, self.count, None, source, spec)
 
 
 def _tile_options(spec: PreprocessSpec):
@@ -79,7 +94,7 @@ def load_tiles(source: str | Path | bytes, spec: PreprocessSpec) -> TiledPixels:
     from vledge.runtime.idefics3_images import split_image
 
     tiles, rows, cols = split_image(np.ascontiguousarray(load_rgb(source)), _tile_options(spec))
-    return TiledPixels(torch.from_numpy(np.ascontiguousarray(tiles.transpose(0, 3, 1, 2))), rows, cols)
+    return TiledPixels(rows, cols, len(tiles), torch.from_numpy(np.ascontiguousarray(tiles.transpose(0, 3, 1, 2))))
 
 
 def normalize_tiles(tiles_uint8: torch.Tensor, spec: PreprocessSpec) -> torch.Tensor:

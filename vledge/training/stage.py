@@ -110,7 +110,7 @@ def frozen_features(run: PreparedRun, stage: StageConfig, previous: FrozenFeatur
         return previous  # nothing has trained the encoder since they were computed
     keys = sorted(run.train_images)
     tiled = run.model_config.preprocess.tiles is not None
-    counts = [int(run.train_images[key].tiles.shape[0]) for key in keys] if tiled else None
+    counts = [run.train_images[key].count for key in keys] if tiled else None
     needed = (sum(counts) if tiled else len(keys)) * run.model.num_image_tokens * run.model_config.language.hidden * 4
     if needed > FEATURE_CACHE_LIMIT_BYTES:
         log.info("frozen visual tokens need %.1f GiB, over the %.0f GiB cap: encoding images at every step",
@@ -137,7 +137,7 @@ def project_images(model: VisionLanguageModel, images: dict[str, torch.Tensor], 
     step = max(1, chunk // 16) if tiled else chunk  # an image is up to a few dozen tiles
     for start in range(0, len(keys), step):
         if tiled:
-            pixels = normalize_tiles(torch.cat([images[k].tiles for k in keys[start:start + step]]), spec)
+            pixels = normalize_tiles(torch.cat([images[k].load() for k in keys[start:start + step]]), spec)
         else:
             pixels = normalize(torch.stack([images[k] for k in keys[start:start + chunk]]), spec)
         chunks.append(model.projector(model.vision(pixels.to(device))).float())
