@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import collections
+
 import json
 import subprocess
 import sys
@@ -83,6 +85,29 @@ def test_train_export_and_caption_match_transformers(family, lm_folders, synth_d
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith(str(image)), done.stdout
+    _check_grouped_query_attention_batches(model_dir, synth_data)
+
+
+def _check_grouped_query_attention_batches(model_dir, synth_data):
+    """The decoder's attention is GroupQueryAttention, whose kernel cannot extend a cached prefix for several rows:
+    the manifest says so, and a batch of prompts of different lengths answers as each prompt alone (whose prefill
+    reuses the prefix cache)."""
+    import onnx
+
+    from vledge.decoding import GenerationOptions
+    from vledge.runtime import load
+
+    ops = collections.Counter(n.op_type for n in onnx.load(str(model_dir / "onnx" / "decoder_model_merged.onnx")).graph.node)
+    manifest = json.loads((model_dir / "vledge.json").read_text())
+    assert ops["GroupQueryAttention"] == manifest["architecture"]["layers"] and ops["Softmax"] == 0
+    assert manifest["generation"]["cache_extend_rows"] == 1
+    runtime = load(model_dir, precision="fp32", threads=1)
+    images = [synth_data / r["image"] for r in json.loads((synth_data / "test.json").read_text())[:2]]
+    prompts = ["what colour is the shape", "how many shapes are there in this picture"]
+    options = GenerationOptions(max_new_tokens=6)
+    together = runtime.generate(images, prompts, options)
+    alone = [runtime.generate([image], [prompt], options)[0] for image, prompt in zip(images, prompts)]
+    assert [r.token_ids for r in together] == [r.token_ids for r in alone]
 
 
 def _language_weights(state):
