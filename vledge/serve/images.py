@@ -7,7 +7,6 @@ import binascii
 import contextlib
 import re
 
-import numpy as np
 
 from vledge.errors import ImageError, RequestError
 from vledge.runtime.image_headers import probe_header
