@@ -7,7 +7,6 @@ import binascii
 import contextlib
 import re
 
-
 from vledge.errors import ImageError, RequestError
 from vledge.runtime.image_headers import probe_header
 from vledge.serve.budget import PixelBudget
