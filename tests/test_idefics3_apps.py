@@ -268,3 +268,28 @@ def test_webcam_demo_runs_headless_on_the_synthetic_source(runtime, tmp_path):
                                                          max_new_tokens=4))
     assert summary.ok, summary.message
     assert summary.captions_made >= 1
+
+
+# --------------------------------------------------------------------------- bench
+
+
+def test_bench_times_the_vision_encoder_per_tile_and_says_what_it_skipped(model_dir, tmp_path):
+    from vledge.cli import main
+
+    out = tmp_path / "bench"
+    result = CliRunner().invoke(main, ["bench", "--model", str(model_dir), "--out", str(out), "--threads", "1",
+                                       "--batch", "1,2", "--repeats", "3", "--no-cold-start", "--quiet",
+                                       "--engines", "pytorch,ort-cpu-fp32"])
+    assert result.exit_code == 0, result.output
+    data = json.loads((out / "bench.json").read_text())
+    assert data["engines"] == ["ort-cpu-fp32"] and "pytorch" in data["skipped"]
+    assert "tiled model" in data["pytorch_skipped"] or "--ckpt" in data["pytorch_skipped"]
+    assert data["reference"] is None and data["parity"] == {}
+    (row,) = data["latency"]
+    assert row["tiles_per_image"] > 1  # the synthetic scenes are as large as the model's longest edge: split
+    vision, per_tile = row["stages"]["vision_ms"]["median"], row["stages"]["vision_tile_ms"]["median"]
+    assert 0 < per_tile < vision
+    assert set(row["throughput"]) == {"1", "2"} and all(v > 0 for v in row["throughput"].values())
+    table = (out / "bench.md").read_text()
+    assert "vision/tile" in table and "tiles/img" in table and "PyTorch side skipped" in table
+    assert "tiles" in result.output
