@@ -171,6 +171,15 @@ def test_serve_answers_two_images_in_one_request_as_generate_does(runtime, photo
         ids, _, _ = runtime.tiled_inputs([[runtime.preprocessor.tiles(p) for p in (first, second)]], [QUESTION])
         assert body["usage"]["prompt_tokens"] == len(ids[0])
 
+        # streamed: the same text in pieces
+        streamed = httpx.post(f"{base}/v1/chat/completions", timeout=120,
+                              json=_body([_data_url(first), _data_url(second)], stream=True))
+        assert streamed.status_code == 200, streamed.text
+        events = [line[6:] for line in streamed.text.splitlines() if line.startswith("data: ")]
+        assert events[-1] == "[DONE]"
+        pieces = [json.loads(e)["choices"][0]["delta"].get("content", "") for e in events[:-1]]
+        assert "".join(pieces) == expected.text
+
         # requests with different numbers of images, batched together, each get their own answer
         bodies = [_body([_data_url(third)], None), _body([_data_url(second), _data_url(third), _data_url(first)])]
         with httpx.Client(timeout=120) as client:
@@ -292,4 +301,5 @@ def test_bench_times_the_vision_encoder_per_tile_and_says_what_it_skipped(model_
     assert set(row["throughput"]) == {"1", "2"} and all(v > 0 for v in row["throughput"].values())
     table = (out / "bench.md").read_text()
     assert "vision/tile" in table and "tiles/img" in table and "PyTorch side skipped" in table
+    assert data["tiled"] is True
     assert "tiles" in result.output

@@ -70,9 +70,10 @@ def markdown(result: dict) -> str:
     for name, reason in result.get("skipped", {}).items():
         if reason != result.get("pytorch_skipped"):
             lines += [f"Skipped {name}: {reason}.", ""]
-    tiled = any(row.get("tiles_per_image", 1.0) != 1.0 for row in result["latency"])
+    tiled = bool(result.get("tiled")) or any(row.get("tiles_per_image", 1.0) != 1.0 for row in result["latency"])
     if tiled:
-        lines += ["The model splits each image into tiles plus a global view: the vision encoder runs on every "
+        lines += ["The model splits each image into tiles plus a global view (only the global view when splitting "
+                  "is off): the vision encoder runs on every "
                   "tile. vision: all tiles of one image; vision/tile: per tile; tiles/img: tiles per image "
                   "(mean over the timed images).", ""]
     for threads in config["threads"]:

@@ -176,6 +176,7 @@ def run_benchmark(config: BenchConfig, progress: Callable[[str], None] | None = 
     result = {
         "complete": False,
         "pytorch_skipped": alone or None,
+        "tiled": _tiled(config.model_dir),  # each image is split into tiles (Idefics3 / SmolVLM)
         "machine": describe_machine(),
         "load": None,
         "config": settings,
