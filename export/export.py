@@ -52,7 +52,7 @@ from vledge.manifest import (
     sha256_of,
     variant_filename,
 )
-from vledge.prompt import CAPTION_PROMPT, prefix_ids
+from vledge.prompt import CAPTION_PROMPT, prefix_ids, question_ids
 
 log = logging.getLogger(__name__)
 
@@ -334,14 +334,23 @@ def _forced_sets(options: ExportOptions, samples: ParitySamples, tokenizer, mode
     template = model.config.prompt
     sets = {"answers": answer_set(tokenizer, template, samples.image_index, samples.prompts, samples.answers)}
     if options.parity_text is not None:
+        prompt = None
+        tiles = model.config.preprocess.tiles
+        if samples.grids is not None:  # a tiled model: the caption prompt expanded for the first image's tiles
+            from vledge.image_tiles import expand_image_ids
+
+            prompt = expand_image_ids(tokenizer, tiles, question_ids(tokenizer, template, CAPTION_PROMPT),
+                                      samples.grids[:1])
         sets["text"] = text_set(read_parity_text(options.parity_text), tokenizer, template,
                                 options.parity_text_tokens, model.config.language.max_positions,
-                                model.num_image_tokens, Path(options.parity_text).name)
+                                model.num_image_tokens, Path(options.parity_text).name, prompt=prompt)
     return sets
 
 
 def _held_out_data(options: ExportOptions, model, tokenizer, work: Path) -> tuple[np.ndarray, ParitySamples]:
-    from vledge.data.images import preprocess
+    """Calibration pixels [N, 3, S, S] (a tiled model's: tiles, every tile of an image, up to N) and the parity
+    samples."""
+    from vledge.data.images import preprocess, preprocess_tiles
 
     data = options.data
     if data is None:
@@ -355,18 +364,22 @@ def _held_out_data(options: ExportOptions, model, tokenizer, work: Path) -> tupl
         log.info("no --calibration-data: using %d fresh synthetic scenes (seed 90210)", count)
     held_out = _split(data, ("test", "val"))
     calibration_records = _split(data, ("train", "val", "test"))
-    pixels = []
+    spec = model.config.preprocess
+    pixels: list[np.ndarray] = []  # [n, 3, S, S] each: one image, or a tiled model's tiles of one image
     for record in calibration_records:
-        if len(pixels) >= options.calibration_samples:
+        if sum(len(p) for p in pixels) >= options.calibration_samples:
             break
         try:
-            pixels.append(preprocess(record.image, model.config.preprocess).numpy())
+            if spec.tiles is not None:
+                pixels.append(preprocess_tiles(record.image, spec).pixel_values)
+            else:
+                pixels.append(preprocess(record.image, spec).numpy()[None])
         except VledgeError as exc:
             log.warning("calibration skips %s", exc)
     if not pixels:
         raise ExportError(f"no readable calibration images in {data}")
     samples = build_samples(held_out, model, tokenizer, options.parity_samples)
-    return np.stack(pixels).astype(np.float32), samples
+    return np.concatenate(pixels)[:options.calibration_samples].astype(np.float32), samples
 
 
 def _split(data: Path, names: Sequence[str]):
@@ -383,6 +396,19 @@ def _split(data: Path, names: Sequence[str]):
         if records:
             return records
     raise ExportError(f"no usable {'/'.join(names)} split in {data}: {'; '.join(problems) or 'empty'}")
+
+
+def _decoder_limits(decoder: Path) -> dict:
+    """What the runtime must know about the decoder's operators: a GroupQueryAttention decoder extends a non-empty
+    cache by several positions for one row at a time only (``vledge.export.gqa``)."""
+    import onnx
+
+    from vledge.export.gqa import CACHE_EXTEND_ROWS, OP
+
+    if not decoder.is_file():
+        return {}
+    graph = onnx.load(str(decoder), load_external_data=False).graph
+    return {"cache_extend_rows": CACHE_EXTEND_ROWS} if any(n.op_type == OP for n in graph.node) else {}
 
 
 def _manifest(checkpoint, origin: dict, tokenizer, model, variants, root: Path) -> Manifest:
@@ -404,7 +430,8 @@ def _manifest(checkpoint, origin: dict, tokenizer, model, variants, root: Path) 
         files=_hash_files(root),
         generation={"max_new_tokens": 32, "caption_prompt": CAPTION_PROMPT, "temperature": 0.0,
                     "eos_token_id": tokenizer.eos_id, "pad_token_id": tokenizer.pad_id,
-                    "stop_token_ids": model_stop_ids(config.language.source, tokenizer.eos_id)},
+                    "stop_token_ids": model_stop_ids(config.language.source, tokenizer.eos_id),
+                    **_decoder_limits(root / variant_filename("decoder_model_merged", "fp32"))},
         provenance={
             **origin,
             "checkpoint_metrics": _plain(checkpoint.metrics),

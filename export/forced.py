@@ -93,13 +93,20 @@ def read_parity_text(path: Path) -> str:
 
 
 def text_set(text: str, tokenizer: Tokenizer, template, max_tokens: int, max_positions: int | None,
-             image_tokens: int, name: str) -> ForcedSet:
-    """Pieces of a real text, each forced after the first held-out image and the caption prompt."""
+             image_tokens: int, name: str, prompt: Sequence[int] | None = None) -> ForcedSet:
+    """Pieces of a real text, each forced after the first held-out image and the caption prompt.
+
+    ``prompt``: the caption prompt's ids already holding every image token (a tiled model's, expanded for the
+    first image); by default the template's, whose one image token stands for ``image_tokens`` positions."""
     ids = tokenizer.encode(text)[:max_tokens]
-    prompt = question_ids(tokenizer, template, CAPTION_PROMPT)
+    positions = None
+    if prompt is None:
+        prompt = question_ids(tokenizer, template, CAPTION_PROMPT)
+        positions = len(prompt) - 1 + image_tokens
+    prompt = list(prompt)
     chunk = TEXT_CHUNK_TOKENS
     if max_positions is not None:
-        chunk = min(chunk, max_positions - (len(prompt) - 1 + image_tokens))
+        chunk = min(chunk, max_positions - (len(prompt) if positions is None else positions))
     if chunk < 1:
         raise ExportError(f"--parity-text: the model's {max_positions} positions leave no room after the prompt")
     pieces = [ids[i:i + chunk] for i in range(0, len(ids), chunk)]
@@ -108,9 +115,29 @@ def text_set(text: str, tokenizer: Tokenizer, template, max_tokens: int, max_pos
     return ForcedSet(f"text {name}", [0] * len(pieces), [list(prompt) for _ in pieces], pieces)
 
 
+def tile_spans(grids: Sequence[tuple[int, int]] | None) -> list[tuple[int, int]] | None:
+    """(first tile, tile count) of each image of a tiled model (rows * cols tiles and the global view)."""
+    if grids is None:
+        return None
+    spans, start = [], 0
+    for rows, cols in grids:
+        spans.append((start, rows * cols + 1))
+        start += rows * cols + 1
+    return spans
+
+
+def images_of(image_embeds: np.ndarray, images: Sequence[int], spans: Sequence[tuple[int, int]] | None):
+    """``image_embeds[images]``, or for a tiled model (``spans``) one array of each image's tiles per question."""
+    if spans is None:
+        return image_embeds[list(images)]
+    return [image_embeds[spans[i][0]:spans[i][0] + spans[i][1]] for i in images]
+
+
 def forced_log_probs(engine: Engine, image_embeds: np.ndarray, forced: ForcedSet,
-                     batch_size: int = 16) -> list[np.ndarray]:
-    """Per row, log-probabilities [len(target), vocab] of each target token's position, targets fed back."""
+                     spans: Sequence[tuple[int, int]] | None = None, batch_size: int = 16) -> list[np.ndarray]:
+    """Per row, log-probabilities [len(target), vocab] of each target token's position, targets fed back.
+
+    ``spans``: a tiled model's (first tile, tile count) of each image in ``image_embeds`` (:func:`tile_spans`)."""
     out: list[np.ndarray] = [np.zeros((0, 0), np.float32)] * len(forced.targets)
     order = sorted(range(len(forced.targets)), key=lambda i: len(forced.targets[i]))
     for start in range(0, len(order), batch_size):
@@ -119,7 +146,7 @@ def forced_log_probs(engine: Engine, image_embeds: np.ndarray, forced: ForcedSet
         if longest == 0:
             continue
         rows = [forced.image_rows[i] for i in batch]
-        steps, options = engine.prefill(image_embeds[rows], [forced.prompts[i] for i in batch],
+        steps, options = engine.prefill(images_of(image_embeds, rows, spans), [forced.prompts[i] for i in batch],
                                         GenerationOptions(max_new_tokens=longest))
         length = min(longest, options.max_new_tokens)
         collected = [log_softmax(np.asarray(steps.first_logits, dtype=np.float32))]

@@ -1,5 +1,8 @@
 """The three ONNX graphs of a model directory, traced from the PyTorch model.
 
+A tiled model's (Idefics3 / SmolVLM) vision graph maps tiles ``pixel_values`` [tiles, 3, S, S] to
+``image_features`` [tiles, tokens per tile, hidden]; its first axis is named ``tiles``.
+
 We use the TorchScript-based exporter (``dynamo=False``) on purpose: the
 torch.export-based one specialises size-0 and size-1 dimensions, so a graph traced
 with a past would not accept the empty past of a prefill. Tracing with a non-empty
@@ -28,6 +31,7 @@ EXTERNAL_DATA_THRESHOLD = 1_800_000_000
 # The batch axis's name: transformers.js sizes the empty cache of a prefill by the symbols it knows
 # (``batch_size``) and gives every other symbolic axis length 0 (the past).
 BATCH = "batch_size"
+TILES = "tiles"
 
 
 def tensor_names(model: VisionLanguageModel) -> dict[str, dict[str, list[str]]]:
@@ -118,11 +122,13 @@ def export_graphs(model: VisionLanguageModel, out_dir: Path, opset: int = DEFAUL
     names = tensor_names(model)
     size = model.config.preprocess.image_size
     hidden = model.config.language.hidden
+    # A tiled model's vision graph takes every tile of every image at once (its first axis counts tiles).
+    images = TILES if model.fills_image_tokens else BATCH
     paths: dict[str, Path] = {}
     with torch.no_grad():
         paths["vision_encoder"] = _export(
             VisionEncoderGraph(model), (torch.randn(2, 3, size, size),), out_dir / "vision_encoder.onnx",
-            **names["vision_encoder"], dynamic_axes={"pixel_values": {0: BATCH}, "image_features": {0: BATCH}},
+            **names["vision_encoder"], dynamic_axes={"pixel_values": {0: images}, "image_features": {0: images}},
             opset=opset,
         )
         paths["embed_tokens"] = _export(
@@ -161,7 +167,16 @@ def export_graphs(model: VisionLanguageModel, out_dir: Path, opset: int = DEFAUL
         paths["decoder_model_merged"] = _export(
             module, args, out_dir / "decoder_model_merged.onnx", **decoder_names, dynamic_axes=axes, opset=opset
         )
-    fix_logits_shape(paths["decoder_model_merged"])
+        fix_logits_shape(paths["decoder_model_merged"])
+        if model.is_transformer and model.config.language.family.attention_op == "GroupQueryAttention":
+            from vledge.export.gqa import export_gqa_decoder, grouped_query_attention
+
+            def export_grouped(path: Path) -> None:
+                with grouped_query_attention(module):
+                    _export(module, args, path, **decoder_names, dynamic_axes=axes, opset=opset)
+                fix_logits_shape(path)
+
+            export_gqa_decoder(export_grouped, paths["decoder_model_merged"])
     return paths
 
 

@@ -20,7 +20,7 @@ import numpy as np
 from vledge.data.records import Record
 from vledge.decoding import GenerationOptions
 from vledge.evaluation import CAPTION_TASKS, LONG_ANSWER_TASKS, questions_of
-from vledge.export.forced import ForcedSet, TeacherForced, forced_log_probs
+from vledge.export.forced import ForcedSet, TeacherForced, forced_log_probs, images_of, tile_spans
 from vledge.generation import Engine, generate
 from vledge.metrics import AccuracyByTask, exact_match
 from vledge.models.generate import TorchEngine
@@ -38,47 +38,85 @@ FP32_MIN_TOKEN_AGREEMENT = 0.99
 
 @dataclass
 class ParitySamples:
-    """Held-out questions with their preprocessed images (the PyTorch pipeline's pixels, shared by both sides)."""
+    """Held-out questions with their preprocessed images (the PyTorch pipeline's pixels, shared by both sides).
 
-    pixel_values: np.ndarray  # [images, 3, S, S]
-    image_index: list[int]  # question -> row of pixel_values
+    A tiled model (Idefics3 / SmolVLM) cuts each image into several tiles: ``pixel_values`` then holds every
+    image's tiles one image after the other, ``grids`` each image's (rows, cols), and each prompt is already
+    expanded to one image token per visual token (``vledge.image_tiles.tiled_question``).
+    """
+
+    pixel_values: np.ndarray  # [images, 3, S, S]; a tiled model: [tiles, 3, S, S]
+    image_index: list[int]  # question -> image (a row of pixel_values, or a tiled model's image of grids)
     prompts: list[list[int]]
     tasks: list[str]
     answers: list[str]
+    grids: list[tuple[int, int]] | None = None  # a tiled model: each image's (rows, cols); None otherwise
 
     def __len__(self) -> int:
         return len(self.prompts)
 
+    @property
+    def spans(self) -> list[tuple[int, int]] | None:
+        """A tiled model's (first tile, tile count) of each image; None for one [3, S, S] image per question."""
+        return tile_spans(self.grids)
+
+    def images_of(self, image_embeds: np.ndarray, images: Sequence[int]):
+        """What an engine's ``prefill`` takes for questions about ``images`` (``vledge.export.forced.images_of``)."""
+        return images_of(image_embeds, images, self.spans)
+
+    def pixels_of(self, image: int) -> np.ndarray:
+        """One image's pixels [1, 3, S, S], or a tiled model's tiles of it [tiles, 3, S, S]."""
+        start, count = self.spans[image] if self.grids is not None else (image, 1)
+        return self.pixel_values[start:start + count]
+
+    def one_row(self, image_embeds: np.ndarray):
+        """The embeddings of :meth:`pixels_of` as ``prefill`` takes them for one question."""
+        return image_embeds if self.grids is None else [image_embeds]
+
 
 def build_samples(records: Sequence[Record], model: VisionLanguageModel, tokenizer: Tokenizer,
                   limit: int) -> ParitySamples:
-    from vledge.data.images import preprocess
+    from vledge.data.images import preprocess, preprocess_tiles
     from vledge.errors import ImageError
+    from vledge.image_tiles import tiled_question
 
+    spec = model.config.preprocess
+    tiled = spec.tiles is not None
     pixels: list[np.ndarray] = []
+    tiled_images: list = []  # a tiled model's Idefics3Images, one per image
     rows: dict[str, int] = {}
-    samples = ParitySamples(np.zeros(0), [], [], [], [])
+    samples = ParitySamples(np.zeros(0), [], [], [], [], grids=[] if tiled else None)
     for record, turn_index in questions_of(records):
         if len(samples) >= limit:
             break
         key = str(record.image)
         if key not in rows:
             try:
-                pixels.append(preprocess(record.image, model.config.preprocess).numpy())
+                if tiled:
+                    image = preprocess_tiles(record.image, spec)
+                    tiled_images.append(image)
+                    pixels.append(image.pixel_values)
+                    samples.grids.append((image.rows, image.cols))
+                else:
+                    pixels.append(preprocess(record.image, spec).numpy()[None])
             except ImageError as exc:
                 log.warning("parity skips %s", exc)
                 continue
             rows[key] = len(pixels) - 1
         turn = record.turns[turn_index]
         samples.image_index.append(rows[key])
-        samples.prompts.append(question_ids(tokenizer, model.config.prompt, turn.question))
+        if tiled:
+            samples.prompts.append(tiled_question(tokenizer, model.config.prompt, spec.tiles, turn.question,
+                                                  [tiled_images[rows[key]]]))
+        else:
+            samples.prompts.append(question_ids(tokenizer, model.config.prompt, turn.question))
         samples.tasks.append(turn.task)
         samples.answers.append(turn.answer)
     if not pixels:
         from vledge.errors import ExportError
 
         raise ExportError("no readable held-out images for the parity check")
-    samples.pixel_values = np.stack(pixels).astype(np.float32)
+    samples.pixel_values = np.concatenate(pixels).astype(np.float32)
     return samples
 
 
@@ -99,7 +137,7 @@ def task_batches(samples: ParitySamples, batch_size: int) -> list[list[int]]:
 class Reference:
     """What the PyTorch model produces; every variant is compared with it."""
 
-    image_embeds: np.ndarray  # [images, tokens, hidden]
+    image_embeds: np.ndarray  # [images, tokens, hidden]; a tiled model: [tiles, tokens, hidden]
     prefill_logits: np.ndarray  # [questions, vocab]
     tokens: list[list[int]]
     texts: list[str]
@@ -132,11 +170,11 @@ def _answer_all(engine: Engine, samples: ParitySamples, image_embeds: np.ndarray
         rows = [samples.image_index[i] for i in batch]
         prompts = [samples.prompts[i] for i in batch]
         options = GenerationOptions(max_new_tokens=max_new_tokens_for(samples.tasks[batch[0]]))
-        first = engine.prefill(prefill_embeds[rows], prompts, options)[0].first_logits
+        first = engine.prefill(samples.images_of(prefill_embeds, rows), prompts, options)[0].first_logits
         if logits is None:
             logits = np.zeros((len(samples), first.shape[-1]), dtype=np.float32)
         logits[batch] = first
-        for index, result in zip(batch, generate(engine, image_embeds[rows], prompts, options)):
+        for index, result in zip(batch, generate(engine, samples.images_of(image_embeds, rows), prompts, options)):
             tokens[index], texts[index] = list(result.token_ids), result.text
         if progress is not None:
             progress(len(batch))
@@ -150,7 +188,8 @@ def torch_reference(model: VisionLanguageModel, tokenizer: Tokenizer, samples: P
     engine = TorchEngine(model.eval(), tokenizer)
     image_embeds = _encode_all(engine, samples.pixel_values)
     logits, tokens, texts = _answer_all(engine, samples, image_embeds, image_embeds, batch_size, progress)
-    runs = {name: (rows, forced_log_probs(engine, image_embeds, rows)) for name, rows in (forced or {}).items()}
+    runs = {name: (rows, forced_log_probs(engine, image_embeds, rows, samples.spans))
+            for name, rows in (forced or {}).items()}
     return Reference(image_embeds, logits, tokens, texts, _accuracy(texts, samples), runs)
 
 
@@ -226,7 +265,8 @@ def measure_engine(engine: Engine, samples: ParitySamples, reference: Reference,
     embeds = _encode_all(engine, samples.pixel_values)
     logits, tokens, texts = _answer_all(engine, samples, embeds, reference.image_embeds, batch_size, progress)
     accuracy = _accuracy(texts, samples)
-    forced = {name: TeacherForced.between(rows.source, forced_log_probs(engine, embeds, rows), ref_log_probs)
+    forced = {name: TeacherForced.between(rows.source, forced_log_probs(engine, embeds, rows, samples.spans),
+                                          ref_log_probs)
               for name, (rows, ref_log_probs) in reference.forced.items()}
     return VariantParity(
         precisions=dict(precisions or {}),
@@ -268,7 +308,7 @@ def measure_latency(runtime, samples: ParitySamples, repeats: int = 15, decode_s
     """
     import time
 
-    pixels = samples.pixel_values[:1]
+    pixels = samples.pixels_of(samples.image_index[0])  # a tiled model: every tile of the image
     prompt = [samples.prompts[0]]
     graphs = runtime.graphs
 
@@ -281,7 +321,7 @@ def measure_latency(runtime, samples: ParitySamples, repeats: int = 15, decode_s
             times.append((time.perf_counter() - tick) * 1e3)
         return float(np.median(times))
 
-    embeds = graphs.encode_images(pixels)
+    embeds = samples.one_row(graphs.encode_images(pixels))
     result = {
         "vision_ms": median_ms(lambda: graphs.encode_images(pixels)),
         "embed_ms": median_ms(lambda: graphs.embed_ids(np.asarray([prompt[0]], dtype=np.int64))),

@@ -44,7 +44,7 @@ def teacher_forced_agreement(engine, samples: ParitySamples, reference: Referenc
         if not expected:
             continue
         row = samples.image_index[index]
-        image_embeds = engine.encode_images(samples.pixel_values[row:row + 1])
+        image_embeds = samples.one_row(engine.encode_images(samples.pixels_of(row)))
         steps, options = engine.prefill(image_embeds, [samples.prompts[index]],
                                         GenerationOptions(max_new_tokens=len(expected)))
         logits = steps.first_logits

@@ -26,12 +26,22 @@ from vledge.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
+# Why a tiled model (Idefics3 / SmolVLM) gets no transformers.js files: transformers.js's ``idefics3`` feeds its
+# vision graph ``pixel_values`` [batch, images, 3, S, S] with a ``pixel_attention_mask`` and expects the merge of
+# image features into the text to happen in its own code, while vledge's vision graph takes the tiles
+# [tiles, 3, S, S] alone and returns ``image_features`` [tiles, tokens, hidden].
+TILED_REASON = ("it splits images into tiles (Idefics3 / SmolVLM), and transformers.js's idefics3 wants another "
+                "vision-graph signature (pixel_values [batch, images, 3, S, S] with a pixel_attention_mask)")
+
+
 def model_types(config: ModelConfig) -> tuple[str, str] | str:
     """(vision model_type, text model_type) as transformers.js's ``llava`` knows them, or why it cannot.
 
     The families say whether transformers.js has them and under which Hugging Face names
     (``LanguageFamily.transformers_js`` / ``hf_model_types``, the same for vision).
     """
+    if config.preprocess.tiles is not None:
+        return TILED_REASON
     vision, language = config.vision, config.language
     tower = vision_family(vision.backbone)
     if not tower.transformers_js or vision.vit is None:

@@ -64,6 +64,8 @@ class VisionLanguageRuntime:
         self.preprocessor = ImagePreprocessor(manifest.preprocess)
         self.prefix_ids = list(manifest.prefix_ids)
         self.prefix_cache = prefix_cache  # reuse the constant prompt prefix's keys and values
+        # Rows whose cache one decoder call may extend by several positions (GroupQueryAttention decoders: 1).
+        self.cache_extend_rows = int(manifest.generation.get("cache_extend_rows") or 1 << 30)
         self.caption_prompt = manifest.generation.get("caption_prompt", CAPTION_PROMPT)
         # The template's end token and a pretrained LM's own stop ids (directories without the field: eos only).
         self.stop_token_ids = tuple(manifest.generation.get("stop_token_ids") or (tokenizer.eos_id,))
@@ -338,6 +340,8 @@ class VisionLanguageRuntime:
                 raise ConfigError(f"prompt {row} must hold {what}, has {ids.count(image_id)}")
         prefix = self.prefix_ids
         use_prefix = self.prefix_cache and bool(prefix) and all(ids[: len(prefix)] == prefix for ids in prompt_ids)
+        if len(prompt_ids) > self.cache_extend_rows:  # the decoder cannot extend a cache for that many rows at once
+            use_prefix = False
         rests = [ids[len(prefix):] if use_prefix else ids for ids in prompt_ids]
         rows_embeds = []
         text_embeds = self.graphs.embed_ids(left_pad(rests, self.tokenizer.pad_id)[0])

@@ -20,6 +20,7 @@ import math
 import numpy as np
 
 from vledge.errors import ImageError
+from vledge.runtime.pil_resampling import pil_weights
 
 PRECISION_BITS = 32 - 8 - 2  # Resample.c: PRECISION_BITS
 
@@ -32,21 +33,6 @@ PASS_ORDERS = ("pillow13", "pillow12")
 
 _MAX_SIDE = 1 << 15  # far above any size an image processor asks for; bounds memory
 _CHUNK = 1 << 21  # output values summed at a time (bounds the int32 accumulator's memory)
-
-
-def _bilinear(x: float) -> float:
-    x = abs(x)
-    return 1.0 - x if x < 1.0 else 0.0
-
-
-def _bicubic(x: float) -> float:
-    a = -0.5
-    x = abs(x)
-    if x < 1.0:
-        return ((a + 2.0) * x - (a + 3.0)) * x * x + 1
-    if x < 2.0:
-        return (((x - 5) * x + 8) * x - 4) * a
-    return 0.0
 
 
 def _sinc(x: float) -> float:
@@ -62,7 +48,9 @@ def _lanczos(x: float) -> float:
     return 0.0
 
 
-_FILTERS = {LANCZOS: (_lanczos, 3.0), BILINEAR: (_bilinear, 1.0), BICUBIC: (_bicubic, 2.0)}
+_FILTERS = {LANCZOS: (_lanczos, 3.0)}
+# Bilinear and bicubic weights are vledge.runtime.pil_resampling's (the same Resample.c arithmetic, vectorised).
+_SHARED_FILTERS = {BILINEAR: "bilinear_pil", BICUBIC: "bicubic_pil"}
 
 
 @functools.lru_cache(maxsize=64)
@@ -71,6 +59,9 @@ def _coefficients(in_size: int, out_size: int, resample: int) -> tuple[np.ndarra
 
     A pure function of its arguments, so this cache is the only shared state (lru_cache is thread-safe).
     """
+    if resample in _SHARED_FILTERS:
+        starts, quantised, _ = pil_weights(in_size, out_size, _SHARED_FILTERS[resample], 0, out_size)
+        return _frozen(starts, quantised.astype(np.float64))
     fn, filter_support = _FILTERS[resample]
     scale = in_size / out_size
     filterscale = max(scale, 1.0)
@@ -92,6 +83,12 @@ def _coefficients(in_size: int, out_size: int, resample: int) -> tuple[np.ndarra
             k = w / total if total != 0.0 else w
             weights[xx, x] = int(-0.5 + k * one) if k < 0 else int(0.5 + k * one)  # int() truncates, like C
         starts[xx] = xmin
+    return _frozen(starts, weights)
+
+
+def _frozen(starts: np.ndarray, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(starts, int32 weights) with the taps no output uses cut off, read-only (they are cached)."""
+    starts = np.ascontiguousarray(starts, dtype=np.int64)
     used = np.nonzero(weights.any(axis=0))[0]
     width = int(used.max()) + 1 if used.size else 1
     weights = np.ascontiguousarray(weights[:, :width].astype(np.int32))
@@ -134,7 +131,7 @@ def pil_resize(rgb: np.ndarray, height: int, width: int, resample: int = LANCZOS
         got = (f"<array shape={tuple(rgb.shape)} dtype={rgb.dtype}>" if isinstance(rgb, np.ndarray)
                else type(rgb).__name__)
         raise ImageError(f"pil_resize() needs an RGB uint8 HxWx3 array, got {got}")
-    if resample not in _FILTERS:
+    if resample not in RESAMPLE_NAMES:
         raise ImageError(f"pil_resize() reproduces resample {sorted(RESAMPLE_NAMES)} ({RESAMPLE_NAMES}), "
                          f"got {resample!r}")
     if pass_order not in PASS_ORDERS:

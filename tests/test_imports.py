@@ -96,4 +96,4 @@ def test_importing_the_runtime_and_reading_a_family_with_torch_blocked():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["llama", "lstm", "mistral", "qwen2", "transformer", "clip", "convnet",
-                                   "efficientnet_b0", "mobilenet_v3_small", "resnet18", "siglip"]
+                                   "efficientnet_b0", "idefics3", "mobilenet_v3_small", "resnet18", "siglip"]

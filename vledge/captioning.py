@@ -178,10 +178,27 @@ class CheckpointEngine(_AnswerEngine):
         self.max_positions = self.config.language.max_positions if model.is_transformer else None
         self.description = f"{ckpt} (PyTorch)"
 
-    def prepare(self, path: str) -> np.ndarray:
-        from vledge.data.images import preprocess
+    def prepare(self, path: str):
+        """[3, S, S] pixels, or a tiled model's (SmolVLM) ``Idefics3Images``: the image's tiles and grid."""
+        from vledge.data.images import preprocess, preprocess_tiles
 
+        if self.config.preprocess.tiles is not None:
+            return preprocess_tiles(path, self.config.preprocess)
         return preprocess(path, self.config.preprocess).numpy()
+
+    def answer(self, prepared, prompt: str, options: GenerationOptions, stop_strings: Sequence[str]) -> list[Record]:
+        if self.config.preprocess.tiles is None:
+            return super().answer(prepared, prompt, options, stop_strings)
+        from vledge.image_tiles import expand_image_ids, tiles_per_row
+
+        images = list(prepared)  # what prepare() returned, one per file
+        base = self.prompt_ids(prompt)
+        ids = [expand_image_ids(self.engine.tokenizer, self.config.preprocess.tiles, base, [(i.rows, i.cols)])
+               for i in images]
+        results = generate_from_pixels(self.engine, np.concatenate([i.pixel_values for i in images]), ids, options,
+                                       stop_strings, tiles_per_row=tiles_per_row([[(i.rows, i.cols)] for i in images]))
+        return [Record(image="", prompt=prompt, text=r.text, token_ids=r.token_ids, finish_reason=r.finish_reason,
+                       timings_ms=r.timings.to_dict()) for r in results]
 
 
 def run(engine, files: Sequence[str], prompt: str, options: GenerationOptions, stop_strings: Sequence[str] = (),

@@ -2,6 +2,8 @@
 
 Every question is asked on its own (image + question, as ``ask`` does at run time);
 questions of one task are batched together so short answers do not wait for long ones.
+A tiled model (Idefics3 / SmolVLM) sees each image as its tiles and the question with its image
+prompt expanded for the image's grid, as the runtime asks it.
 """
 
 from __future__ import annotations
@@ -14,10 +16,11 @@ from dataclasses import dataclass, field
 import torch
 
 from vledge.config import ModelConfig
-from vledge.data.images import normalize, preprocess
+from vledge.data.images import normalize, normalize_tiles, preprocess, preprocess_tiles
 from vledge.data.records import Record
 from vledge.decoding import GenerationOptions
 from vledge.errors import ImageError
+from vledge.image_tiles import expand_image_ids
 from vledge.metrics import AccuracyByTask, bleu4, cider_d, exact_match
 from vledge.models.generate import generate
 from vledge.prompt import question_ids
@@ -85,7 +88,8 @@ def evaluate(
     images: dict[str, torch.Tensor] | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> EvalReport:
-    """Greedy answers to held-out questions, scored by exact match; ``images`` reuses cached uint8 pixels."""
+    """Greedy answers to held-out questions, scored by exact match; ``images`` reuses cached uint8 pixels
+    (a tiled model's: ``TiledPixels``)."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -94,18 +98,33 @@ def evaluate(
         by_task[record.turns[index].task].append((record, index))
 
     cache: dict[str, torch.Tensor | None] = {}
+    spec = config.preprocess
+    tiled = spec.tiles is not None
+    grids: dict[str, tuple[int, int]] = {}  # a tiled model's image grids, by key
 
     def pixels(record: Record) -> torch.Tensor | None:
+        """[3, S, S], or a tiled model's tiles [n, 3, S, S] (their grid in ``grids``)."""
         key = str(record.image)
         if images is not None and key in images:
-            return normalize(images[key], config.preprocess)
+            if tiled:
+                grids[key] = images[key].grid
+                return normalize_tiles(images[key].load(), spec)
+            return normalize(images[key], spec)
         if key not in cache:
             try:
-                cache[key] = preprocess(record.image, config.preprocess)
+                if tiled:
+                    tiles = preprocess_tiles(record.image, spec)
+                    cache[key], grids[key] = torch.from_numpy(tiles.pixel_values), (tiles.rows, tiles.cols)
+                else:
+                    cache[key] = preprocess(record.image, spec)
             except ImageError as exc:
                 log.warning("evaluation skips %s", exc)
                 cache[key] = None
         return cache[key]
+
+    def prompt(record: Record, index: int) -> list[int]:
+        ids = question_ids(tokenizer, config.prompt, record.turns[index].question)
+        return expand_image_ids(tokenizer, spec.tiles, ids, [grids[str(record.image)]]) if tiled else ids
 
     scores = AccuracyByTask()
     predictions: list[Prediction] = []
@@ -121,9 +140,14 @@ def evaluate(
                 if progress is not None:
                     progress(len(window))
                 continue
-            prompts = [question_ids(tokenizer, config.prompt, r.turns[i].question) for r, i, _ in chunk]
-            batch = torch.stack([px for _, _, px in chunk]).to(device)
-            outputs = generate(model, batch, prompts, options, tokenizer.eos_id, tokenizer.pad_id)
+            prompts = [prompt(r, i) for r, i, _ in chunk]
+            if tiled:
+                batch = torch.cat([px for _, _, px in chunk]).to(device)
+                outputs = generate(model, batch, prompts, options, tokenizer.eos_id, tokenizer.pad_id,
+                                   tiles_per_row=[px.shape[0] for _, _, px in chunk])
+            else:
+                batch = torch.stack([px for _, _, px in chunk]).to(device)
+                outputs = generate(model, batch, prompts, options, tokenizer.eos_id, tokenizer.pad_id)
             for (record, index, _), tokens in zip(chunk, outputs):
                 turn = record.turns[index]
                 text = tokenizer.decode(tokens).strip()

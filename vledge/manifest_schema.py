@@ -41,6 +41,11 @@ def positive(value: Any, path: str) -> None:
         _fail(path, "an integer > 0", value)
 
 
+def boolean(value: Any, path: str) -> None:
+    if not isinstance(value, bool):
+        _fail(path, "true or false", value)
+
+
 def number(value: Any, path: str) -> None:
     """A finite JSON number (not a boolean)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value or value in (
@@ -142,7 +147,12 @@ MANIFEST = record(
         "prompt": map_of(text, text),  # a copy of model_config.prompt, for readers of the folder
         "preprocess": record({}, {"image_size": positive, "resize_size": positive, "resize": text,
                                   "interpolation": text, "crop_anchor": text, "channel_order": text,
-                                  "mean": list_of(number, True), "std": list_of(number, True)}),
+                                  "mean": list_of(number, True), "std": list_of(number, True),
+                                  # a tiled model's (Idefics3 / SmolVLM) tiles: what a reader needs to build its
+                                  # prompt (docs/model-directory.md); null for one image_size square per image
+                                  "tiles": record({"longest_edge": positive, "split": boolean,
+                                                   "tokens_per_tile": positive, "fake_token": text,
+                                                   "global_token": text})}),
     },
 )
 

@@ -1,4 +1,5 @@
-"""``vledge convert``: a Hugging Face LLaVA folder to a vledge checkpoint (for ``vledge train --init``)."""
+"""``vledge convert``: a Hugging Face vision-language folder (LLaVA, Idefics3 / SmolVLM) to a vledge checkpoint
+(for ``vledge train --init``)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ import click
 from vledge.cli.base import fail_cleanly, main
 
 BACKEND_HELP = ("Which transformers image-processor backend the preprocessing reproduces exactly: pil (Pillow "
-                "resize, as transformers 4.x and the *Pil classes) or torchvision (transformers 5's default classes).")
+                "resize, as transformers 4.x and the *Pil classes) or torchvision (transformers 5's default classes; "
+                "LLaVA folders only, Idefics3 / SmolVLM folders reproduce pil).")
 
 
 @main.command("convert")
@@ -22,11 +24,11 @@ BACKEND_HELP = ("Which transformers image-processor backend the preprocessing re
 @click.option("--force", is_flag=True, help="Replace an existing checkpoint file.")
 @fail_cleanly
 def convert_command(hf_dir, out_path, context, backend, force) -> None:
-    """Convert a LlavaForConditionalGeneration folder to a vledge ckpt.pt."""
+    """Convert a LLaVA, Idefics3 or SmolVLM folder to a vledge ckpt.pt."""
     from vledge.errors import OutputError
-    from vledge.hf.llava import convert_llava
+    from vledge.hf.fusion_folders import convert_folder
 
     if out_path.exists() and not force:
         raise OutputError(f"{out_path} already exists; pass --force to replace it")
-    written = convert_llava(hf_dir, out_path, context=context, backend=backend)
+    written = convert_folder(hf_dir, out_path, context=context, backend=backend)
     click.echo(f"checkpoint: {written}")

@@ -15,7 +15,7 @@ from vledge.cli.convert import BACKEND_HELP
 @click.argument("ckpt", type=click.Path(path_type=Path))
 @click.option("-o", "--out", "out_dir", type=click.Path(path_type=Path), default=None,
               help="Model directory to write (default: a 'model' folder next to the checkpoint; required for a "
-                   "Hugging Face LLaVA folder).")
+                   "Hugging Face folder).")
 @click.option("--quantize", default="auto", show_default=True,
               help="Comma-separated variants: int8, q4, fp16; 'auto' makes all and picks the fastest per graph "
                    "that the parity gate passes (--gate and its budgets); 'none' writes fp32 only.")
@@ -44,14 +44,15 @@ from vledge.cli.convert import BACKEND_HELP
               help="Threads for the latency measurements that rank variants.")
 @click.option("--force", is_flag=True, help="Replace an existing model directory.")
 @click.option("--image-processor-backend", "backend", type=click.Choice(["pil", "torchvision"]), default="pil",
-              show_default=True, help="LLaVA folders only: " + BACKEND_HELP)
+              show_default=True, help="Hugging Face folders only: " + BACKEND_HELP)
 @fail_cleanly
 def export_command(ckpt, out_dir, quantize, data_dir, calibration_method, parity_samples, max_accuracy_drop,
                    min_token_agreement, gate, min_top1_agreement, max_mean_kl, parity_text, opset, threads, force,
                    backend) -> None:
-    """Export a checkpoint (or a Hugging Face LLaVA folder) to an ONNX model directory, gated by parity with PyTorch."""
+    """Export a checkpoint (or a Hugging Face LLaVA, Idefics3 or SmolVLM folder) to an ONNX model directory, gated by
+    parity with PyTorch."""
     from vledge.errors import ConfigError
-    from vledge.export import ExportOptions, export, export_llava
+    from vledge.export import ExportOptions, export, export_folder
 
     options = ExportOptions(
         quantize=tuple(part.strip() for part in quantize.split(",") if part.strip()), data=data_dir,
@@ -84,7 +85,7 @@ def export_command(ckpt, out_dir, quantize, data_dir, calibration_method, parity
     if ckpt.is_dir():
         if out_dir is None:
             raise ConfigError(f"exporting the folder {ckpt} needs -o MODEL_DIR")
-        result = export_llava(ckpt, out_dir, options, progress=progress, backend=backend, on_questions=on_questions)
+        result = export_folder(ckpt, out_dir, options, progress=progress, backend=backend, on_questions=on_questions)
     else:
         result = export(ckpt, out_dir, options, progress=progress, on_questions=on_questions)
     click.echo(f"model directory: {result.model_dir}")

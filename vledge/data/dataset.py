@@ -1,4 +1,10 @@
-"""Tokenised, image-cached training examples and a deterministic, resumable batch order."""
+"""Tokenised, image-cached training examples and a deterministic, resumable batch order.
+
+A tiled model (Idefics3 / SmolVLM, ``spec.tiles``) caches each image as its uint8 tiles and grid
+(:class:`~vledge.data.images.TiledPixels`); its examples' ids hold the expanded image prompt (one image token
+per visual token, ``vledge.image_tiles``), so their length is the sequence the LM sees, and a batch's pixels are
+the tiles of its examples one example after the other (what ``VisionLanguageModel.merge`` fills in order).
+"""
 
 from __future__ import annotations
 
@@ -10,10 +16,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from vledge.config import PreprocessSpec, PromptTemplate
-from vledge.data.images import load_rgb, normalize, resize_and_crop
+from vledge.config import ImageTiles, PreprocessSpec, PromptTemplate
+from vledge.data.images import TiledPixels, load_rgb, load_tiles, normalize, normalize_tiles, resize_and_crop
 from vledge.data.records import LoadReport, Record, Turn
 from vledge.errors import DataError, ImageError
+from vledge.image_tiles import expand_image_ids
 from vledge.models.vlm import IGNORE_INDEX
 from vledge.prompt import encode_conversation
 from vledge.tokenizer import Tokenizer
@@ -26,10 +33,16 @@ CACHE_LIMIT_BYTES = 4 << 30
 @dataclass
 class Example:
     record_id: str
-    pixels: torch.Tensor  # uint8 [3, S, S]
+    pixels: torch.Tensor | TiledPixels  # uint8 [3, S, S]; a tiled model's: its TiledPixels
     input_ids: list[int]
     labels: list[int]
     image: str = ""  # the image's cache key (its path)
+    grid: tuple[int, int] | None = None  # a tiled model's (rows, cols); its ids hold the expanded image prompt
+
+    def positions(self, image_tokens: int) -> int:
+        """Positions the LM sees: the image token becomes ``image_tokens`` visual tokens, or, for a tiled
+        model, the ids already hold one image token per visual token."""
+        return len(self.input_ids) if self.grid is not None else len(self.input_ids) - 1 + image_tokens
 
 
 def filter_tasks(records: Sequence[Record], tasks: Sequence[str] | None) -> list[Record]:
@@ -47,12 +60,16 @@ def filter_tasks(records: Sequence[Record], tasks: Sequence[str] | None) -> list
 
 def cache_images(
     records: Sequence[Record], spec: PreprocessSpec, report: LoadReport, workers: int = 4
-) -> dict[str, torch.Tensor]:
-    """Decode, resize and crop each distinct image once (uint8), keyed by path.
+) -> dict[str, torch.Tensor] | dict[str, TiledPixels]:
+    """Decode, resize and crop each distinct image once (uint8), keyed by path; a tiled model's as its tiles.
 
     A bad image is skipped and counted once per record that needed it; those records leave ``kept``.
     """
     paths = sorted({str(r.image) for r in records})
+    if spec.tiles is not None:
+        cache = _cache_tiles(paths, spec, workers)
+        _count_unreadable(records, cache, report)
+        return cache
     needed = len(paths) * 3 * spec.image_size**2
     if needed > CACHE_LIMIT_BYTES:
         raise DataError(f"{len(paths)} images need {needed / 2**30:.1f} GiB of cache, over the "
@@ -67,10 +84,42 @@ def cache_images(
 
     with ThreadPoolExecutor(max_workers=workers) as pool:
         cache = {path: image for path, image in zip(paths, pool.map(load, paths)) if image is not None}
+    _count_unreadable(records, cache, report)
+    return cache
+
+
+def _count_unreadable(records: Sequence[Record], cache: dict, report: LoadReport) -> None:
     for record in records:
         if str(record.image) not in cache:
             report.skip("image unreadable")
             report.kept -= 1
+
+
+def _cache_tiles(paths: list[str], spec: PreprocessSpec, workers: int) -> dict[str, TiledPixels]:
+    """Each image's uint8 tiles and grid. An image's tile count is known once it is decoded, so the limit is
+    checked as they arrive; past it only the grids are kept and a batch decodes its images again."""
+
+    def load(path: str) -> TiledPixels | None:
+        try:
+            return load_tiles(path, spec)
+        except ImageError as exc:
+            log.warning("skipping %s", exc)
+            return None
+
+    cache: dict[str, TiledPixels] = {}
+    used, held = 0, True
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        for path, image in zip(paths, pool.map(load, paths)):
+            if image is None:
+                continue
+            used += image.tiles.numel()
+            if held and used > CACHE_LIMIT_BYTES:
+                held = False
+                log.warning("the tiles of %d of %d images already need over %.0f GiB of cache: keeping only their "
+                            "grids, each batch decodes and splits its images again (slower steps)", len(cache) + 1,
+                            len(paths), CACHE_LIMIT_BYTES / 2**30)
+                cache = {key: value.unloaded(key, spec) for key, value in cache.items()}
+            cache[path] = image if held else image.unloaded(path, spec)
     return cache
 
 
@@ -92,23 +141,34 @@ class ConversationDataset(torch.utils.data.Dataset):
         max_seq_len: int,
         report: LoadReport | None = None,
         turns_per_example: int | None = None,
+        tiles: ImageTiles | None = None,
     ) -> None:
+        """``tiles``: a tiled model's ``spec.tiles``; then ``images`` holds ``TiledPixels`` and each example's
+        image token is expanded for its image's grid."""
         self.report = report or LoadReport(source="dataset")
         self.examples = []
         for record in records:
             pixels = images.get(str(record.image))
             if pixels is None:
                 continue  # its image was unreadable, already counted
+            grid = None
+            if tiles is not None:
+                grid = pixels.grid
             step = turns_per_example or len(record.turns)
             for start in range(0, len(record.turns), step):
                 turns = record.turns[start:start + step]
-                ids, labels = self._encode(turns, tokenizer, template, image_tokens, max_seq_len)
+                if grid is None:
+                    ids, labels = self._encode(turns, tokenizer, template, image_tokens, max_seq_len)
+                else:
+                    ids, labels = self._encode_tiled(turns, tokenizer, template, tiles, grid, max_seq_len)
                 if ids is None:
                     self.report.skip("conversation too long")
                     continue
-                self.examples.append(Example(record.id, pixels, ids, labels, str(record.image)))
+                self.examples.append(Example(record.id, pixels, ids, labels, str(record.image), grid))
         if not self.examples:
-            raise DataError(f"no usable examples ({self.report.summary()})")
+            hint = (f" (a tiled image takes {tiles.tokens_per_tile} positions per tile: raise max_seq_len, now "
+                    f"{max_seq_len})" if tiles is not None and self.report.skipped.get("conversation too long") else "")
+            raise DataError(f"no usable examples ({self.report.summary()}){hint}")
 
     @staticmethod
     def _encode(turns: tuple[Turn, ...], tokenizer, template, image_tokens: int, max_seq_len: int):
@@ -120,6 +180,23 @@ class ConversationDataset(torch.utils.data.Dataset):
                 return prompt.ids, labels
         return None, None
 
+    @staticmethod
+    def _encode_tiled(turns: tuple[Turn, ...], tokenizer, template, tiles: ImageTiles, grid: tuple[int, int],
+                      max_seq_len: int):
+        """A tiled model's ids (the image token expanded for ``grid``) and labels (the expansion is no target);
+        trailing turns are dropped until they fit."""
+        for keep in range(len(turns), 0, -1):
+            prompt = encode_conversation(tokenizer, template, turns[:keep])
+            ids = expand_image_ids(tokenizer, tiles, prompt.ids, [grid])
+            if len(ids) <= max_seq_len:
+                at = prompt.ids.index(tokenizer.image_id)
+                grown = len(ids) - len(prompt.ids)
+                labels = ([i if t else IGNORE_INDEX for i, t in zip(prompt.ids[:at], prompt.target[:at])]
+                          + [IGNORE_INDEX] * (grown + 1)
+                          + [i if t else IGNORE_INDEX for i, t in zip(prompt.ids[at + 1:], prompt.target[at + 1:])])
+                return ids, labels
+        return None, None
+
     def __len__(self) -> int:
         return len(self.examples)
 
@@ -129,8 +206,20 @@ class ConversationDataset(torch.utils.data.Dataset):
 
 def collate(examples: Sequence[Example], spec: PreprocessSpec, pad_id: int) -> dict[str, torch.Tensor]:
     """Right-padded batch: padding after the answer never changes earlier positions."""
-    pixels = normalize(torch.stack([e.pixels for e in examples]), spec)
-    return {"pixel_values": pixels, **collate_text(examples, pad_id)}
+    return {"pixel_values": batch_pixels(examples, spec), **collate_text(examples, pad_id)}
+
+
+def batch_pixels(examples: Sequence[Example], spec: PreprocessSpec) -> torch.Tensor:
+    """The batch's normalised pixels: [B, 3, S, S], or a tiled model's tiles of every example in order
+    [tiles, 3, S, S] (``tile_counts`` says how many are each example's)."""
+    if spec.tiles is not None:
+        return normalize_tiles(torch.cat([e.pixels.load() for e in examples]), spec)
+    return normalize(torch.stack([e.pixels for e in examples]), spec)
+
+
+def tile_counts(examples: Sequence[Example]) -> list[int]:
+    """Tiles per example of a tiled model's batch, in ``batch_pixels`` order."""
+    return [e.pixels.count for e in examples]
 
 
 def collate_text(examples: Sequence[Example], pad_id: int) -> dict[str, torch.Tensor]:

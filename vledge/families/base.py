@@ -27,6 +27,9 @@ class LanguageFamily:
     cache: ClassVar[str] = "kv"
     # vledge.export.layer_fusion passes written for this family's decoder graph: "attention", "layers".
     decoder_fusions: ClassVar[tuple[str, ...]] = ()
+    # The fused attention operator its decoder is exported with ("GroupQueryAttention": ONNX Runtime's contrib op,
+    # vledge.export.gqa; None: standard ops).
+    attention_op: ClassVar[str | None] = None
     # Why a 4-bit decoder makes no sense for this family (None: q4 is made like for any MatMul decoder).
     q4_refusal: ClassVar[str | None] = None
     # q4 stores the LM head with this many bits instead of float (None: float).

@@ -77,9 +77,10 @@ class LlamaFamily(LanguageFamily):
     name = "llama"
     config_class = LlamaConfig
     cache = "kv"
-    # residual + RMSNorm fusion and packed q/k/v and gate/up projections (vledge.export.llama_fusion); its grouped
-    # attention stays MatMul-Softmax-MatMul
+    # residual + RMSNorm fusion and packed q/k/v and gate/up projections (vledge.export.llama_fusion), after the
+    # attention was exported as ONNX Runtime's GroupQueryAttention (vledge.export.gqa)
     decoder_fusions = ("llama",)
+    attention_op = "GroupQueryAttention"
     # int8 decoder as 8-bit weight-only MatMulNBits (block 32, symmetric): on SmolLM2-135M it tracked fp32 far
     # closer than dynamic MatMulInteger and ran faster (vledge.export.quantize.quantize_decoder_int8_weight_only)
     int8_weights = "matmulnbits"

@@ -15,7 +15,7 @@ import torch
 
 from vledge.decoding import GenerationOptions, TokenCallback, decode_tokens, left_pad
 from vledge.errors import ConfigError
-from vledge.generation import clamp_to_positions, with_model_stops
+from vledge.generation import clamp_to_positions, split_rows, with_model_stops
 from vledge.hf.generation_config import model_stop_ids
 from vledge.models.vlm import VisionLanguageModel, position_ids_from_mask
 from vledge.tokenizer import Tokenizer
@@ -134,17 +134,23 @@ def generate(
     pad_id: int,
     use_cache: bool = True,
     on_token: TokenCallback | None = None,
+    tiles_per_row: Sequence[int] | None = None,
 ) -> list[list[int]]:
     """New token ids for each (image, prompt) row (each prompt holds one image token); no text, no stop strings.
 
+    A tiled model's ``pixel_values`` hold every row's tiles one row after the other, ``tiles_per_row`` how many
+    are each row's, and its prompts the expanded image tokens (``vledge.image_tiles``).
     For text, stop strings and timings use ``vledge.generation.generate_from_pixels`` with a
     :class:`TorchEngine`; the tokens are the same.
     """
-    if len(prompts) != pixel_values.shape[0]:
-        raise ConfigError(f"{len(prompts)} prompts for {pixel_values.shape[0]} images")
+    rows = pixel_values.shape[0] if tiles_per_row is None else len(tiles_per_row)
+    if len(prompts) != rows:
+        raise ConfigError(f"{len(prompts)} prompts for {rows} images")
     engine = TorchEngine(model, _Ids(eos_id, pad_id), use_cache=use_cache)
-    steps, options = engine.prefill(engine.encode_images(pixel_values), prompts,
-                                    with_model_stops(options, engine.stop_token_ids))
+    image_embeds = engine.encode_images(pixel_values)
+    if tiles_per_row is not None:
+        image_embeds = split_rows(image_embeds, tiles_per_row)
+    steps, options = engine.prefill(image_embeds, prompts, with_model_stops(options, engine.stop_token_ids))
     return decode_tokens(steps.first_logits, steps, options, eos_id, on_token)
 
 

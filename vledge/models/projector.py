@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -23,11 +25,13 @@ class PixelShuffleProjector(nn.Module):
 
 def pixel_shuffle(tokens: torch.Tensor, scale: int) -> torch.Tensor:
     """[B, side*side, C] -> [B, side*side / scale**2, C * scale**2], as Idefics3Connector.pixel_shuffle orders it."""
-    batch, count, width = tokens.shape
-    side = int(round(count ** 0.5))
-    x = tokens.reshape(batch, side, side // scale, width * scale).permute(0, 2, 1, 3)
-    x = x.reshape(batch, side // scale, side // scale, width * scale * scale).permute(0, 2, 1, 3)
-    return x.reshape(batch, count // (scale * scale), width * scale * scale)
+    # The token count and width are fixed by the tower (plain ints, constants in a traced graph); the batch
+    # (tiles) axis stays -1 so an exported vision graph takes any number of tiles.
+    count, width = int(tokens.shape[1]), int(tokens.shape[2])
+    side = math.isqrt(count)
+    x = tokens.reshape(-1, side, side // scale, width * scale).permute(0, 2, 1, 3)
+    x = x.reshape(-1, side // scale, side // scale, width * scale * scale).permute(0, 2, 1, 3)
+    return x.reshape(-1, count // (scale * scale), width * scale * scale)
 
 
 def build_projector(config: ProjectorConfig, in_features: int, hidden: int) -> nn.Module:

@@ -120,7 +120,7 @@ def prepare_memory(model: nn.Module, config: TrainConfig, options, examples: Seq
     language = model.config.language
     if resumed or language.source is None:  # a resumed run keeps its batch; the built-in LMs are small
         return config
-    tokens = max((len(e.input_ids) - 1 + model.num_image_tokens for e in examples), default=config.max_seq_len)
+    tokens = max((e.positions(model.num_image_tokens) for e in examples), default=config.max_seq_len)
     lm_trained = options.lora is None and "language" not in options.freeze
     return fit_batch(model, language, config, min(tokens, config.max_seq_len), options.gradient_checkpointing,
                      lm_trained, device)

@@ -138,6 +138,7 @@ def prepare_run(data: Path, run_dir: Path, model_config: ModelConfig, train_conf
     val_loss_set = ConversationDataset(
         val_records[:VAL_LOSS_EXAMPLES], val_images, tokenizer, model_config.prompt,
         model.num_image_tokens, train_config.max_seq_len, val_report, train_config.turns_per_example,
+        model_config.preprocess.tiles,
     )
     train_config = prepare_memory(model, train_config, options, val_loss_set.examples, device, resume_from is not None)
     return PreparedRun(

@@ -1,7 +1,8 @@
 """One training stage's setup (trainable parts, data, optimizer, batch order) and the batch-loss helpers.
 
 Also the frozen-feature cache: when a stage trains neither the vision encoder nor the
-projector, the projected visual tokens of every training image are computed once.
+projector, the projected visual tokens of every training image are computed once (for a tiled
+model, of every tile of every image).
 """
 
 from __future__ import annotations
@@ -13,8 +14,8 @@ from dataclasses import dataclass
 import torch
 
 from vledge.config import StageConfig
-from vledge.data.dataset import BatchOrder, ConversationDataset, collate_text, filter_tasks
-from vledge.data.images import normalize
+from vledge.data.dataset import BatchOrder, ConversationDataset, collate_text, filter_tasks, tile_counts
+from vledge.data.images import normalize, normalize_tiles
 from vledge.errors import DataError
 from vledge.models.vlm import IGNORE_INDEX, VisionLanguageModel
 from vledge.training.setup import PreparedRun
@@ -36,13 +37,26 @@ class StageSetup:
 
 
 class FrozenFeatures:
-    """Projected visual tokens by image key: what a frozen encoder and projector would compute."""
+    """Projected visual tokens by image key: what a frozen encoder and projector would compute.
 
-    def __init__(self, keys: list[str], tokens: torch.Tensor) -> None:
+    ``counts`` (a tiled model's tiles per image, in ``keys`` order) makes each image's rows a run of
+    ``tokens``; ``lookup`` then returns the tiles of every key one key after the other.
+    """
+
+    def __init__(self, keys: list[str], tokens: torch.Tensor, counts: list[int] | None = None) -> None:
         self.rows = {key: row for row, key in enumerate(keys)}
-        self.tokens = tokens  # [images, visual tokens, hidden]
+        self.tokens = tokens  # [images (tiles), visual tokens, hidden]
+        self.spans = None
+        if counts is not None:
+            starts = [0]
+            for count in counts[:-1]:
+                starts.append(starts[-1] + count)
+            self.spans = {key: range(start, start + count) for key, start, count in zip(keys, starts, counts)}
 
     def lookup(self, keys: list[str]) -> torch.Tensor:
+        if self.spans is not None:
+            rows = [row for key in keys for row in self.spans[key]]
+            return self.tokens[torch.tensor(rows, device=self.tokens.device)]
         return self.tokens[torch.tensor([self.rows[key] for key in keys], device=self.tokens.device)]
 
 
@@ -59,7 +73,7 @@ def prepare_stage(run: PreparedRun, index: int) -> StageSetup:
         raise DataError(f"stage {stage.name!r} has no training data for tasks {stage.tasks}")
     dataset = ConversationDataset(
         records, run.train_images, run.tokenizer, run.model_config.prompt, model.num_image_tokens,
-        config.max_seq_len, run.train_report, config.turns_per_example,
+        config.max_seq_len, run.train_report, config.turns_per_example, run.model_config.preprocess.tiles,
     )
     base_lr = stage.lr or config.lr
     vision_scale = (config.vision_lr or base_lr) / config.lr if stage.lr is None else 1.0
@@ -95,7 +109,9 @@ def frozen_features(run: PreparedRun, stage: StageConfig, previous: FrozenFeatur
     if previous is not None:
         return previous  # nothing has trained the encoder since they were computed
     keys = sorted(run.train_images)
-    needed = len(keys) * run.model.num_image_tokens * run.model_config.language.hidden * 4
+    tiled = run.model_config.preprocess.tiles is not None
+    counts = [run.train_images[key].count for key in keys] if tiled else None
+    needed = (sum(counts) if tiled else len(keys)) * run.model.num_image_tokens * run.model_config.language.hidden * 4
     if needed > FEATURE_CACHE_LIMIT_BYTES:
         log.info("frozen visual tokens need %.1f GiB, over the %.0f GiB cap: encoding images at every step",
                  needed / 2**30, FEATURE_CACHE_LIMIT_BYTES / 2**30)
@@ -105,19 +121,25 @@ def frozen_features(run: PreparedRun, stage: StageConfig, previous: FrozenFeatur
         tokens = project_images(run.model, run.train_images, keys, run.model_config.preprocess, run.device)
     log.info("stage %s: visual tokens of %d frozen-encoder images computed once in %.1f s", stage.name,
              len(keys), time.monotonic() - started)
-    return FrozenFeatures(keys, tokens)
+    return FrozenFeatures(keys, tokens, counts)
 
 
 @torch.no_grad()
 def project_images(model: VisionLanguageModel, images: dict[str, torch.Tensor], keys: list[str],
                    spec, device: torch.device | str = "cpu", chunk: int = 256) -> torch.Tensor:
     """Projected visual tokens [len(keys), tokens, hidden] of cached uint8 images, in eval mode
-    (a frozen encoder's BatchNorm statistics, as at every frozen step)."""
+    (a frozen encoder's BatchNorm statistics, as at every frozen step); for a tiled model (``TiledPixels``
+    images) [their tiles, tokens, hidden], the tiles of each key in ``keys`` order."""
     was_training = model.training
     model.eval()
     chunks = []
-    for start in range(0, len(keys), chunk):
-        pixels = normalize(torch.stack([images[k] for k in keys[start:start + chunk]]), spec)
+    tiled = spec.tiles is not None
+    step = max(1, chunk // 16) if tiled else chunk  # an image is up to a few dozen tiles
+    for start in range(0, len(keys), step):
+        if tiled:
+            pixels = normalize_tiles(torch.cat([images[k].load() for k in keys[start:start + step]]), spec)
+        else:
+            pixels = normalize(torch.stack([images[k] for k in keys[start:start + chunk]]), spec)
         chunks.append(model.projector(model.vision(pixels.to(device))).float())
     model.train(was_training)
     return torch.cat(chunks)
@@ -128,16 +150,22 @@ def pieces_loss(model: VisionLanguageModel, examples: list, image_embeds: torch.
     """A batch's mean answer-token loss, the language model run once per piece of ``examples``.
 
     Each piece's token mean is weighted by its share of the batch's answer tokens, so the loss
-    and its gradient are those of the whole padded batch.
+    and its gradient are those of the whole padded batch. A tiled model's ``image_embeds`` are the tiles
+    of every example in order (``tile_counts``).
     """
     device = image_embeds.device
+    spans = None
+    if model.fills_image_tokens:
+        ends = torch.tensor(tile_counts(examples)).cumsum(0).tolist()
+        spans = [range(end - count, end) for count, end in zip(tile_counts(examples), ends)]
     counts = [sum(sum(label != IGNORE_INDEX for label in examples[i].labels) for i in piece) for piece in pieces]
     total = torch.zeros((), device=device)
     for piece, count in zip(pieces, counts):
         if count == 0:
             continue
         batch = collate_text([examples[i] for i in piece], pad_id)
-        merged = model.merge(batch["input_ids"].to(device), image_embeds[piece],
+        rows = piece if spans is None else [row for i in piece for row in spans[i]]
+        merged = model.merge(batch["input_ids"].to(device), image_embeds[rows],
                              batch["attention_mask"].to(device), batch["labels"].to(device))
         total = total + model.loss(model.decode(merged), merged.labels) * (count / sum(counts))
     return total

@@ -22,9 +22,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from vledge.config import ModelConfig, TrainConfig
-from vledge.data.dataset import collate
-from vledge.data.images import normalize
+from vledge.config import ModelConfig, StageConfig, TrainConfig
+from vledge.data.dataset import batch_pixels, collate
 from vledge.errors import TrainingError
 from vledge.evaluation import evaluate
 from vledge.models.vlm import IGNORE_INDEX
@@ -246,15 +245,14 @@ class Trainer:
         spec, pad = self.model_config.preprocess, self.tokenizer.pad_id
         pieces = [list(range(len(examples)))]
         if self.train_config.split_by_length:
-            pieces = length_pieces([len(e.input_ids) - 1 + self.model.num_image_tokens for e in examples])
+            pieces = length_pieces([e.positions(self.model.num_image_tokens) for e in examples])
         if len(pieces) == 1 and self.features is None:
             batch = collate(examples, spec, pad)
             return self.model(**{k: v.to(self.device) for k, v in batch.items()}).loss
         if self.features is not None:
             image_embeds = self.model.place_visual_tokens(self.features.lookup([e.image for e in examples]))
         else:
-            pixels = torch.stack([e.pixels for e in examples])
-            image_embeds = self.model.encode_images(normalize(pixels, spec).to(self.device))
+            image_embeds = self.model.encode_images(batch_pixels(examples, spec).to(self.device))
         return pieces_loss(self.model, examples, image_embeds, pieces, pad)
 
     @torch.no_grad()

@@ -1,0 +1,149 @@
+"""Llama-family attention exported as ONNX Runtime's ``com.microsoft.GroupQueryAttention``, checked against the plain graph.
+
+The plain export computes each layer's attention from standard ops (MatMul, Softmax, the mask Add, the cache
+Concat): about a dozen nodes a layer and two MatMuls over the whole cache. ONNX Runtime's GroupQueryAttention
+does all of it in one kernel (its CPU and CUDA providers), reading each key/value head once for its group of
+query heads, and appends the new keys and values to the cache itself. The decoder's inputs and outputs do not
+change:
+
+* the keys, values and present tensors keep their layout ([batch, key_value_heads, past, head_dim], "BNSH");
+* rotary embeddings stay where they were, applied to the queries and keys before the op (from ``position_ids``,
+  so left padding keeps its meaning);
+* ``attention_mask``'s padding becomes the op's ``attention_bias`` (the last query of a row sees every key, so
+  that row of the causal mask is the padding bias), every row's ``seqlens_k`` is the total length minus one, and
+  the op applies the causal part itself.
+
+One limit comes with it: ONNX Runtime refuses a call that extends a non-empty cache by several positions for
+more than one row at once ("batch_size must be 1 when sequence_length > 1 and past context is given"). The
+manifest records it (``generation.cache_extend_rows`` = 1) and the runtime then reuses the prompt prefix's
+cache for single rows only. :func:`export_gqa_decoder` writes the graph only if it reproduces the plain
+decoder (``vledge.export.layer_fusion.check_rewrite``: logits and keys/values for a left-padded prefill and a
+decode step); otherwise the plain graph stays, with a warning.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from vledge.errors import QuantizationError
+
+log = logging.getLogger(__name__)
+
+OP = "GroupQueryAttention"
+# ORT's GroupQueryAttention inputs after total_sequence_length, before attention_bias: cos_cache, sin_cache,
+# position_ids (all unused: rotary is applied before the op).
+_SKIPPED_INPUTS = 3
+# What a decoder with these nodes cannot do in one call (docs/model-directory.md, "generation").
+CACHE_EXTEND_ROWS = 1
+
+
+class _GroupQueryAttention(torch.autograd.Function):
+    """Reference arithmetic while tracing; one GroupQueryAttention node in the exported graph."""
+
+    @staticmethod
+    def forward(ctx, query, key, value, past_key, past_value, seqlens_k, total, bias, heads: int, kv_heads: int):
+        batch, seq, width = query.shape
+        dim = width // heads
+        q = query.view(batch, seq, heads, dim).transpose(1, 2)
+        k = torch.cat([past_key, key.view(batch, seq, kv_heads, dim).transpose(1, 2)], dim=2)
+        v = torch.cat([past_value, value.view(batch, seq, kv_heads, dim).transpose(1, 2)], dim=2)
+        groups = heads // kv_heads
+        total_len = k.shape[2]
+        causal = torch.ones(seq, total_len, dtype=torch.bool).tril(total_len - seq)
+        scores = torch.matmul(q, k.repeat_interleave(groups, dim=1).transpose(2, 3)) * dim ** -0.5 + bias
+        scores = scores.masked_fill(~causal, torch.finfo(scores.dtype).min)
+        out = torch.matmul(scores.softmax(dim=-1), v.repeat_interleave(groups, dim=1))
+        return out.transpose(1, 2).reshape(batch, seq, width), k, v
+
+    @staticmethod
+    def symbolic(g, query, key, value, past_key, past_value, seqlens_k, total, bias, heads, kv_heads):
+        # The optional inputs between total_sequence_length and attention_bias are spliced in after export
+        # (the TorchScript exporter cannot write an empty input name): see _splice_optional_inputs.
+        out, present_key, present_value = g.op(f"com.microsoft::{OP}", query, key, value, past_key, past_value,
+                                               seqlens_k, total, bias, num_heads_i=heads, kv_num_heads_i=kv_heads,
+                                               outputs=3)
+        rank3, rank4 = [None] * 3, [None] * 4  # every axis dynamic; the graph's named axes say which is which
+        out.setType(query.type().with_sizes(rank3))
+        present_key.setType(past_key.type().with_sizes(rank4))
+        present_value.setType(past_value.type().with_sizes(rank4))
+        return out, present_key, present_value
+
+
+def _attention_forward(self, x: torch.Tensor, mask: torch.Tensor, rotary, past):
+    """``vledge.models.llama.Attention.forward`` for the export: projections and rotary as before, then the op."""
+    from vledge.models.llama import rotate_half
+
+    batch, seq, _ = x.shape
+    heads, kv_heads, dim = self.heads, self.kv_heads, self.head_dim
+    q = self.q_proj(x).view(batch, seq, heads, dim).transpose(1, 2)
+    k = self.k_proj(x).view(batch, seq, kv_heads, dim).transpose(1, 2)
+    v = self.v_proj(x)
+    cos, sin = rotary
+    q = (q * cos + rotate_half(q) * sin).transpose(1, 2).reshape(batch, seq, heads * dim)
+    k = (k * cos + rotate_half(k) * sin).transpose(1, 2).reshape(batch, seq, kv_heads * dim)
+    total_len = mask.shape[-1]
+    padding = mask[:, :, -1:, :].expand(batch, 1, seq, total_len)  # the last query's row: padding only
+    seqlens = mask[:, 0, -1, :].new_ones(mask.shape[0], total_len).sum(-1).to(torch.int32) - 1
+    total = seqlens.max() + 1
+    y, present_k, present_v = _GroupQueryAttention.apply(q, k, v, past[0], past[1], seqlens, total, padding,
+                                                         heads, kv_heads)
+    return self.o_proj(y), (present_k, present_v)
+
+
+@contextlib.contextmanager
+def grouped_query_attention(model: nn.Module):
+    """Within the block, every Llama-family attention module of ``model`` exports as GroupQueryAttention."""
+    from vledge.models.llama import Attention
+
+    modules = [m for m in model.modules() if isinstance(m, Attention)]
+    for module in modules:
+        module.forward = _attention_forward.__get__(module)
+    try:
+        yield len(modules)
+    finally:
+        for module in modules:
+            del module.forward  # back to the class's method
+
+
+def _splice_optional_inputs(path: Path) -> int:
+    """Insert the empty optional inputs before each node's attention_bias; returns how many nodes."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    count = 0
+    for node in model.graph.node:
+        if node.op_type == OP and node.domain == "com.microsoft" and len(node.input) == 8:
+            inputs = list(node.input)
+            del node.input[:]
+            node.input.extend(inputs[:7] + [""] * _SKIPPED_INPUTS + inputs[7:])
+            count += 1
+    onnx.save(model, str(path))
+    return count
+
+
+def export_gqa_decoder(export, plain: Path, tolerance: float = 1e-4) -> bool:
+    """Export the decoder again with GroupQueryAttention (``export(path)`` runs the traced export of the model
+    inside :func:`grouped_query_attention`) and put it in ``plain``'s place if it reproduces ``plain``.
+
+    Returns whether it did; a graph that does not reproduce the plain one is dropped with a warning.
+    """
+    from vledge.export.layer_fusion import check_rewrite
+
+    candidate = plain.with_name(plain.stem + "_gqa.onnx")
+    try:
+        export(candidate)
+        if not _splice_optional_inputs(candidate):
+            raise QuantizationError("no attention was exported as GroupQueryAttention")
+        check_rewrite(plain, candidate, tolerance, candidate)
+    except (QuantizationError, RuntimeError) as exc:
+        log.warning("%s: GroupQueryAttention dropped, the decoder keeps standard attention ops: %s", plain.name, exc)
+        candidate.unlink(missing_ok=True)
+        return False
+    candidate.replace(plain)
+    log.info("%s: attention as GroupQueryAttention (checked against standard ops)", plain.name)
+    return True
