@@ -18,7 +18,6 @@ import pytest
 from click.testing import CliRunner
 
 from hf_idefics3_folders import make_idefics3_folder
-from idefics3_model_dirs import make_idefics3_model_dir
 
 from vledge.errors import ConfigError, RequestError
 from vledge.runtime import GenerationOptions
@@ -30,8 +29,11 @@ QUESTION = "What is in these pictures?"
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("smolvlm")
+    from vledge.export import ExportOptions, export_folder
+
     folder = make_idefics3_folder(root / "folder", kind="smolvlm", split=True)
-    return make_idefics3_model_dir(folder, root / "model")
+    return export_folder(folder, root / "model", ExportOptions(quantize=("none",), parity_samples=2,
+                                                               calibration_samples=1)).model_dir
 
 
 @pytest.fixture(scope="module")
