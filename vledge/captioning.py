@@ -105,12 +105,18 @@ class _AnswerEngine:
             known[prompt] = ids
         return list(known[prompt])
 
-    def answer(self, pixels: np.ndarray, prompt: str, options: GenerationOptions,
+    def answer(self, prepared: Sequence, prompt: str, options: GenerationOptions,
                stop_strings: Sequence[str]) -> list[Record]:
+        """One record per prepared image (what :meth:`prepare` returned for each)."""
+        pixels = np.stack(prepared)
         results = generate_from_pixels(self.engine, pixels, [self.prompt_ids(prompt)] * len(pixels), options,
                                        stop_strings)
-        return [Record(image="", prompt=prompt, text=r.text, token_ids=r.token_ids, finish_reason=r.finish_reason,
-                       timings_ms=r.timings.to_dict()) for r in results]  # preprocess_ms is filled in by run()
+        return [_record(r, prompt) for r in results]  # preprocess_ms is filled in by run()
+
+
+def _record(result, prompt: str) -> Record:
+    return Record(image="", prompt=prompt, text=result.text, token_ids=result.token_ids,
+                  finish_reason=result.finish_reason, timings_ms=result.timings.to_dict())
 
 
 class RuntimeEngine(_AnswerEngine):
@@ -133,8 +139,19 @@ class RuntimeEngine(_AnswerEngine):
         self.description = (f"{model_dir} ({', '.join(f'{c}={p}' for c, p in self.runtime.precisions.items())} "
                             f"on {self.runtime.info()['provider']})")
 
-    def prepare(self, path: str) -> np.ndarray:
+    def prepare(self, path: str):
+        if self.runtime.preprocessor.tiled:  # a tiled model (SmolVLM): the image's tiles and grid
+            return self.runtime.preprocessor.tiles(path)
         return self.runtime.preprocessor.preprocess(path)
+
+    def answer(self, prepared: Sequence, prompt: str, options: GenerationOptions,
+               stop_strings: Sequence[str]) -> list[Record]:
+        if not self.runtime.preprocessor.tiled:
+            return super().answer(prepared, prompt, options, stop_strings)
+        self.prompt_ids(prompt)  # the length check
+        results = self.runtime.generate_from_tiles([[image] for image in prepared], [prompt] * len(prepared),
+                                                   options, stop_strings)
+        return [_record(r, prompt) for r in results]
 
 
 class CheckpointEngine(_AnswerEngine):
@@ -203,7 +220,7 @@ def run(engine, files: Sequence[str], prompt: str, options: GenerationOptions, s
         if not batch:
             return
         try:
-            answers = engine.answer(np.stack([pixels for _, pixels, _ in batch]), prompt, options, stop_strings)
+            answers = engine.answer([pixels for _, pixels, _ in batch], prompt, options, stop_strings)
         except VledgeError as exc:
             answers = [Record(image="", prompt=prompt, error=f"{type(exc).__name__}: {exc}") for _ in batch]
         for (path, _, preprocess_ms), answer in zip(batch, answers):
@@ -239,3 +256,25 @@ def run(engine, files: Sequence[str], prompt: str, options: GenerationOptions, s
             flush(pending)
     flush(pending)
     return records
+
+
+# --------------------------------------------------------------------------- several images in one prompt
+
+
+def ask_images(engine, files: Sequence[str], prompt: str, options: GenerationOptions,
+               stop_strings: Sequence[str] = ()) -> Record:
+    """Answer ``prompt`` about several images at once (one prompt; tiled models such as SmolVLM take them).
+
+    A model that takes one image per prompt, or a checkpoint, raises ConfigError before any file is read.
+    """
+    runtime = getattr(engine, "runtime", None)
+    if runtime is None:
+        raise ConfigError("several images in one prompt need an exported model directory (--model)")
+    if not runtime.preprocessor.tiled:
+        raise ConfigError(f"this model takes one image per prompt, got {len(files)} (tiled models such as "
+                          "SmolVLM take several)")
+    engine.prompt_ids(prompt)
+    result = runtime.generate([list(files)], [prompt], options, stop_strings)[0]
+    record = _record(result, prompt)
+    record.image = " + ".join(files)
+    return record

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from vledge.decoding import GenerationOptions
-from vledge.generation import generate, generate_from_pixels
+from vledge.generation import generate, generate_from_pixels, split_rows
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +71,7 @@ class _BenchEngine:
     one itself, so parity and timings go through ``vledge.generation`` like every other caller."""
 
     name: str
+    tiled = False  # a tiled model (Idefics3 / SmolVLM): preprocess() gives each image's tiles and grid
 
     def _threads(self) -> None:
         """Set the engine's thread count before it computes (PyTorch's is per process)."""
@@ -100,9 +101,34 @@ class _BenchEngine:
 
     def caption(self, images: Sequence[Path], prompts: Sequence[Sequence[int]], max_new_tokens: int) -> list[list[int]]:
         """End to end: decode + preprocess + vision + prefill + decode, as an app would call it."""
-        results = generate_from_pixels(self, self.preprocess(images), prompts,
-                                       GenerationOptions(max_new_tokens=max_new_tokens))
+        prepared = self.preprocess(images)
+        options = GenerationOptions(max_new_tokens=max_new_tokens)
+        if not self.tiled:
+            results = generate_from_pixels(self, prepared, prompts, options)
+        else:
+            results = generate_from_pixels(self, self.pixels(prepared), self.tiled_prompts(prepared, prompts), options,
+                                           tiles_per_row=[len(image.pixel_values) for image in prepared])
         return [r.token_ids for r in results]
+
+    # A tiled model's preprocessing gives one ``Idefics3Images`` per image (its tiles, then the global view):
+    # the vision encoder takes every tile, each prompt's image token becomes its image's tiles' tokens.
+
+    def pixels(self, prepared) -> np.ndarray:
+        """What the vision encoder takes: ``prepared`` itself, or every image's tiles one after the other."""
+        return np.concatenate([image.pixel_values for image in prepared]) if self.tiled else prepared
+
+    def tiled_prompts(self, prepared, prompts: Sequence[Sequence[int]]) -> list[list[int]]:
+        from vledge.image_tiles import expand_image_ids
+
+        return [expand_image_ids(self.tokenizer, self.tiles_spec, prompt, [(image.rows, image.cols)])
+                for image, prompt in zip(prepared, prompts)]
+
+    def rows(self, prepared, image_embeds: np.ndarray, prompts: Sequence[Sequence[int]]):
+        """(prefill's image embeddings, prompts) for one image per prompt."""
+        if not self.tiled:
+            return image_embeds, prompts
+        return (split_rows(image_embeds, [len(image.pixel_values) for image in prepared]),
+                self.tiled_prompts(prepared, prompts))
 
 
 class TorchEngine(_BenchEngine):
@@ -174,8 +200,12 @@ class OrtEngine(_BenchEngine):
         self.runtime = self.engine = load(self.model_dir, precision=self.spec.precision, providers=self.spec.provider,
                                           threads=self.threads)
         self.precisions = dict(self.runtime.precisions)
+        self.tiled = self.runtime.preprocessor.tiled
+        self.tiles_spec = self.runtime.manifest.preprocess.tiles
 
-    def preprocess(self, images: Sequence[Path]) -> np.ndarray:
+    def preprocess(self, images: Sequence[Path]):
+        if self.tiled:
+            return [self.runtime.preprocessor.tiles(path) for path in images]
         return self.runtime.preprocessor.batch(list(images))
 
     def size_bytes(self) -> int:

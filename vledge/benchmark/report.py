@@ -55,8 +55,9 @@ def markdown(result: dict) -> str:
         f"{machine['os']}; Python {machine['python']}; "
         + ", ".join(f"{k} {v}" for k, v in machine["versions"].items() if v) + ".",
         _cuda_line(machine.get("cuda")),
-        f"Checkpoint `{Path(config['ckpt']).name}`, model directory `{config['model_dir']}`; "
-        f"{config['repeats']} interleaved repetitions after warm-up; decode timed over {config['decode_tokens']} "
+        (f"Checkpoint `{Path(config['ckpt']).name}`, model directory `{config['model_dir']}`; " if config.get("ckpt")
+         else f"Model directory `{config['model_dir']}` (no PyTorch original); ")
+        + f"{config['repeats']} interleaved repetitions after warm-up; decode timed over {config['decode_tokens']} "
         f"steps per repetition; captions capped at {config['caption_tokens']} new tokens; batch 1 unless stated. "
         "Every engine runs in a worker process of its own, one engine computing at a time. "
         "Times are medians in milliseconds (p90 in the JSON); ×: PyTorch median / engine median at the same "
@@ -64,24 +65,51 @@ def markdown(result: dict) -> str:
         _load_line(result.get("load")),
         "",
     ]
+    if result.get("pytorch_skipped"):
+        lines += [f"PyTorch side skipped: {result['pytorch_skipped']}.", ""]
     for name, reason in result.get("skipped", {}).items():
-        lines += [f"Skipped {name}: {reason}.", ""]
+        if reason != result.get("pytorch_skipped"):
+            lines += [f"Skipped {name}: {reason}.", ""]
+    tiled = bool(result.get("tiled")) or any(row.get("tiles_per_image", 1.0) != 1.0 for row in result["latency"])
+    if tiled:
+        lines += ["The model splits each image into tiles plus a global view (only the global view when splitting "
+                  "is off): the vision encoder runs on every "
+                  "tile. vision: all tiles of one image; vision/tile: per tile; tiles/img: tiles per image "
+                  "(mean over the timed images).", ""]
     for threads in config["threads"]:
         rows = [r for r in result["latency"] if r["threads"] == threads]
         batches = list(rows[0]["throughput"]) if rows else []
         lines += [f"## {threads} thread{'s' if threads > 1 else ''}", ""]
-        header = ["engine"] + [STAGE_LABELS[s] for s in STAGE_LABELS] + ["caption ×", "decode ×"]
+        header = ["engine"] + [STAGE_LABELS[s] for s in STAGE_LABELS]
+        header[3:3] = ["vision/tile", "tiles/img"] if tiled else []
+        header += ["caption ×", "decode ×"]
         header += [f"img/s @{b}" for b in batches] + ["load ms", "warm-up ms"]
         lines.append("| " + " | ".join(header) + " |")
         lines.append("| --- " + "| ---: " * (len(header) - 1) + "|")
         for row in rows:
             cells = [row["engine"]] + [_ms(row["stages"][s]["median"]) for s in STAGE_LABELS]
-            cells += [f"{row['ratio_to_pytorch']['caption_ms']:.2f}×", f"{row['ratio_to_pytorch']['decode_token_ms']:.2f}×"]
+            if tiled:
+                cells[3:3] = [_ms(row["stages"]["vision_tile_ms"]["median"]), f"{row['tiles_per_image']:.1f}"]
+            ratios = row.get("ratio_to_pytorch") or {}
+            cells += [f"{ratios[s]:.2f}×" if s in ratios else "–" for s in ("caption_ms", "decode_token_ms")]
             cells += [f"{row['throughput'][b]:.1f}" for b in batches]
             cells += [_ms(row.get("load_ms", 0.0)), _ms(row.get("warmup_ms", 0.0))]
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
     reference = result["reference"]
+    if reference is None:  # the exported model alone: its cold start, no parity
+        lines += ["## Accuracy parity", "", "Not measured: it needs the PyTorch original (see above).", ""]
+        if result.get("cold_start"):
+            lines += ["| engine | load ms (cold) | first caption ms | peak RSS MB |", "| --- | ---: | ---: | ---: |"]
+            for name, cold in result["cold_start"].items():
+                if "error" in cold:
+                    lines.append(f"| {name} | failed: {cold['error'][-120:]} | – | – |")
+                    continue
+                lines.append(f"| {name} | {_ms(cold['import_and_load_ms'])} | {_ms(cold['first_caption_ms'])} "
+                             f"| {cold['peak_rss_mb']:.0f} |")
+            lines.append("")
+        lines += [f"Total benchmark time: {result['seconds']:.0f} s.", ""]
+        return "\n".join(lines)
     lines += [
         "## Accuracy parity",
         "",

@@ -22,7 +22,10 @@ def settings_of(config) -> dict:
 def _inputs_digest(config) -> str:
     """sha256 over the checkpoint and the model directory's manifest (which holds every file's sha256)."""
     digest = hashlib.sha256()
-    for path in (Path(config.ckpt), Path(config.model_dir) / "vledge.json"):
+    for path in (Path(config.ckpt) if config.ckpt is not None else None, Path(config.model_dir) / "vledge.json"):
+        if path is None:  # no checkpoint: the model directory alone
+            digest.update(b"no checkpoint")
+            continue
         try:
             with open(path, "rb") as handle:
                 for block in iter(lambda: handle.read(1 << 20), b""):

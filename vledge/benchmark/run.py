@@ -29,12 +29,12 @@ from vledge.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-STAGES = ("preprocess_ms", "vision_ms", "prefill_ms", "decode_token_ms", "caption_ms")
+STAGES = ("preprocess_ms", "vision_ms", "vision_tile_ms", "prefill_ms", "decode_token_ms", "caption_ms")
 
 
 @dataclass(frozen=True)
 class BenchConfig:
-    ckpt: Path
+    ckpt: Path | None  # None: the exported model alone (no PyTorch engines, ratios or accuracy parity)
     model_dir: Path
     data: Path | None = None  # held-out images and questions; None: fresh built-in synthetic scenes
     engines: tuple[str, ...] | None = None  # None: every engine this machine and model directory offer
@@ -104,6 +104,7 @@ class EngineResult:
     throughput: dict[str, float] = field(default_factory=dict)  # batch size -> images/s (median)
     ratio_to_pytorch: dict[str, float] = field(default_factory=dict)  # stage -> pytorch median / ours
     tokens_per_caption: float = 0.0
+    tiles_per_image: float = 1.0  # images the vision encoder sees per picture (a tiled model's tiles + global view)
     load_ms: float = 0.0  # in its own process, before the warm-up
     warmup_ms: float = 0.0  # the first calls (for pytorch-compile: the compilation)
     pid: int = 0  # the worker process that measured this engine
@@ -133,9 +134,21 @@ def run_benchmark(config: BenchConfig, progress: Callable[[str], None] | None = 
     monitor = LoadMonitor()
     started = time.perf_counter()
     specs = [EngineSpec.parse(name) for name in config.engines] if config.engines else default_engines(config.model_dir)
-    if not any(s.kind == "pytorch" and s.precision == "fp32" for s in specs):
+    alone = exported_only(config)
+    if alone:
+        say(alone)
+        skipped = {s.name: alone for s in specs if s.kind == "pytorch"}
+        skipped.update({s.name: "OpenVINO does not run tiled models here" for s in specs
+                        if s.kind == "openvino" and _tiled(config.model_dir)})
+        specs = [s for s in specs if s.name not in skipped]
+    elif not any(s.kind == "pytorch" and s.precision == "fp32" for s in specs):
         specs.insert(0, EngineSpec("pytorch", "fp32"))  # every ratio is against the original
-    skipped = {s.name: s.missing for s in specs if s.missing}
+        skipped = {}
+    else:
+        skipped = {}
+    if not specs:
+        raise ConfigError("no engine left to measure: name ONNX Runtime engines (ort-cpu-fp32 ...) with --engines")
+    skipped.update({s.name: s.missing for s in specs if s.missing})
     for name, reason in skipped.items():
         say(f"skipping {name}: {reason}")
     specs = [s for s in specs if not s.missing]
@@ -149,7 +162,7 @@ def run_benchmark(config: BenchConfig, progress: Callable[[str], None] | None = 
         say(f"resuming: {len(measured_threads)} thread count(s), {len(parity)} parity and {len(cold)} cold-start "
             "measurement(s) kept")
     todo = [t for t in config.threads if t not in measured_threads]
-    first_parity = [s.name for s in specs if s.name not in parity]
+    first_parity = [] if alone else [s.name for s in specs if s.name not in parity]
     total = (len(todo) * config.repeats + len(first_parity)
              + (len([s for s in specs if s.name not in cold]) if config.cold_start else 0))
     count = 0
@@ -162,6 +175,8 @@ def run_benchmark(config: BenchConfig, progress: Callable[[str], None] | None = 
 
     result = {
         "complete": False,
+        "pytorch_skipped": alone or None,
+        "tiled": _tiled(config.model_dir),  # each image is split into tiles (Idefics3 / SmolVLM)
         "machine": describe_machine(),
         "load": None,
         "config": settings,
@@ -184,31 +199,35 @@ def run_benchmark(config: BenchConfig, progress: Callable[[str], None] | None = 
 
     if advance is not None:
         advance(0, total)
-    if total == 0 and done.get("reference"):  # all measured already: nothing to load
+    if total == 0 and (done.get("reference") or alone):  # all measured already: nothing to load
         result.update(reference=done["reference"], load=monitor.stop(), complete=True,
                       seconds=earlier_seconds + time.perf_counter() - started)
         return result
-    checkpoint = load_checkpoint(config.ckpt)
-    tokenizer = checkpoint.tokenizer()
-    model = checkpoint.build_model()
-
-    say("loading held-out data")
     with tempfile.TemporaryDirectory(prefix="vledge-bench-") as work:
-        _, samples = _held_out_data(ExportOptions(data=config.data, parity_samples=config.parity_samples,
-                                                  calibration_samples=1), model, tokenizer, Path(work))
-        image_paths = _image_paths(config, Path(work), max(config.batches))
-        caption_prompt = question_ids(tokenizer, checkpoint.model_config.prompt, CAPTION_PROMPT)
+        if alone:
+            say("loading the images")
+            image_paths, caption_prompt = _exported_inputs(config, Path(work), max(config.batches))
+            first_parity = []
+        else:
+            checkpoint = load_checkpoint(config.ckpt)
+            tokenizer = checkpoint.tokenizer()
+            model = checkpoint.build_model()
+            say("loading held-out data")
+            _, samples = _held_out_data(ExportOptions(data=config.data, parity_samples=config.parity_samples,
+                                                      calibration_samples=1), model, tokenizer, Path(work))
+            image_paths = _image_paths(config, Path(work), max(config.batches))
+            caption_prompt = question_ids(tokenizer, checkpoint.model_config.prompt, CAPTION_PROMPT)
 
-        say(f"PyTorch reference answers for {len(samples)} questions")
-        import torch
+            say(f"PyTorch reference answers for {len(samples)} questions")
+            import torch
 
-        torch.set_num_threads(max(config.threads))
-        reference = torch_reference(model, tokenizer, samples)
-        del model
-        result["reference"] = {"engine": "pytorch", "accuracy": reference.accuracy, "questions": len(samples)}
-        samples_file = Path(work) / "parity.pickle"
-        with open(samples_file, "wb") as handle:
-            pickle.dump((samples, reference), handle)
+            torch.set_num_threads(max(config.threads))
+            reference = torch_reference(model, tokenizer, samples)
+            del model
+            result["reference"] = {"engine": "pytorch", "accuracy": reference.accuracy, "questions": len(samples)}
+            samples_file = Path(work) / "parity.pickle"
+            with open(samples_file, "wb") as handle:
+                pickle.dump((samples, reference), handle)
 
         for threads in config.threads:
             needs_latency = threads in todo
@@ -257,13 +276,51 @@ def _start_workers(specs: Sequence[EngineSpec], config: BenchConfig, threads: in
     try:
         for worker in workers:
             say(f"{threads} thread(s): loading {worker.name}")
-            worker.loaded = worker.call("load", engine=worker.name, ckpt=str(config.ckpt),
+            worker.loaded = worker.call("load", engine=worker.name, ckpt=str(config.ckpt or ""),
                                         model_dir=str(config.model_dir), threads=threads)
     except BaseException:
         for worker in workers:
             worker.close()
         raise
     return workers
+
+
+def _tiled(model_dir: Path) -> bool:
+    from vledge.manifest import read_manifest
+
+    return read_manifest(model_dir, verify=False).preprocess.tiles is not None
+
+
+def exported_only(config: BenchConfig) -> str:
+    """Why the PyTorch side (its engines, the ratios to it, accuracy parity) is left out, or "" when it runs."""
+    if config.ckpt is None:
+        return "no --ckpt: the PyTorch engines, the ratios to PyTorch and the accuracy parity are skipped"
+    if _tiled(config.model_dir):
+        return ("a tiled model (Idefics3 / SmolVLM): the PyTorch engines, the ratios to PyTorch and the accuracy "
+                "parity are skipped (the exporter's parity gate compared it with PyTorch: the model directory's "
+                "parity.md)")
+    return ""
+
+
+def _exported_inputs(config: BenchConfig, work: Path, count: int) -> tuple[list[Path], list[int]]:
+    """Images (``--data``, else fresh synthetic scenes as large as the model's largest input) and the caption
+    prompt's ids, from the model directory alone."""
+    from vledge.manifest import TOKENIZER_NAME, read_manifest, resolve_inside
+    from vledge.prompt import CAPTION_PROMPT, question_ids
+    from vledge.tokenizer import Tokenizer
+
+    manifest = read_manifest(config.model_dir, verify=False)
+    if config.data is None:
+        from vledge.data.synth import SynthOptions, generate_dataset
+
+        spec = manifest.preprocess
+        size = max(48, spec.tiles.longest_edge if spec.tiles is not None else spec.image_size)
+        generate_dataset(work / "synthetic", SynthOptions(size=2 * max(count, 8), seed=90_210, image_size=size,
+                                                          splits=(0.5, 0.0, 0.5)), workers=1)
+    tokenizer = Tokenizer.from_file(resolve_inside(config.model_dir, TOKENIZER_NAME),
+                                    manifest.model_config.special_tokens)
+    prompt = manifest.generation.get("caption_prompt", CAPTION_PROMPT)
+    return _image_paths(config, work, count), question_ids(tokenizer, manifest.prompt, prompt)
 
 
 def _image_paths(config: BenchConfig, work: Path, count: int) -> list[Path]:
@@ -282,6 +339,7 @@ def _time_engines(workers, threads: int, images: list[Path], prompt: list[int], 
     samples: dict[str, dict[str, list[float]]] = {w.name: {s: [] for s in STAGES} for w in workers}
     throughput: dict[str, dict[int, list[float]]] = {w.name: {b: [] for b in config.batches} for w in workers}
     tokens: dict[str, list[int]] = {w.name: [] for w in workers}
+    tiles: dict[str, list[int]] = {w.name: [] for w in workers}
     warmup = {w.name: w.call("warmup", images=[str(p) for p in images[:1]], prompt=prompt,
                              caption_tokens=config.caption_tokens)["warmup_ms"] for w in workers}
     for rep in range(config.repeats):
@@ -298,6 +356,7 @@ def _time_engines(workers, threads: int, images: list[Path], prompt: list[int], 
             for batch, rate in zip(config.batches, reply["throughput"]):
                 throughput[worker.name][batch].append(rate)
             tokens[worker.name].append(reply["tokens"])
+            tiles[worker.name].append(reply.get("tiles", 1))
         if on_repetition is not None:
             on_repetition()
     results = []
@@ -306,17 +365,20 @@ def _time_engines(workers, threads: int, images: list[Path], prompt: list[int], 
                               stages={s: summarize(v) for s, v in samples[worker.name].items()},
                               throughput={str(b): float(np.median(v)) for b, v in throughput[worker.name].items()},
                               tokens_per_caption=float(np.mean(tokens[worker.name])),
+                              tiles_per_image=float(np.mean(tiles[worker.name])),
                               load_ms=worker.loaded["load_ms"], warmup_ms=warmup[worker.name],
                               pid=worker.loaded["pid"])
         results.append(result)
-    base = next(r for r in results if r.engine == "pytorch")
+    base = next((r for r in results if r.engine == "pytorch"), None)
+    if base is None:  # the exported model alone: no ratios
+        return results
     for result in results:
         result.ratio_to_pytorch = {s: base.stages[s]["median"] / max(result.stages[s]["median"], 1e-9) for s in STAGES}
     return results
 
 
 def _cold_start(spec: EngineSpec, config: BenchConfig, image: Path, prompt: list[int], threads: int) -> dict:
-    command = [sys.executable, "-m", "vledge.benchmark.coldstart", spec.name, str(config.ckpt), str(config.model_dir),
+    command = [sys.executable, "-m", "vledge.benchmark.coldstart", spec.name, str(config.ckpt or ""), str(config.model_dir),
                str(image), json.dumps(prompt), str(threads), str(config.caption_tokens)]
     completed = subprocess.run(command, capture_output=True, text=True, timeout=600)
     if completed.returncode != 0:

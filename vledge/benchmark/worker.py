@@ -58,19 +58,27 @@ class _Server:
         """First calls allocate, JIT and fill caches (and, for ``pytorch-compile``, compile): timed apart."""
         engine, paths = self.engine, [Path(p) for p in images]
         tick = time.perf_counter()
-        embeds = engine.encode_images(engine.preprocess(paths[:1]))
+        prepared = engine.preprocess(paths[:1])
+        embeds = engine.encode_images(engine.pixels(prepared))
         engine.caption(paths[:1], [prompt], caption_tokens)
-        engine.start(embeds, [prompt])
+        engine.start(*engine.rows(prepared, embeds, [prompt]))
         return {"warmup_ms": (time.perf_counter() - tick) * 1e3}
 
     def repetition(self, image: str, prompt: list[int], decode_tokens: int, caption_tokens: int,
                    batches: list[list[str]]) -> dict:
-        """Every stage once (decode: ``decode_tokens`` steps), then a caption per batch in ``batches``."""
+        """Every stage once (decode: ``decode_tokens`` steps), then a caption per batch in ``batches``.
+
+        The vision encoder runs on every tile of the image (one for untiled models): ``vision_tile_ms`` is its
+        time per tile, ``tiles`` the count."""
         engine = self.engine
         times: dict[str, Any] = {}
-        times["preprocess_ms"], pixels = _clock(lambda: engine.preprocess([Path(image)]))
+        times["preprocess_ms"], prepared = _clock(lambda: engine.preprocess([Path(image)]))
+        pixels = engine.pixels(prepared)
         times["vision_ms"], embeds = _clock(lambda: engine.encode_images(pixels))
-        times["prefill_ms"], steps = _clock(lambda: engine.start(embeds, [prompt]))
+        tiles = len(pixels)
+        times["vision_tile_ms"] = times["vision_ms"] / tiles
+        embeds, prompts = engine.rows(prepared, embeds, [prompt])
+        times["prefill_ms"], steps = _clock(lambda: engine.start(embeds, prompts))
         token = np.argmax(steps.first_logits, axis=-1)
         decode = []
         for _ in range(decode_tokens):  # the cost of a step does not depend on the token: never stop
@@ -83,7 +91,7 @@ class _Server:
         for chosen in batches:
             ms, _ = _clock(lambda: engine.caption([Path(p) for p in chosen], [prompt] * len(chosen), caption_tokens))
             throughput.append(len(chosen) / (ms / 1e3))
-        return {"times": times, "tokens": len(out[0]), "throughput": throughput}
+        return {"times": times, "tokens": len(out[0]), "throughput": throughput, "tiles": tiles}
 
     def parity(self, samples: str) -> dict:
         from vledge.export.parity import measure_engine

@@ -61,7 +61,7 @@ class RowCaptioner:
     def caption(self, items: Sequence[InputItem]) -> list[dict[str, Any]]:
         """One row per item, in the items' order."""
         rows: list[dict[str, Any] | None] = [None] * len(items)
-        ready: list[tuple[int, str, np.ndarray, dict[str, float]]] = []
+        ready: list[tuple[int, str, Any, dict[str, float]]] = []
         for position, item in enumerate(items):
             prompt = self.prompt_for(item)
             try:
@@ -76,22 +76,29 @@ class RowCaptioner:
                 rows[position] = row
         return rows  # type: ignore[return-value]
 
-    def _prepare(self, item: InputItem) -> tuple[np.ndarray, dict[str, float]]:
+    def _prepare(self, item: InputItem) -> tuple[Any, dict[str, float]]:
+        """The item's pixels [3, S, S] (for a tiled model its tiles and grid, ``ImagePreprocessor.tiles``)."""
         from vledge.runtime.preprocess import decode_image
 
         preprocessor = self.runtime.preprocessor
         started = time.perf_counter()
         rgb = decode_image(item.source, max_pixels=preprocessor.max_pixels)
         decoded = time.perf_counter()
-        pixels = preprocessor.normalize(preprocessor.resize_and_crop(rgb))
+        if preprocessor.tiled:
+            pixels = preprocessor.tiles(rgb, "RGB")
+        else:
+            pixels = preprocessor.normalize(preprocessor.resize_and_crop(rgb))
         done = time.perf_counter()
         return pixels, {"image_decode_ms": (decoded - started) * 1e3, "preprocess_ms": (done - decoded) * 1e3}
 
     def _answer(self, items: Sequence[InputItem], group) -> list[dict[str, Any]]:
         sha = self.settings.model_sha256
         try:
-            results = self.runtime.generate_from_pixels(np.stack([g[2] for g in group]), [g[1] for g in group],
-                                                        self.options)
+            prompts = [g[1] for g in group]
+            if self.runtime.preprocessor.tiled:  # one image per row, each with its own tiles
+                results = self.runtime.generate_from_tiles([[g[2]] for g in group], prompts, self.options)
+            else:
+                results = self.runtime.generate_from_pixels(np.stack([g[2] for g in group]), prompts, self.options)
         except Exception as exc:  # noqa: BLE001 - the batch's rows say what failed; the run goes on
             log.debug("generation failed for %d rows", len(group), exc_info=True)
             return [error_row(items[p].index, items[p].path, prompt, sha, _one_line(exc), stage)

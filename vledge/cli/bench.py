@@ -24,7 +24,10 @@ def _int_list(text: str) -> tuple[int, ...]:
 
 
 @main.command("bench")
-@click.option("--ckpt", type=click.Path(path_type=Path), required=True, help="The PyTorch original (ckpt.pt).")
+@click.option("--ckpt", type=click.Path(path_type=Path), default=None,
+              help="The PyTorch original (ckpt.pt); without it only the exported model is timed (no PyTorch "
+                   "engines, ratios or accuracy parity), as for tiled models (SmolVLM), whose PyTorch side is "
+                   "always skipped.")
 @click.option("--model", "model_dir", type=click.Path(path_type=Path), required=True,
               help="Its exported model directory.")
 @click.option("--data", "data_dir", type=click.Path(path_type=Path), default=None,
@@ -54,7 +57,10 @@ def _int_list(text: str) -> tuple[int, ...]:
 @fail_cleanly
 def bench_command(ckpt, model_dir, data_dir, threads, batches, engines, providers, peers, repeats, parity_samples,
                   no_cold_start, out_dir, resume, quiet) -> None:
-    """Latency and accuracy of PyTorch vs the exported variants, side by side."""
+    """Latency and accuracy of PyTorch vs the exported variants, side by side.
+
+    The vision encoder is timed per image and per tile (tiled models such as SmolVLM run it on every tile of
+    an image and its global view)."""
     from vledge.files import check_writable_folder
 
     check_writable_folder(out_dir, "--out folder")  # before minutes of measuring

@@ -14,7 +14,8 @@ log = logging.getLogger("vledge")
 
 def _answer_images(ctx: click.Context, images, question: str | None, model_dir, ckpt, precision, provider, strict,
                    threads, batch_size, max_new_tokens, temperature, top_k, top_p, num_beams, repetition_penalty,
-                   seed, stop_strings, jsonl) -> None:
+                   seed, stop_strings, jsonl, together: bool = False) -> None:
+    """Answer each image (``together``: one answer about all of them, one prompt holding every image)."""
     import json
 
     from tqdm import tqdm
@@ -31,7 +32,9 @@ def _answer_images(ctx: click.Context, images, question: str | None, model_dir, 
     options = GenerationOptions(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                                 num_beams=num_beams, repetition_penalty=repetition_penalty, seed=seed)
     stops = tuple(stop.replace("\\n", "\n") for stop in stop_strings)
-    files, problems = captioning.expand_inputs(images)
+    files, problems = ([str(image) for image in images], []) if together else captioning.expand_inputs(images)
+    if together and ckpt is not None:
+        raise click.UsageError("several --image in one prompt need --model (an exported model directory)")
     if model_dir is not None:
         providers = parse_providers(provider)
         engine = captioning.RuntimeEngine(model_dir, precision=precision, providers=providers, threads=threads,
@@ -58,6 +61,10 @@ def _answer_images(ctx: click.Context, images, question: str | None, model_dir, 
         if jsonl:
             click.echo(json.dumps(record.to_dict(), ensure_ascii=False))
 
+    if together:
+        record = captioning.ask_images(engine, files, prompt, options, stops)
+        click.echo(json.dumps(record.to_dict(), ensure_ascii=False) if jsonl else f"{record.image}: {record.text}")
+        return
     for problem in problems:
         problem.prompt = prompt
         report(problem)
@@ -88,14 +95,23 @@ def caption(ctx, images, question, **kwargs) -> None:
 
 
 @main.command()
-@click.argument("image")
-@click.argument("question")
+@click.argument("arguments", nargs=-1, required=True, metavar="[IMAGE] QUESTION")
+@click.option("--image", "more_images", multiple=True,
+              help="An image of the question (repeatable): every IMAGE and --image go into one prompt, in order, "
+                   "for models that take several images (tiled models such as SmolVLM).")
 @inference_options
 @click.pass_context
 @fail_cleanly
-def ask(ctx, image, question, **kwargs) -> None:
-    """Answer QUESTION about IMAGE (a file, or a folder or glob to ask about each image)."""
+def ask(ctx, arguments, more_images, **kwargs) -> None:
+    """Answer QUESTION about IMAGE (a file, or a folder or glob to ask about each image).
+
+    With --image (repeatable) the question is about all the images at once: IMAGE may then be left out.
+    """
+    if len(arguments) > 2 or (len(arguments) == 1 and not more_images):
+        raise click.UsageError("give IMAGE QUESTION, or QUESTION with one or more --image")
+    question = arguments[-1]
+    images = (*arguments[:-1], *more_images)
     if not question.strip():
         raise click.UsageError("QUESTION is empty")
-    _answer_images(ctx, (image,), question, **kwargs)
+    _answer_images(ctx, images, question, together=len(images) > 1, **kwargs)
 

@@ -44,6 +44,9 @@ from vledge.cli.base import THREADS, FiniteFloat, fail_cleanly, main, parse_prov
               help="Characters of text in one request (all messages and stop strings).")
 @click.option("--max-image-pixels", type=click.IntRange(1, 64_000_000), default=16_000_000, show_default=True,
               help="Width x height of one decoded image.")
+@click.option("--max-images", type=click.IntRange(1, 16), default=4, show_default=True,
+              help="Images (image_url parts) one request may hold, for models that take several in one prompt "
+                   "(tiled models such as SmolVLM); other models take one.")
 @click.option("--max-pixels-in-flight", type=click.IntRange(1, 1 << 31), default=64_000_000, show_default=True,
               help="Decoded pixels of all images being decoded at once; a request past it gets 429.")
 @click.option("--max-header-bytes", type=click.IntRange(1024, 1 << 20), default=64 << 10, show_default=True,
@@ -54,7 +57,7 @@ from vledge.cli.base import THREADS, FiniteFloat, fail_cleanly, main, parse_prov
 @fail_cleanly
 def serve(model_dir, host, port, precision, provider, threads, max_batch, batch_window_ms, max_queue, api_key,
           max_image_bytes, max_body_bytes, max_new_tokens_limit, request_timeout, max_messages, max_text_chars,
-          max_image_pixels, max_pixels_in_flight, max_header_bytes, docs, model_name) -> None:
+          max_image_pixels, max_images, max_pixels_in_flight, max_header_bytes, docs, model_name) -> None:
     """Serve MODEL over HTTP with OpenAI's chat-completions API (image parts as data: URLs), batching
     requests that arrive together. Ctrl-C stops it after the requests in flight."""
     import logging
@@ -71,7 +74,7 @@ def serve(model_dir, host, port, precision, provider, threads, max_batch, batch_
                            max_queue=max_queue, api_key=api_key or None, max_body_bytes=max_body_bytes,
                            max_image_bytes=max_image_bytes, max_new_tokens_limit=max_new_tokens_limit,
                            request_timeout_s=request_timeout, max_messages=max_messages,
-                           max_text_chars=max_text_chars, max_image_pixels=max_image_pixels,
+                           max_text_chars=max_text_chars, max_image_pixels=max_image_pixels, max_images=max_images,
                            max_pixels_in_flight=max_pixels_in_flight, max_header_bytes=max_header_bytes, docs=docs,
                            model_name=model_name)
     sock = listen(options)  # a busy port is reported now, before the model loads

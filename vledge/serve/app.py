@@ -21,6 +21,7 @@ from starlette.requests import ClientDisconnect
 
 from vledge import __version__
 from vledge.errors import RequestError
+from vledge.image_tiles import tiled_question
 from vledge.prompt import question_ids
 from vledge.runtime.preprocess import ImagePreprocessor
 from vledge.serve.budget import PixelBudget
@@ -68,9 +69,11 @@ class ServerState:
         architecture = model.info()["architecture"]
         self.image_tokens = int(architecture["image_tokens"])
         self.max_positions = architecture.get("max_positions")  # None: no limit (LSTM)
-        self.limits = RequestLimits(max_tokens=options.max_new_tokens_limit, max_messages=options.max_messages,
-                                    max_text_chars=options.max_text_chars)
         base = model.preprocessor
+        self.tiled = base.tiled  # tiled models (SmolVLM) take several images in one prompt
+        self.max_images = options.max_images if self.tiled else 1
+        self.limits = RequestLimits(max_tokens=options.max_new_tokens_limit, max_messages=options.max_messages,
+                                    max_text_chars=options.max_text_chars, max_images=self.max_images)
         self.preprocessor = ImagePreprocessor(base.spec, max_pixels=min(options.max_image_pixels, base.max_pixels),
                                               reduced_jpeg=base.reduced_jpeg)
         self.pixel_budget = PixelBudget(options.max_pixels_in_flight, options.retry_after_s)
@@ -81,25 +84,34 @@ class ServerState:
         self.metrics.ready.set(1)
         log.info("model %s warmed up; ready", self.model_name)
 
-    def prepare(self, raw: bytes) -> tuple[ChatRequest, np.ndarray, str, int]:
+    def prepare(self, raw: bytes) -> tuple[ChatRequest, np.ndarray | list, str, int]:
         """A request body -> (the request, its pixels, its prompt, the prompt's positions); run off the event loop.
 
-        Every count is checked before the work it bounds: messages and characters before tokenizing, the
-        encoded size before base64 decoding, the header's pixel count (and the global budget) before decoding.
+        The pixels are float32 [3, S, S], or for a tiled model the list of its images' tiles. Every count is
+        checked before the work it bounds: messages, images and characters before tokenizing, the encoded size
+        before base64 decoding, the header's pixel count (and the global budget) before decoding.
         """
         try:  # JSON whatever the Content-Type says (curl -d sends a form type)
             body = ChatCompletionRequest.model_validate_json(raw)
         except ValidationError as exc:
             raise RequestValidationError(exc.errors(include_input=False)) from None
         chat = chat_request(body, self.limits)
-        data = image_bytes(chat.image_url, self.options.max_image_bytes)
-        pixels = image_pixels(self.preprocessor, data, self.pixel_budget)
         prompt = chat.question or self.model.caption_prompt
-        return chat, pixels, prompt, self.prompt_tokens(prompt)
+        if not self.tiled:
+            data = image_bytes(chat.image_url, self.options.max_image_bytes)
+            pixels = image_pixels(self.preprocessor, data, self.pixel_budget)
+            return chat, pixels, prompt, self.prompt_tokens(prompt)
+        images = [image_pixels(self.preprocessor, image_bytes(url, self.options.max_image_bytes), self.pixel_budget)
+                  for url in chat.image_urls]  # one at a time: the budget holds one image's pixels per request
+        return chat, images, prompt, self.prompt_tokens(prompt, images)
 
-    def prompt_tokens(self, prompt: str) -> int:
-        """Tokens the model reads: the templated question with the image token replaced by the visual tokens."""
-        return len(question_ids(self.model.tokenizer, self.model.manifest.prompt, prompt)) - 1 + self.image_tokens
+    def prompt_tokens(self, prompt: str, images: list | None = None) -> int:
+        """Tokens the model reads: the templated question with the image token replaced by the visual tokens
+        (for a tiled model, every image's tiles: ``images`` are its ``ImagePreprocessor.tiles()`` results)."""
+        manifest = self.model.manifest
+        if images is not None:
+            return len(tiled_question(self.model.tokenizer, manifest.prompt, manifest.preprocess.tiles, prompt, images))
+        return len(question_ids(self.model.tokenizer, manifest.prompt, prompt)) - 1 + self.image_tokens
 
 
     def token_room(self, prompt_tokens: int, max_tokens: int) -> int:
@@ -210,7 +222,7 @@ def create_app(model, options: ServeOptions | None = None) -> RequestGuard:
 def _model_card(state: ServerState) -> dict:
     info = state.model.info()
     return {"id": state.model_name, "object": "model", "created": state.created, "owned_by": "vledge",
-            "capabilities": {"vision": True, "streaming": True, "max_images": 1},
+            "capabilities": {"vision": True, "streaming": True, "max_images": state.max_images},
             "max_tokens": state.options.max_new_tokens_limit, "architecture": info["architecture"],
             "precisions": info["precisions"], "provider": info["provider"]}
 

@@ -7,8 +7,6 @@ import binascii
 import contextlib
 import re
 
-import numpy as np
-
 from vledge.errors import ImageError, RequestError
 from vledge.runtime.image_headers import probe_header
 from vledge.serve.budget import PixelBudget
@@ -56,8 +54,9 @@ def image_bytes(url: str, max_bytes: int) -> bytes:
     return data
 
 
-def image_pixels(preprocessor, data: bytes, budget: PixelBudget | None = None) -> np.ndarray:
-    """Encoded image bytes -> float32 [3, S, S] through the runtime's preprocessing (and its pixel limit).
+def image_pixels(preprocessor, data: bytes, budget: PixelBudget | None = None):
+    """Encoded image bytes -> float32 [3, S, S] through the runtime's preprocessing (and its pixel limit); for a
+    tiled model (``preprocessor.tiled``) the image's tiles and grid (``ImagePreprocessor.tiles``) instead.
 
     The decoded size is read from the file header first and reserved from ``budget`` for the time of the
     decode; an image whose header gives no size reserves the preprocessor's whole per-image limit.
@@ -74,7 +73,7 @@ def image_pixels(preprocessor, data: bytes, budget: PixelBudget | None = None) -
     reservation = budget.reserve(pixels) if budget is not None else contextlib.nullcontext()
     with reservation:
         try:
-            return preprocessor.preprocess(data)
+            return preprocessor.tiles(data) if preprocessor.tiled else preprocessor.preprocess(data)
         except ImageError as exc:
             raise RequestError(f"the image cannot be used: {exc}", code="invalid_image",
                                param="image_url.url") from None

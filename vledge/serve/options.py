@@ -6,6 +6,7 @@ import ipaddress
 from dataclasses import dataclass
 
 from vledge.errors import ConfigError
+from vledge.runtime.model import MAX_IMAGES_PER_PROMPT
 
 API_KEY_ENV = "VLEDGE_API_KEY"
 
@@ -16,6 +17,7 @@ _BOUNDS = (
     ("max_image_pixels", 1, 64_000_000),  # the runtime's own decoding limit
     ("max_pixels_in_flight", 1, 1 << 31),
     ("max_header_bytes", 1024, 1 << 20),
+    ("max_images", 1, MAX_IMAGES_PER_PROMPT),  # what the runtime takes in one prompt
 )
 
 
@@ -38,6 +40,9 @@ class ServeOptions:
     max_messages: int = 32  # messages in one request (system messages included)
     max_text_chars: int = 16384  # characters of text in one request, all messages together
     max_image_pixels: int = 16_000_000  # width x height of one decoded image
+    # image_url parts in one request, for models that take several images in one prompt (tiled models such as
+    # SmolVLM: each image is up to ~17 tiles through the vision encoder); other models take exactly one
+    max_images: int = 4
     max_pixels_in_flight: int = 64_000_000  # decoded pixels of all requests being decoded at once; more: 429
     max_header_bytes: int = 64 << 10  # a request's line and headers together; more: the connection is closed
     docs: bool = False  # serve /docs, /redoc and /openapi.json (behind the API key when one is set)

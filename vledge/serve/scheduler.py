@@ -46,7 +46,7 @@ class Answer:
 class Job:
     """One request's row: what to run, and how its tokens and answer get back to the event loop."""
 
-    pixels: np.ndarray  # float32 [3, S, S]
+    pixels: np.ndarray | list  # float32 [3, S, S]; a tiled model: the images' tiles (ImagePreprocessor.tiles())
     prompt: str
     max_tokens: int
     temperature: float
@@ -281,9 +281,13 @@ class Scheduler:
         started = time.perf_counter()
         results: Sequence[Any] | None = None
         try:
-            results = self.model.generate_from_pixels(np.stack([job.pixels for job in jobs]),
-                                                      [job.prompt for job in jobs], options, first.stop,
-                                                      tracker.on_token, timings)
+            prompts = [job.prompt for job in jobs]
+            if isinstance(first.pixels, list):  # a tiled model: each row its own images and tiles
+                results = self.model.generate_from_tiles([job.pixels for job in jobs], prompts, options, first.stop,
+                                                         tracker.on_token, timings)
+            else:
+                results = self.model.generate_from_pixels(np.stack([job.pixels for job in jobs]), prompts, options,
+                                                          first.stop, tracker.on_token, timings)
         except _BatchSettled:
             pass
         elapsed = time.perf_counter() - started

@@ -64,9 +64,9 @@ class ChatCompletionRequest(BaseModel):
 
 @dataclass(frozen=True)
 class ChatRequest:
-    """A validated chat request, reduced to what the model runs: one image, one question, decoding settings."""
+    """A validated chat request, reduced to what the model runs: its images, one question, decoding settings."""
 
-    image_url: str
+    image_urls: tuple[str, ...]  # in the order the parts appear
     question: str  # "" asks for the model's caption prompt
     max_tokens: int
     temperature: float
@@ -76,6 +76,11 @@ class ChatRequest:
     stream: bool
     include_usage: bool
 
+    @property
+    def image_url(self) -> str:
+        """The first image (the only one for models that take one image per prompt)."""
+        return self.image_urls[0]
+
 
 @dataclass(frozen=True)
 class RequestLimits:
@@ -84,6 +89,7 @@ class RequestLimits:
     max_tokens: int
     max_messages: int = 32
     max_text_chars: int = 16384
+    max_images: int = 1  # image_url parts in the user message (more only for models that take several)
 
 
 def chat_request(body: ChatCompletionRequest, limits: RequestLimits) -> ChatRequest:
@@ -113,9 +119,9 @@ def chat_request(body: ChatCompletionRequest, limits: RequestLimits) -> ChatRequ
     stops = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
     if len(stops) > MAX_STOP_STRINGS:
         raise RequestError(f"at most {MAX_STOP_STRINGS} stop strings, got {len(stops)}", param="stop")
-    image_url, question = _image_and_question(body.messages)
+    image_urls, question = _images_and_question(body.messages, limits.max_images)
     return ChatRequest(
-        image_url=image_url, question=question, max_tokens=asked or max_tokens_limit,
+        image_urls=image_urls, question=question, max_tokens=asked or max_tokens_limit,
         temperature=body.temperature if body.temperature is not None else 0.0,
         top_p=body.top_p if body.top_p is not None else 1.0, seed=body.seed,
         stop=tuple(stop for stop in stops if stop), stream=bool(body.stream),
@@ -133,8 +139,9 @@ def _text_chars(body: ChatCompletionRequest) -> int:
     return total
 
 
-def _image_and_question(messages: list[Message]) -> tuple[str, str]:
-    """System (and developer) messages are accepted and not used; exactly one user message with one image."""
+def _images_and_question(messages: list[Message], max_images: int = 1) -> tuple[tuple[str, ...], str]:
+    """System (and developer) messages are accepted and not used; exactly one user message with one image
+    (up to ``max_images`` for models that take several), counted before any image is decoded."""
     users = []
     for index, message in enumerate(messages):
         if message.role in ("system", "developer"):
@@ -166,11 +173,15 @@ def _image_and_question(messages: list[Message]) -> tuple[str, str]:
         else:
             raise RequestError(f"{where} has type {part.type!r}; supported parts are 'text' and 'image_url'",
                                code="unsupported_content_part", param=f"{where}.type")
-    if len(images) != 1:
-        code = "too_many_images" if images else "missing_image"
-        raise RequestError(f"the user message must hold exactly one image_url part, got {len(images)}",
-                           code=code, param=f"messages[{index}].content")
-    return images[0], " ".join(text.strip() for text in texts if text.strip())
+    if not images:
+        raise RequestError("the user message must hold an image_url part, got none", code="missing_image",
+                           param=f"messages[{index}].content")
+    if len(images) > max_images:
+        limit = ("exactly one image_url part: this model takes one image per request" if max_images == 1 else
+                 f"at most {max_images} image_url parts (the server's limit of images per request)")
+        raise RequestError(f"the user message must hold {limit}, got {len(images)}", code="too_many_images",
+                           param=f"messages[{index}].content")
+    return tuple(images), " ".join(text.strip() for text in texts if text.strip())
 
 
 # --------------------------------------------------------------------------- answers

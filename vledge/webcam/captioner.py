@@ -117,13 +117,13 @@ class Captioner(threading.Thread):
         thumbnail = detector.thumbnail(frame.image)
         difference = detector.pixel_difference(thumbnail)
         changed = detector.pixel_changed(difference)
-        embedding = distance = None
+        embedding = descriptor = distance = None
         embed_ms = 0.0
         if changed and detector.embedding_threshold is not None:
             tick = time.perf_counter()
-            embedding = self.runtime.embed_images([frame.image])
+            embedding, descriptor = self._embed(frame.image)
             embed_ms = (time.perf_counter() - tick) * 1e3
-            distance = detector.embedding_distance(embedding)
+            distance = detector.embedding_distance(descriptor)
             changed = distance is None or distance > detector.embedding_threshold
         last = self._last
         if not changed and last is not None:
@@ -136,19 +136,36 @@ class Captioner(threading.Thread):
             result = self.runtime.ask(frame.image, self.question, self.options)
         else:
             result = self.runtime.caption(frame.image, self.options)
-        detector.remember(thumbnail, embedding)
+        detector.remember(thumbnail, descriptor)
         timings = result.timings.to_dict() if hasattr(result.timings, "to_dict") else dataclasses.asdict(result.timings)
         return CaptionEvent(frame.index, frame.stream_time, time.time(), result.text, False,
                             (time.perf_counter() - started) * 1e3, timings, difference, distance,
                             result.finish_reason, frame.captured_at, frame.truth)
 
-    def _from_embedding(self, embedding: np.ndarray, embed_ms: float):
+    def _embed(self, image: np.ndarray):
+        """(what the decoder needs, the scene descriptor) of one frame.
+
+        A tiled model (SmolVLM) embeds the frame's tiles; its global view, the last tile, is the descriptor
+        (the same size whatever the frame's grid), and its tiles are kept to expand the prompt."""
+        runtime = self.runtime
+        if getattr(runtime.preprocessor, "tiled", False):
+            tiles = runtime.preprocessor.tiles(image)
+            embeds = runtime.encode_images(tiles.pixel_values)
+            return (tiles, embeds), embeds[-1]
+        embedding = runtime.embed_images([image])
+        return embedding, embedding
+
+    def _from_embedding(self, embedding, embed_ms: float):
         """Decode from the embedding the scene check already computed (its time counts as vision)."""
         from vledge.prompt import question_ids
         from vledge.runtime.model import Timings
 
         runtime = self.runtime
         prompt = self.question or runtime.caption_prompt
-        ids = [question_ids(runtime.tokenizer, runtime.manifest.prompt, prompt)]
         options = self.options or runtime.default_options
+        if isinstance(embedding, tuple):  # a tiled model: the prompt holds one image token per visual token
+            tiles, embeds = embedding
+            ids, _, _ = runtime.tiled_inputs([[tiles]], [prompt])
+            return runtime.generate_from_embeds([embeds], ids, options, timings=Timings(vision_ms=embed_ms))[0]
+        ids = [question_ids(runtime.tokenizer, runtime.manifest.prompt, prompt)]
         return runtime.generate_from_embeds(embedding, ids, options, timings=Timings(vision_ms=embed_ms))[0]
