@@ -40,6 +40,7 @@ from vledge.export.progress import QuestionCallback, question_counter
 from vledge.export.forced import ForcedSet, answer_set, read_parity_text, text_set
 from vledge.export.gate import DEFAULT_MAX_MEAN_KL, DEFAULT_MIN_TOP1_AGREEMENT, GATE_METRICS, judge
 from vledge.export.report import write_parity_markdown
+from vledge.export.tile_batches import batch_tiles
 from vledge.export.transformers_js import write_transformers_js_files
 from vledge.export.tool_warnings import tool_warnings_to_debug_log
 from vledge.files import atomic_directory, check_output_dir, write_json
@@ -191,10 +192,17 @@ def _export_into(root: Path, checkpoint, origin: dict, options: ExportOptions, s
     say("exporting ONNX graphs (fp32)")
     raw = export_graphs(model, work / "raw", opset=options.opset)
     variants: dict[str, dict[str, str]] = {component: {} for component in COMPONENTS}
+    # A tiled model's vision graph is optimised and quantized taking tiles alone; each variant that ships takes
+    # transformers.js's [batch, tiles, 3, S, S] (vledge.export.tile_batches).
+    tiled = model.fills_image_tokens
+    sources = {component: root / variant_filename(component, "fp32") for component in COMPONENTS}
+    if tiled:
+        sources["vision_encoder"] = work / "vision_encoder_tiles.onnx"
     for component, path in raw.items():
         check_graph(path)
-        target = root / variant_filename(component, "fp32")
-        optimize.optimize_component(component, path, target, language_kind=config.language.kind)
+        optimize.optimize_component(component, path, sources[component], language_kind=config.language.kind)
+        if tiled and component == "vision_encoder":
+            batch_tiles(sources[component], root / variant_filename(component, "fp32"))
         variants[component]["fp32"] = variant_filename(component, "fp32")
     tokenizer.save(root / TOKENIZER_NAME)
 
@@ -238,9 +246,11 @@ def _export_into(root: Path, checkpoint, origin: dict, options: ExportOptions, s
             say(f"making {label}")
             target = root / variant_filename(component, precision)
             try:
-                quantize.quantize_component(component, precision, root / variant_filename(component, "fp32"), target,
+                quantize.quantize_component(component, precision, sources[component], target,
                                             calibration=calibration if component == "vision_encoder" else None,
                                             options=qoptions, language_kind=config.language.kind)
+                if tiled and component == "vision_encoder":
+                    batch_tiles(target, target)
             except VledgeError as exc:
                 skipped[label] = str(exc)
                 log.warning("%s not made: %s", label, exc)

@@ -1,6 +1,7 @@
 """The files transformers.js reads, written beside vledge's own so one folder loads in both.
 
-transformers.js (``@huggingface/transformers``) loads a LLaVA model from ``config.json``,
+transformers.js (``@huggingface/transformers``) loads a LLaVA model (or a tiled Idefics3 / SmolVLM one, whose
+vision graph takes its [batch, tiles, 3, S, S] pixels: ``vledge.export.tile_batches``) from ``config.json``,
 ``preprocessor_config.json``, ``processor_config.json``, ``tokenizer.json`` +
 ``tokenizer_config.json``, ``generation_config.json`` and the three graphs under ``onnx/``,
 choosing each graph's file by its dtype suffix (``""``, ``_fp16``, ``_int8``, ``_q4``: the names
@@ -26,12 +27,11 @@ from vledge.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
-# Why a tiled model (Idefics3 / SmolVLM) gets no transformers.js files: transformers.js's ``idefics3`` feeds its
-# vision graph ``pixel_values`` [batch, images, 3, S, S] with a ``pixel_attention_mask`` and expects the merge of
-# image features into the text to happen in its own code, while vledge's vision graph takes the tiles
-# [tiles, 3, S, S] alone and returns ``image_features`` [tiles, tokens, hidden].
-TILED_REASON = ("it splits images into tiles (Idefics3 / SmolVLM), and transformers.js's idefics3 wants another "
-                "vision-graph signature (pixel_values [batch, images, 3, S, S] with a pixel_attention_mask)")
+# transformers.js's Idefics3 / SmolVLM processor writes these tokens around each tile (its own constants).
+TILED_TOKENS = {"image": "<image>", "fake_token": "<fake_token_around_image>", "global_token": "<global-img>"}
+# A tiled model's Hugging Face model_type (its config.json's, kept from the folder it came from) -> class names.
+TILED_CLASSES = {"idefics3": ("Idefics3ForConditionalGeneration", "Idefics3ImageProcessor", "Idefics3Processor"),
+                 "smolvlm": ("SmolVLMForConditionalGeneration", "SmolVLMImageProcessor", "SmolVLMProcessor")}
 
 
 def model_types(config: ModelConfig) -> tuple[str, str] | str:
@@ -40,16 +40,31 @@ def model_types(config: ModelConfig) -> tuple[str, str] | str:
     The families say whether transformers.js has them and under which Hugging Face names
     (``LanguageFamily.transformers_js`` / ``hf_model_types``, the same for vision).
     """
-    if config.preprocess.tiles is not None:
-        return TILED_REASON
     vision, language = config.vision, config.language
+    parent = parent_model_type(config)
     tower = vision_family(vision.backbone)
     if not tower.transformers_js or vision.vit is None:
-        return f"its vision tower is {vision.backbone!r}, which transformers.js's llava does not have"
+        return f"its vision tower is {vision.backbone!r}, which transformers.js's {parent} does not have"
     family = language.family
     if not family.transformers_js:
-        return f"its language model is {language.kind!r}, which transformers.js's llava does not have"
-    return tower.hf_model_types[0], _text_model_type(language)
+        return f"its language model is {language.kind!r}, which transformers.js's {parent} does not have"
+    vision_type = next((t for t in tower.hf_model_types if t.startswith(parent)), tower.hf_model_types[0])
+    return vision_type, _text_model_type(language)
+
+
+def parent_model_type(config: ModelConfig) -> str:
+    """transformers.js's model_type for the whole model: ``llava``, or a tiled model's ``idefics3`` / ``smolvlm``
+    (the folder's own, where the checkpoint recorded it; ``idefics3`` otherwise)."""
+    if config.preprocess.tiles is None:
+        return "llava"
+    source = config.language.source or {}
+    try:
+        recorded = json.loads(source.get("config_json") or "{}").get("model_type")
+    except (ValueError, AttributeError):
+        recorded = None
+    if recorded in TILED_CLASSES:
+        return recorded
+    return "smolvlm" if str(source.get("architecture", "")).startswith("SmolVLM") else "idefics3"
 
 
 def _text_model_type(language) -> str:
@@ -86,6 +101,14 @@ def unsupported_reason(config: ModelConfig) -> str | None:
     vit = config.vision.vit
     if config.preprocess.channel_order != "RGB":
         return f"its images are fed as {config.preprocess.channel_order} (transformers.js feeds RGB)"
+    tiles = config.preprocess.tiles
+    if tiles is not None:
+        have = {"image": (config.special_tokens or {}).get("image"), "fake_token": tiles.fake_token,
+                "global_token": tiles.global_token}
+        for role, text in TILED_TOKENS.items():
+            if have[role] != text:
+                return f"its {role} is {have[role]!r}; transformers.js's {parent_model_type(config)} writes {text!r}"
+        return None
     if config.preprocess.interpolation not in RESAMPLE:
         return f"its resampler {config.preprocess.interpolation!r} has no image processor equivalent"
     if _additional_tokens(config, vit.num_tokens) < 0:
@@ -103,16 +126,18 @@ def write_transformers_js_files(root: Path, manifest: Manifest, tokenizer: Token
     if reason is not None:
         log.info("no transformers.js files: %s; the directory has vledge's layout only", reason)
         return []
+    tiled = config.preprocess.tiles is not None
     files = {
-        "config.json": model_config_json(manifest),
-        "preprocessor_config.json": preprocessor_config(config),
-        "processor_config.json": processor_config(config, manifest.num_image_tokens, tokenizer),
+        "config.json": (tiled_config_json if tiled else model_config_json)(manifest),
+        "preprocessor_config.json": (tiled_preprocessor_config if tiled else preprocessor_config)(config),
+        "processor_config.json": (tiled_processor_config(config) if tiled
+                                  else processor_config(config, manifest.num_image_tokens, tokenizer)),
         "tokenizer_config.json": tokenizer_config(config, tokenizer),
         "generation_config.json": generation_config(manifest),
     }
     for name, value in files.items():
         write_json(root / name, value, indent=2)
-    log.info("wrote the transformers.js files (llava, dtype %s)",
+    log.info("wrote the transformers.js files (%s, dtype %s)", files["config.json"]["model_type"],
              files["config.json"]["transformers.js_config"]["dtype"])
     return list(files)
 
@@ -124,8 +149,6 @@ def model_config_json(manifest: Manifest) -> dict[str, Any]:
     layers = list(vit.feature_layers)
     text = {"model_type": text_type, **language.family.to_hf_config(language), **_token_ids(special)}
     vision = {"model_type": vision_type, **vision_family(config.vision.backbone).to_hf_config(vit)}
-    selected = manifest.selected.get("cpu", {})
-    dtype = {component: DTYPES[selected.get(component, "fp32")] for component in manifest.variants}
     return {
         "architectures": ["LlavaForConditionalGeneration"],
         "model_type": "llava",
@@ -137,10 +160,64 @@ def model_config_json(manifest: Manifest) -> dict[str, Any]:
         "text_config": text,
         "vision_config": vision,
         **_token_ids(special),
-        # transformers.js picks each graph's file by this (``onnx/<graph><suffix>.onnx``); a single dtype
-        # string would ask for variants that were not made (no int8 embed_tokens).
-        "transformers.js_config": {"dtype": dtype},
+        "transformers.js_config": _js_config(manifest),
     }
+
+
+def tiled_config_json(manifest: Manifest) -> dict[str, Any]:
+    """A tiled model's config.json as transformers.js's ``idefics3`` / ``smolvlm`` reads it (text_config for the
+    cache, image_token_id for the merge); its vision graph takes [batch, tiles, 3, S, S] (``tile_batches``)."""
+    config = manifest.model_config
+    vision_type, text_type = model_types(config)  # type: ignore[misc]  # checked by unsupported_reason
+    parent = parent_model_type(config)
+    vit, language, special = config.vision.vit, config.language, manifest.special_tokens
+    return {
+        "architectures": [TILED_CLASSES[parent][0]],
+        "model_type": parent,
+        "image_token_id": special["image"],
+        "scale_factor": config.projector.scale_factor,
+        "tie_word_embeddings": language.tie_embeddings,
+        "text_config": {"model_type": text_type, **language.family.to_hf_config(language), **_token_ids(special)},
+        "vision_config": {"model_type": vision_type, **vision_family(config.vision.backbone).to_hf_config(vit)},
+        **_token_ids(special),
+        "transformers.js_config": _js_config(manifest),
+    }
+
+
+def _js_config(manifest: Manifest) -> dict[str, Any]:
+    # transformers.js picks each graph's file by this (``onnx/<graph><suffix>.onnx``); a single dtype
+    # string would ask for variants that were not made (no int8 embed_tokens).
+    selected = manifest.selected.get("cpu", {})
+    return {"dtype": {component: DTYPES[selected.get(component, "fp32")] for component in manifest.variants}}
+
+
+def tiled_preprocessor_config(config: ModelConfig) -> dict[str, Any]:
+    """The tiles spec as the Idefics3 / SmolVLM image processor's settings (transformers' names)."""
+    spec = config.preprocess
+    tiles = spec.tiles
+    _, image_processor, processor = TILED_CLASSES[parent_model_type(config)]
+    return {
+        "image_processor_type": image_processor,
+        "processor_class": processor,
+        "do_convert_rgb": True,
+        "do_resize": tiles.do_resize,
+        "size": {"longest_edge": tiles.longest_edge},
+        "resample": tiles.resample,
+        "do_image_splitting": tiles.split,
+        "max_image_size": {"longest_edge": spec.image_size},
+        "do_rescale": tiles.rescale_factor != 1.0,
+        "rescale_factor": tiles.rescale_factor,
+        "do_normalize": True,
+        "image_mean": list(spec.mean),
+        "image_std": list(spec.std),
+        "do_pad": True,
+    }
+
+
+def tiled_processor_config(config: ModelConfig) -> dict[str, Any]:
+    """The processor writes ``image_seq_len`` image tokens per tile."""
+    return {"processor_class": TILED_CLASSES[parent_model_type(config)][2],
+            "image_seq_len": config.preprocess.tiles.tokens_per_tile}
 
 
 def preprocessor_config(config: ModelConfig) -> dict[str, Any]:
@@ -187,7 +264,7 @@ def tokenizer_config(config: ModelConfig, tokenizer: Tokenizer) -> dict[str, Any
         "tokenizer_class": "PreTrainedTokenizerFast",
         "model_max_length": config.language.max_positions,
         "clean_up_tokenization_spaces": False,
-        "chat_template": chat_template(config, tokenizer),
+        "chat_template": chat_template(config, tokenizer, side_by_side=config.preprocess.tiles is not None),
     }
     for role in ("bos", "eos", "pad", "unk"):
         if role in roles:
@@ -204,13 +281,14 @@ def generation_config(manifest: Manifest) -> dict[str, Any]:
     }
 
 
-def chat_template(config: ModelConfig, tokenizer: Tokenizer) -> str:
+def chat_template(config: ModelConfig, tokenizer: Tokenizer, side_by_side: bool = False) -> str:
     """A Jinja template that renders vledge's prompt for Hugging Face-style messages.
 
     ``[{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": Q}]}]`` with
     ``add_generation_prompt`` renders as system + user + <image> + image_separator + Q + assistant,
     the text of the ids vledge builds piece by piece. The bos token is written only where the
-    tokenizer does not add it itself.
+    tokenizer does not add it itself. ``side_by_side`` (a tiled model, which takes several images in
+    one question): the images' tokens one after another, then one image_separator.
     """
     p = config.prompt
     image = tokenizer.roles["image"]
@@ -226,7 +304,10 @@ def chat_template(config: ModelConfig, tokenizer: Tokenizer) -> str:
         f"{{{{ {lit(p.turn_separator)} }}}}{{% endif %}}{{{{ {lit(p.user)} }}}}"
         "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
         "{% for part in message['content'] %}{% if part['type'] == 'image' %}"
-        f"{{{{ {lit(image + p.image_separator)} }}}}{{% endif %}}{{% endfor %}}"
+        + (f"{{{{ {lit(image)} }}}}{{% if loop.last or message['content'][loop.index]['type'] != 'image' %}}"
+           f"{{{{ {lit(p.image_separator)} }}}}{{% endif %}}{{% endif %}}{{% endfor %}}" if side_by_side else
+           f"{{{{ {lit(image + p.image_separator)} }}}}{{% endif %}}{{% endfor %}}")
+        +
         "{% for part in message['content'] %}{% if part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}"
         "{% endif %}"
     )

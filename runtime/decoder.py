@@ -68,6 +68,9 @@ class Graphs:
         self.decoder_outputs = _output_types(self.decoder)
         self.float_type = self.decoder_inputs.get("inputs_embeds", np.float32)
         self.vision_input_type = _input_types(self.vision).get("pixel_values", np.float32)
+        # 5: a tiled model's graph takes [batch, tiles, 3, S, S] (transformers.js's layout); 4: [N, 3, S, S]
+        self.vision_input_rank = next((len(node.shape or ()) for node in self.vision.get_inputs()
+                                       if node.name == "pixel_values"), 4)
         self.logits_type = self.decoder_outputs.get("logits", np.float32)
 
     # ------------------------------------------------------------------ graphs other than the decoder
@@ -112,9 +115,11 @@ class Graphs:
         return self._table
 
     def encode_images(self, pixel_values: np.ndarray) -> np.ndarray:
-        """Image embeddings [N, image_tokens, hidden] in float32."""
+        """Image embeddings [N, image_tokens, hidden] in float32 of images (a tiled model's: tiles) [N, 3, S, S]."""
         pixels = np.ascontiguousarray(pixel_values, dtype=self.vision_input_type)
-        features = self.vision.run(None, {"pixel_values": pixels})[0]
+        # A graph taking batches of tiles gets all N tiles as one batch row; it returns [N, tokens, hidden] too.
+        feed = pixels[None] if self.vision_input_rank == 5 and pixels.ndim == 4 else pixels
+        features = self.vision.run(None, {"pixel_values": feed})[0]
         expected = (pixels.shape[0], self.image_tokens or None, self.hidden)
         if features.ndim != 3 or any(want is not None and have != want
                                      for have, want in zip(features.shape, expected)):

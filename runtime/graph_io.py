@@ -70,7 +70,15 @@ def check_graph_io(sessions: dict[str, Any], manifest: Manifest, root: Path) -> 
                     f"{manifest.model_config.language.layers} layers): {side} missing {missing}, unexpected {extra}"
                 )
             for node in nodes:
-                _check_shape(component, root, node, expected[node.name])
+                _check_shape(component, root, node, _tile_batches(manifest, node, expected[node.name]))
+
+
+def _tile_batches(manifest: Manifest, node: Any, expected: Shape) -> Shape:
+    """A tiled model's ``pixel_values`` is [batch, tiles, 3, S, S] (transformers.js's layout); directories written
+    before take the tiles alone, [tiles, 3, S, S], and load as they are (``Graphs.encode_images`` feeds either)."""
+    if node.name != "pixel_values" or manifest.preprocess.tiles is None or len(node.shape or []) != 5:
+        return expected
+    return (None, *expected)
 
 
 def _check_shape(component: str, root: Path, node: Any, expected: Shape) -> None:
@@ -81,7 +89,7 @@ def _check_shape(component: str, root: Path, node: Any, expected: Shape) -> None
     for axis, (have, want) in enumerate(zip(shape, expected)):
         if want is not None and isinstance(have, int) and have != want:
             raise ModelDirError(f"{component} in {root}: {node.name} is {have} wide on axis {axis} ({shape}), "
-                                f"the manifest's model needs {want} ({_meaning(node.name, axis)})")
+                                f"the manifest's model needs {want} ({_meaning(node.name, axis, len(shape))})")
     if node.name in INTEGER_INPUTS and node.type != "tensor(int64)":
         raise ModelDirError(f"{component} in {root}: {node.name} is {node.type}, expected tensor(int64)")
     if node.name not in INTEGER_INPUTS and node.type not in FLOAT_TYPES:
@@ -89,7 +97,7 @@ def _check_shape(component: str, root: Path, node: Any, expected: Shape) -> None
                             "tensor(float16)")
 
 
-def _meaning(name: str, axis: int) -> str:
+def _meaning(name: str, axis: int, rank: int) -> str:
     if name == "logits":
         return "vocabulary size"
     if name.startswith(("past_key_values", "present.")) and axis in (1, 3):
@@ -97,7 +105,7 @@ def _meaning(name: str, axis: int) -> str:
     if name.endswith(("_hidden", "_cell")) and axis == 0:
         return "layers"
     if name == "pixel_values":
-        return "channels" if axis == 1 else "image size"
+        return "channels" if axis == rank - 3 else "image size"
     if name in IMAGE_OUTPUTS and axis == 1:
         return "image tokens"
     return "hidden size"

@@ -435,7 +435,8 @@ class VisionLanguageRuntime:
         graphs = self.graphs
         floats = graphs.float_type
         feeds: dict[str, dict[str, np.ndarray]] = {
-            "vision_encoder": {"pixel_values": np.zeros((1, 3, size, size), graphs.vision_input_type)},
+            "vision_encoder": {"pixel_values": np.zeros((1,) * (graphs.vision_input_rank - 3) + (3, size, size),
+                                                        graphs.vision_input_type)},
             "embed_tokens": {"input_ids": np.ones((1, 4), np.int64)},
         }
         embeds = np.zeros((1, 4, graphs.hidden), floats)

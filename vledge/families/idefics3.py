@@ -26,7 +26,7 @@ class Idefics3VisionFamily(SiglipFamily):
                    "hidden_act": "gelu_pytorch_tanh", "layer_norm_eps": 1e-6, "num_channels": 3}
     hf_image_processors = tuple(f"{family}ImageProcessor{suffix}" for family in ("Idefics3", "SmolVLM")
                                 for suffix in ("", "Pil", "Fast"))
-    transformers_js = False  # transformers.js's idefics3 takes a differently shaped vision graph
+    transformers_js = True  # its vision graph takes [batch, tiles, 3, S, S] (vledge.export.tile_batches)
 
 
 FAMILY = Idefics3VisionFamily()
