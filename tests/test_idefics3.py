@@ -107,7 +107,8 @@ def test_export_passes_the_gate_with_variants(built, kind):
     tiles = manifest["preprocess"]["tiles"]
     assert manifest["preprocess"]["resize"] == "tiles"
     assert tiles["split"] == (kind == "smolvlm-split") and tiles["tokens_per_tile"] == 4
-    assert not (model / "config.json").exists()  # transformers.js's idefics3 wants another vision graph
+    config = json.loads((model / "config.json").read_text())  # transformers.js's files (its idefics3 / smolvlm)
+    assert config["model_type"] == json.loads((folder / "config.json").read_text())["model_type"]
     forced = fp32["teacher_forced"]
     assert forced["answers"]["top1_agreement"] == 1.0 and forced["answers"]["positions"] > 0
     if kind == "smolvlm-split":  # --parity-text: the text forced after the first image's expanded prompt
@@ -115,7 +116,8 @@ def test_export_passes_the_gate_with_variants(built, kind):
     import onnx
 
     graph = onnx.load(str(model / "onnx" / "vision_encoder.onnx"), load_external_data=False).graph
-    assert graph.input[0].type.tensor_type.shape.dim[0].dim_param == "tiles"
+    dims = [d.dim_param or d.dim_value for d in graph.input[0].type.tensor_type.shape.dim]
+    assert dims == ["batch_size", "tiles", 3, 32, 32]  # transformers.js's layout: the tiles of each prompt
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -125,7 +127,7 @@ def test_vision_graph_matches_get_image_features(built, references, kind):
     folder, model, _ = built[kind]
     pixels = references[(kind, 2)]["pixel_values"]
     session = ort.InferenceSession(str(model / "onnx" / "vision_encoder.onnx"), providers=["CPUExecutionProvider"])
-    ours = session.run(None, {"pixel_values": pixels.astype(np.float32)})[0]
+    ours = session.run(None, {"pixel_values": pixels[None].astype(np.float32)})[0]  # one prompt's tiles
     expected = reference_image_features(folder, pixels)
     assert ours.shape == expected.shape
     np.testing.assert_allclose(ours, expected, atol=1e-4, rtol=0)
@@ -190,7 +192,7 @@ def plain_onnxruntime_generate(model: Path, images: list[tuple[np.ndarray, int, 
             k += 1
         else:
             expanded.append(token)
-    features = vision.run(None, {"pixel_values": np.concatenate([im[0] for im in images])})[0]
+    features = vision.run(None, {"pixel_values": np.concatenate([im[0] for im in images])[None]})[0]
     x = embed.run(None, {"input_ids": np.array([expanded], dtype=np.int64)})[0]
     x[0, np.array(expanded) == special["image"]] = features.reshape(-1, x.shape[-1])
     mask = np.ones((1, x.shape[1]), np.int64)
