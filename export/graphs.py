@@ -1,7 +1,8 @@
 """The three ONNX graphs of a model directory, traced from the PyTorch model.
 
-A tiled model's (Idefics3 / SmolVLM) vision graph maps tiles ``pixel_values`` [tiles, 3, S, S] to
-``image_features`` [tiles, tokens per tile, hidden]; its first axis is named ``tiles``.
+A tiled model's (Idefics3 / SmolVLM) vision graph is traced mapping tiles ``pixel_values`` [tiles, 3, S, S] to
+``image_features`` [tiles, tokens per tile, hidden] (first axis ``tiles``); each variant that ships takes
+[batch, tiles, 3, S, S] instead (``vledge.export.tile_batches``).
 
 We use the TorchScript-based exporter (``dynamo=False``) on purpose: the
 torch.export-based one specialises size-0 and size-1 dimensions, so a graph traced

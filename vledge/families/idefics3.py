@@ -4,7 +4,8 @@ The tower is SigLIP's (biased patch embedding, no class token, no LayerNorm befo
 on the last hidden state); its positions are looked up by bucketing each patch's fractional coordinates, which
 vledge reproduces for the full tiles its image processor makes (``vledge.models.vit.bucketed_position_ids``).
 Every tile the processor makes is ``max_image_size`` square, so the exported vision graph takes
-``pixel_values [tiles, 3, T, T]`` and no patch mask: transformers' mask is all ones for such tiles, and the
+``pixel_values [batch, tiles, 3, T, T]`` (transformers.js's layout, flattened in the graph:
+``vledge.export.tile_batches``) and no patch mask: transformers' mask is all ones for such tiles, and the
 all-zero padding tiles of a batch are dropped before the tower there as here (nothing pads them in). The connector
 (pixel shuffle, then a bias-free projection) is ``ProjectorConfig(kind="pixel_shuffle")``; the whole-folder
 reading is ``vledge.hf.idefics3``.
