@@ -34,7 +34,6 @@ pytestmark = pytest.mark.slow
 SCRIPT = JS / "idefics3_generate.mjs"
 QUESTION = "What is in this image?"
 NEW_TOKENS = 16
-MESSAGES = messages_for(1, QUESTION)
 FP32 = {"vision_encoder": "fp32", "embed_tokens": "fp32", "decoder_model_merged": "fp32"}
 
 
@@ -43,9 +42,13 @@ def until_eos(tokens, eos_id: int) -> list[int]:
     return tokens[:tokens.index(eos_id)] if eos_id in tokens else tokens
 
 
-def run_node(model_dir: Path, image: Path, dtype: dict[str, str] | None, pixels: Path | None = None) -> dict:
+def run_node(model_dir: Path, images: Path | list[Path], dtype: dict[str, str] | None,
+             pixels: Path | None = None) -> dict:
     """transformers.js's greedy answer (ids after the prompt), its prompt ids, tiles grid and, if asked, pixels."""
-    command = [node_or_skip(), str(SCRIPT), str(model_dir), str(image), json.dumps({"messages": MESSAGES}),
+    images = images if isinstance(images, list) else [images]
+    messages = messages_for(len(images), QUESTION)
+    command = [node_or_skip(), str(SCRIPT), str(model_dir), json.dumps([str(p) for p in images]),
+               json.dumps({"messages": messages}),
                str(NEW_TOKENS), json.dumps(dtype) if dtype else "", str(pixels or "")]
     done = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=JS)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -57,14 +60,16 @@ def run_node(model_dir: Path, image: Path, dtype: dict[str, str] | None, pixels:
 
 @pytest.fixture(scope="module")
 def photos(tmp_path_factory):
-    """A real photograph at full size (512 x 512) and at the folder's longest edge (64 x 64: 2 x 2 tiles)."""
+    """A real photograph at full size (512 x 512), at the folder's longest edge (64 x 64: 2 x 2 tiles), and
+    another one 64 x 32 (1 x 2 tiles)."""
     from skimage import data
 
     folder = tmp_path_factory.mktemp("photos")
     image = Image.fromarray(data.astronaut())
     image.save(folder / "astronaut.png")
     image.resize((64, 64), Image.BICUBIC).save(folder / "astronaut-64.png")
-    return folder / "astronaut.png", folder / "astronaut-64.png"
+    Image.fromarray(data.coffee()).resize((64, 32), Image.BICUBIC).save(folder / "coffee-64x32.png")
+    return folder / "astronaut.png", folder / "astronaut-64.png", folder / "coffee-64x32.png"
 
 
 @pytest.fixture(scope="module")
@@ -95,12 +100,17 @@ def hf_generate(folder: Path, input_ids: list[int], pixel_values: np.ndarray) ->
     return out[0, len(input_ids):].tolist()
 
 
-def hf_pipeline(folder: Path, photo: Path) -> dict:
-    """transformers' processor (Pillow) and generate on a photo file: prompt ids, pixels, new tokens."""
+def hf_pipeline(folder: Path, photos: Path | list[Path]) -> dict:
+    """transformers' processor (Pillow) and generate on photo files (one prompt): prompt ids, pixels, tokens."""
+    photos = photos if isinstance(photos, list) else [photos]
     processor = load_processor(folder)
-    text = processor.apply_chat_template(MESSAGES, add_generation_prompt=True, tokenize=False)
-    with Image.open(photo) as image:
-        inputs = processor(text=text, images=[[image.convert("RGB")]], return_tensors="pt")
+    text = processor.apply_chat_template(messages_for(len(photos), QUESTION), add_generation_prompt=True,
+                                         tokenize=False)
+    images = []
+    for photo in photos:
+        with Image.open(photo) as image:
+            images.append(image.convert("RGB"))
+    inputs = processor(text=text, images=[images], return_tensors="pt")
     ids = inputs["input_ids"][0].tolist()
     pixels = inputs["pixel_values"][0].numpy()
     return {"prompt_ids": ids, "pixel_values": pixels, "ids": hf_generate(folder, ids, pixels)}
@@ -138,32 +148,41 @@ def test_export_writes_the_idefics3_files_transformers_js_reads(exported):
         assert [o.name for o in graph.output] == ["image_features"]
 
 
-def test_transformers_js_fp32_equals_transformers_and_vledge_runtime_on_the_same_pixels(exported, photos,
+@pytest.mark.parametrize("count", (1, 2))
+def test_transformers_js_fp32_equals_transformers_and_vledge_runtime_on_the_same_pixels(exported, photos, count,
                                                                                           tmp_path, capsys):
-    """The 64 x 64 photo: same prompt ids and tiles; from transformers.js's pixels all three answer alike."""
+    """64 x 64 (and 64 x 32) photos: the same prompt ids and grid tiles in transformers.js and transformers; from
+    transformers.js's pixels all three give the same tokens."""
     from vledge.runtime import load
     from vledge.runtime.idefics3_images import Idefics3Images
 
     out, folder = exported
-    photo = photos[1]
-    got = run_node(out, photo, FP32, tmp_path / "pixels.bin")
-    reference = hf_pipeline(folder, photo)
+    chosen = list(photos[1:1 + count])
+    got = run_node(out, chosen, FP32, tmp_path / "pixels.bin")
+    reference = hf_pipeline(folder, chosen)
     eos = json.loads((out / "generation_config.json").read_text())["eos_token_id"]
     assert got["prompt_ids"] == reference["prompt_ids"]  # chat template + tile expansion + tokenizer
-    assert got["rows"] == [[2]] and got["cols"] == [[2]]
+    grids = [(2, 2), (1, 2)][:count]
+    assert got["rows"] == [[r for r, _ in grids]] and got["cols"] == [[c for _, c in grids]]
     js_pixels = got["pixel_values"][0]
-    assert js_pixels.shape == reference["pixel_values"].shape == (5, 3, 32, 32)
-    crops = float(np.abs(js_pixels[:4] - reference["pixel_values"][:4]).max())
-    global_view = float(np.abs(js_pixels[4] - reference["pixel_values"][4]).max())
-    assert crops < 1e-6  # the four tiles are crops of the photo in both
+    assert js_pixels.shape == reference["pixel_values"].shape
+    images, start, crops, global_view = [], 0, 0.0, 0.0
+    for rows, cols in grids:
+        tiles = rows * cols + 1
+        images.append(Idefics3Images(js_pixels[start:start + tiles], rows, cols))
+        diff = np.abs(js_pixels[start:start + tiles] - reference["pixel_values"][start:start + tiles])
+        crops, global_view = max(crops, float(diff[:-1].max())), max(global_view, float(diff[-1].max()))
+        start += tiles
+    assert crops < 1e-6  # the grid tiles are crops of the photo in both
     expected = until_eos(hf_generate(folder, got["prompt_ids"], js_pixels), eos)
     runtime = load(out, precision="fp32", providers="cpu", threads=1)
-    ours = runtime.generate_from_tiles([[Idefics3Images(js_pixels, 2, 2)]], [QUESTION],
-                                       GenerationOptions(max_new_tokens=NEW_TOKENS))[0].token_ids
-    assert until_eos(got["ids"], eos) == expected == ours
-    assert len(ours) >= 4 and len(set(ours)) > 1
+    ids, _, _ = runtime.tiled_inputs([images], [QUESTION])
+    assert ids[0] == got["prompt_ids"]  # vledge's prompt for the same images
+    ours = runtime.generate_from_tiles([images], [QUESTION], GenerationOptions(max_new_tokens=NEW_TOKENS))[0]
+    assert until_eos(got["ids"], eos) == expected == ours.token_ids
+    assert len(expected) >= 4 and len(set(expected)) > 1
     with capsys.disabled():
-        print(f"\ntransformers.js pixels vs transformers' (64 x 64 photo): tiles max |diff| {crops:.2e}, "
+        print(f"\ntransformers.js pixels vs transformers' ({count} image(s)): grid tiles max |diff| {crops:.2e}, "
               f"global view max |diff| {global_view:.3f}")
 
 
@@ -175,7 +194,7 @@ def test_transformers_js_agreement_is_reported(exported, photos, record_property
     manifest = json.loads((out / "vledge.json").read_text())
     eos = manifest["special_tokens"]["eos"]
     report = {}
-    for photo in photos:
+    for photo in photos[:2]:
         reference = until_eos(hf_pipeline(folder, photo)["ids"], eos)
         got = until_eos(run_node(out, photo, FP32)["ids"], eos)
         runtime = load(out, precision="fp32", providers="cpu", threads=1)
@@ -245,3 +264,19 @@ def test_tiled_directories_whose_vision_graph_takes_tiles_alone_still_load(expor
         assert runtime.placement()["vision_encoder"]  # the probe feeds fit the graph's rank
         answers.append(runtime.ask(str(photos[0]), QUESTION, GenerationOptions(max_new_tokens=NEW_TOKENS)).token_ids)
     assert answers[0] == answers[1] and len(answers[0]) >= 4
+
+
+def test_tile_markers_transformers_js_does_not_write_are_named(exported):
+    """transformers.js writes its own tile markers; a model with other ones gets a reason, not files."""
+    import dataclasses
+
+    from vledge.export.transformers_js import parent_model_type, unsupported_reason
+    from vledge.manifest import read_manifest
+
+    config = read_manifest(exported[0]).model_config
+    assert unsupported_reason(config) is None and parent_model_type(config) == "smolvlm"
+    spec = config.preprocess
+    other = dataclasses.replace(config, preprocess=dataclasses.replace(
+        spec, tiles=dataclasses.replace(spec.tiles, global_token="<global>")))
+    assert "global_token is '<global>'" in unsupported_reason(other)
+    assert "'<global-img>'" in unsupported_reason(other)

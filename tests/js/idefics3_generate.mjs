@@ -1,5 +1,6 @@
 // Greedy Idefics3 / SmolVLM generation with transformers.js on a local model folder; prints one JSON line.
-// usage: node idefics3_generate.mjs MODEL_DIR IMAGE PROMPT_JSON [NEW_TOKENS] [DTYPE_JSON] [PIXELS_OUT]
+// usage: node idefics3_generate.mjs MODEL_DIR IMAGES PROMPT_JSON [NEW_TOKENS] [DTYPE_JSON] [PIXELS_OUT]
+// IMAGES: one image path, or a JSON array of paths (several images in the one prompt, in order).
 // PROMPT_JSON: {"text": "..."} used as it is, or {"messages": [...]} rendered by the folder's chat template.
 // DTYPE_JSON: a per-graph dtype object, or "" for what the folder's config.json selects.
 // PIXELS_OUT: where to write the processor's pixel_values (float32, little-endian, row-major; dims in the JSON).
@@ -8,9 +9,9 @@ import {
   AutoConfig, AutoProcessor, Idefics3ForConditionalGeneration, RawImage, SmolVLMForConditionalGeneration, env,
 } from "@huggingface/transformers";
 
-const [modelDir, imagePath, promptJson, newTokens = "16", dtypeJson = "", pixelsOut = ""] = process.argv.slice(2);
-if (!modelDir || !imagePath || !promptJson) {
-  console.error("usage: node idefics3_generate.mjs MODEL_DIR IMAGE PROMPT_JSON [NEW_TOKENS] [DTYPE_JSON] [PIXELS_OUT]");
+const [modelDir, imagesArg, promptJson, newTokens = "16", dtypeJson = "", pixelsOut = ""] = process.argv.slice(2);
+if (!modelDir || !imagesArg || !promptJson) {
+  console.error("usage: node idefics3_generate.mjs MODEL_DIR IMAGES PROMPT_JSON [NEW_TOKENS] [DTYPE_JSON] [PIXELS_OUT]");
   process.exit(2);
 }
 env.allowRemoteModels = false;
@@ -27,8 +28,9 @@ const model = await Model.from_pretrained(modelDir, {
 });
 const prompt = JSON.parse(promptJson);
 const text = prompt.text ?? processor.apply_chat_template(prompt.messages, { add_generation_prompt: true });
-const image = await RawImage.read(imagePath);
-const inputs = await processor(text, [image]);
+const paths = imagesArg.startsWith("[") ? JSON.parse(imagesArg) : [imagesArg];
+const images = await Promise.all(paths.map((path) => RawImage.read(path)));
+const inputs = await processor(text, images);
 if (pixelsOut) {
   const data = inputs.pixel_values.data;
   writeFileSync(pixelsOut, Buffer.from(data.buffer, data.byteOffset, data.byteLength));
