@@ -51,5 +51,13 @@ def check_fits_memory(parameters: int, where: str, available: int | None = None)
     log.debug("%s: about %d parameters (%.2f GiB float32)", where, parameters, needed / 2**30)
 
 
+def check_parts_fit(language, vision, where: str) -> None:
+    """:func:`check_fits_memory` for a language model and a vision backbone about to be read from a folder."""
+    from vledge.families import vision_family
+
+    check_fits_memory(language.family.parameter_count(language)
+                      + (vision_family(vision.backbone).parameter_count(vision) or 0), where)
+
+
 def check_model_fits(model_config, where: str) -> None:
     check_fits_memory(model_parameters(model_config), where)

@@ -20,14 +20,14 @@ import torch
 
 from vledge.config import ImageTiles, ModelConfig, PreprocessSpec, ProjectorConfig, VisionConfig
 from vledge.errors import ConfigError, WeightsError
-from vledge.families import language_family_for_hf_model_type, vision_family
+from vledge.families import language_family_for_hf_model_type
 from vledge.families.hf_config import HFConfig
-from vledge.families.size import check_fits_memory
+from vledge.families.size import check_parts_fit
 from vledge.hf.folder import check_weight_values, local_folder, read_config_json, read_safetensors, source_record, weight_files
 from vledge.hf.generation_config import with_stop_ids
 from vledge.hf.llava import check_fusion_state, image_processor_config, text_config_json
 from vledge.hf.llava_prompt import llava_prompt
-from vledge.hf.vision import read_json, vit_config_from_hf, vit_state_from_hf
+from vledge.hf.vision import fusion_tower_state, read_json, vit_config_from_hf
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +109,6 @@ def _lm_tensors(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def load_idefics3_folder(path: str | Path, context: int = 4096):
     """(ModelConfig, tokenizer JSON, state dict, image token id) of an Idefics3 / SmolVLM folder."""
     from vledge.hf.tokenizer import adapt_tokenizer
-    from vledge.models.vit import VisionTransformer
 
     folder = local_folder(path, "Idefics3 model")
     config = read_idefics3_config(folder)
@@ -132,15 +131,11 @@ def load_idefics3_folder(path: str | Path, context: int = 4096):
         raise ConfigError(f"{where}: an image's {tile_tokens} tokens per tile leave too little room in the language "
                           f"model's {language.max_positions} positions")
     vision = VisionConfig(backbone=vit.family, vit=vit)
-    check_fits_memory(family.parameter_count(language) + (vision_family(vit.family).parameter_count(vision) or 0),
-                      where)
+    check_parts_fit(language, vision, where)
 
     files = weight_files(folder)
     tensors = read_safetensors(files)
-    with torch.device("meta"):
-        skeleton = VisionTransformer(vit)
-    state = {f"vision.backbone.{name}": tensor
-             for name, tensor in vit_state_from_hf(tensors, _VISION_PREFIX, skeleton, str(folder)).items()}
+    state = fusion_tower_state(tensors, _VISION_PREFIX, vit, str(folder))
     projection = tensors.get(_PROJECTION)
     if projection is None:
         raise WeightsError(f"{folder}: no {_PROJECTION} in its safetensors files")

@@ -20,14 +20,14 @@ import torch
 
 from vledge.config import ModelConfig, ProjectorConfig, VisionConfig
 from vledge.errors import ConfigError, WeightsError
-from vledge.families import language_family_for_hf_model_type, vision_family
-from vledge.families.size import check_fits_memory
+from vledge.families import language_family_for_hf_model_type
+from vledge.families.size import check_parts_fit
 from vledge.hf.folder import check_weight_values, local_folder, read_config_json, read_safetensors, source_record, weight_files
 from vledge.hf.generation_config import with_stop_ids
 from vledge.hf.image_processor import preprocess_spec_from_hf
 from vledge.hf.language_model import lm_state_from_hf
 from vledge.hf.llava_prompt import llava_prompt
-from vledge.hf.vision import read_json, vit_config_from_hf, vit_state_from_hf
+from vledge.hf.vision import fusion_tower_state, read_json, vit_config_from_hf
 
 log = logging.getLogger(__name__)
 
@@ -149,7 +149,7 @@ def load_llava_folder(path: str | Path, context: int = 4096, backend: str = "pil
     the model was trained with in transformers 4.x, or "torchvision").
     """
     from vledge.hf.tokenizer import adapt_tokenizer
-    from vledge.models.vit import VisionTransformer
+    from vledge.models.vit import resolved_feature_layers
 
     folder = local_folder(path, "LLaVA model")
     config = read_llava_config(folder)
@@ -168,18 +168,14 @@ def load_llava_folder(path: str | Path, context: int = 4096, backend: str = "pil
         raise ConfigError(f"{processor_where}: the processor makes {spec.image_size} px images, the vision tower "
                           f"reads {vit.image_size} px")
     vision = VisionConfig(backbone=vit.family, vit=vit)
-    check_fits_memory(family.parameter_count(language) + (vision_family(vit.family).parameter_count(vision) or 0),
-                      where)
+    check_parts_fit(language, vision, where)
 
     files = weight_files(folder)
     tensors = read_safetensors(files)
     vision_prefix = _prefix(tensors, _VISION_PREFIXES, "embeddings.patch_embedding.weight")
     if vision_prefix is None:
         raise WeightsError(f"{folder}: no vision_tower embeddings.patch_embedding.weight in its safetensors files")
-    with torch.device("meta"):
-        skeleton = VisionTransformer(vit)
-    state = {f"vision.backbone.{name}": tensor
-             for name, tensor in vit_state_from_hf(tensors, vision_prefix, skeleton, str(folder)).items()}
+    state = fusion_tower_state(tensors, vision_prefix, vit, str(folder))
     state.update(_projector_state(tensors, config["multimodal_projector_bias"], folder))
     projected = state["projector.0.weight"].shape
     if tuple(projected) != (language.hidden, vit.out_features):
@@ -209,7 +205,7 @@ def load_llava_folder(path: str | Path, context: int = 4096, backend: str = "pil
         special_tokens=adapted.roles,
     )
     log.info("LLaVA folder %s: %s tower (%d layers, %d image tokens), %s LM (%d layers, hidden %d)", folder,
-             vit.family, len(skeleton.encoder.layers), vit.num_tokens, language.kind, language.layers,
+             vit.family, max(resolved_feature_layers(vit)), vit.num_tokens, language.kind, language.layers,
              language.hidden)
     return LlavaImport(model_config=model_config, tokenizer_json=tokenizer.to_json(), state_dict=state,
                        image_token_id=image_token_id, source=source)

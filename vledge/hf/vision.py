@@ -46,6 +46,18 @@ def vit_state_from_hf(tensors: Mapping[str, torch.Tensor], prefix: str, model: t
     return state
 
 
+def fusion_tower_state(tensors: Mapping[str, torch.Tensor], prefix: str, vit: ViTConfig,
+                       source: str) -> dict[str, torch.Tensor]:
+    """A whole vision-language folder's tower tensors (under ``prefix``) in the fusion model's names
+    (``vision.backbone.*``), checked against the tower ``vit`` describes (built on the meta device)."""
+    from vledge.models.vit import VisionTransformer
+
+    with torch.device("meta"):
+        skeleton = VisionTransformer(vit)
+    return {f"vision.backbone.{name}": tensor
+            for name, tensor in vit_state_from_hf(tensors, prefix, skeleton, source).items()}
+
+
 def read_json(path: Path, what: str) -> dict:
     """A JSON object from a capped regular file (vledge.reads); anything else is one ConfigError naming it."""
     if not path.exists():
