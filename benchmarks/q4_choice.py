@@ -1,6 +1,6 @@
 """Which 4-bit decoder to ship for a Llama-family LM: drift, perplexity and decode speed per packing, measured.
 
-    python benchmarks/q4_choice.py HF_FOLDER [--work DIR] [--tokens 512] [--steps 30] [--json OUT]
+    python benchmarks/q4_choice.py HF_FOLDER [--work DIR] [--tokens 256] [--steps 30] [--json OUT]
 
 Exports the merged decoder of the Hugging Face LM folder the way ``vledge export`` does (fp32, optimised, fused),
 then writes 4-bit (and, for comparison, 8-bit) MatMulNBits variants of it, all with ``accuracy_level`` 4:
@@ -13,7 +13,7 @@ then writes 4-bit (and, for comparison, 8-bit) MatMulNBits variants of it, all w
   ``h4`` (the body's 4-bit packing) or ``hf`` (float32).
 
 For each, against the fp32 graph, on the first ``--tokens`` tokens of ``benchmarks/text/public_domain_english.txt``
-in one teacher-forced pass: top-1 next-token agreement, mean KL(fp32 || variant) in nats, perplexity; then the median
+fed through the KV cache: top-1 next-token agreement, mean KL(fp32 || variant) in nats, perplexity; then the median
 ms of one decode step at past 64 and 512, one thread, variants interleaved round by round; and the file size.
 """
 
@@ -92,20 +92,21 @@ def session(path: Path, threads: int = 1):
 
 
 def forced(sess, config, embed: np.ndarray, ids: list[int], vocab: int) -> np.ndarray:
-    """Log-probabilities [len(ids), vocab] of one teacher-forced pass (prefill of the whole text)."""
-    from weight_only_choice import _empty_past, _feeds
+    """Log-probabilities [len(ids), vocab] of the text fed token by token through the KV cache (the graph returns
+    the last position's logits only)."""
+    from weight_only_choice import forced_log_probs
 
     from vledge.decoding import log_softmax
 
-    logits = sess.run(["logits"], _feeds(config, embed[ids][None], _empty_past(config), len(ids)))[0][0]
-    return np.stack([log_softmax(row[:vocab].astype(np.float64)) for row in logits])
+    rows = forced_log_probs(sess, config, embed, ids)
+    return np.stack([log_softmax(row[:vocab].astype(np.float64)) for row in rows])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("folder", type=Path)
     parser.add_argument("--work", type=Path, default=Path("bench-q4-choice"))
-    parser.add_argument("--tokens", type=int, default=512)
+    parser.add_argument("--tokens", type=int, default=256)
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--json", type=Path)
