@@ -350,6 +350,7 @@ def main() -> None:
     parser.add_argument("--quality-tokens", type=int, default=256)
     parser.add_argument("--ttft-repeats", type=int, default=3)
     parser.add_argument("--engines", default=",".join(ENGINES))
+    parser.add_argument("--no-quality", action="store_true", help="timings only")
     parser.add_argument("--genai-python", type=Path, default=Path(sys.executable))
     parser.add_argument("--timeout", type=float, default=3600)
     parser.add_argument("--json", type=Path)
@@ -384,10 +385,10 @@ def main() -> None:
     engines = [e for e in wanted if e in ENGINES and "not installed" not in report["peers"].get(e, "")]
     report["files_mb"] = {e: round(sum(p.stat().st_size for p in files[e] if p.exists()) / 1e6, 1) for e in engines}
     quality = {}
-    for engine in engines:
+    for engine in [] if args.no_quality else engines:
         quality[engine] = spawn(args, engine, "quality", 1, out_npy=args.cache / f"quality-{engine}.npy")
-    reference = np.load(args.cache / "quality-pytorch-eager.npy")
-    for engine in engines:
+    for engine in quality:
+        reference = np.load(args.cache / "quality-pytorch-eager.npy")
         ours = np.load(args.cache / f"quality-{engine}.npy")
         quality[engine]["top1_vs_transformers"] = float((ours.argmax(-1) == reference.argmax(-1)).mean())
         quality[engine]["mean_kl_vs_transformers"] = float((np.exp(reference) * (reference - ours)).sum(-1).mean())
