@@ -31,7 +31,8 @@ import numpy as np
 
 from vledge.errors import QuantizationError
 
-__all__ = ["SCHEMES", "pack_minmax4", "pack_symmetric8", "replace_matmuls"]
+__all__ = ["SCHEMES", "pack_gather", "pack_minmax4", "pack_offset_rows", "pack_symmetric8", "replace_gather",
+           "replace_matmuls"]
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +48,7 @@ def _blocks(weight: np.ndarray, block: int) -> np.ndarray:
 
 
 def pack_minmax4(weight: np.ndarray, block: int = 32) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """4-bit codes [N, K/block, block/2], scales [N, K/block], zero points [N, K/block] (unpacked), offsets [N, K/block].
+    """4-bit codes [N, K/block, block/2]; scales, zero points (unpacked) and offsets, each [N, K/block].
 
     Dequantized: ``(q - z) * d + r`` per block, ``r`` being the part of the block's minimum that the whole-number
     zero point ``z`` cannot express (see the module docstring).
@@ -109,10 +110,10 @@ def replace_matmuls(model, scheme: str, names: set[str], block: int = 32, accura
     """Replace the weight MatMuls named in ``names`` by MatMulNBits packed with ``scheme``; returns how many.
 
     The offset correction of ``minmax4`` reshapes the MatMul's input and needs its rank: the graph's shape
-    information where it has one, else ``input_rank`` (a decoder's hidden states are [batch, seq, hidden]; the
-    exporter's numerical check of the rewritten graph catches a wrong guess). A MatMul whose weight rows are not a
-    whole number of blocks is left as it is (the caller's fallback quantizes it). ``offset_correction=False``
-    drops ``R`` (measurement only: each block is then off by its rounded offset).
+    information where it has one, else ``input_rank`` (a decoder's hidden states are [batch, seq, hidden]; a
+    wrong guess fails loudly when the graph first runs, in the export's parity measurement). A MatMul whose weight
+    rows are not a whole number of blocks is left as it is (the caller's fallback quantizes it).
+    ``offset_correction=False`` drops ``R`` (measurement only: each block is then off by its rounded offset).
     """
     from onnx import helper, numpy_helper
 
