@@ -83,11 +83,11 @@ class Graphs:
         """The same as :meth:`embed_ids`, read from the token table (built on first use) when there is one."""
         ids = np.asarray(ids, dtype=np.int64)
         table = self.token_table()
-        if table is not None:
-            if ids.size and (ids.min() < 0 or ids.max() >= table.shape[0]):
-                raise ConfigError(f"token ids must be in [0, {table.shape[0]}), got {ids.min()}..{ids.max()}")
-            return table[ids]
-        return self.run_embed(ids)
+        rows = table.shape[0] if table is not None else self.vocab_size
+        # checked here for the graph too: a quantized table (GatherBlockQuantized) returns zeros for a bad id
+        if rows > 0 and ids.size and (ids.min() < 0 or ids.max() >= rows):
+            raise ConfigError(f"token ids must be in [0, {rows}), got {ids.min()}..{ids.max()}")
+        return table[ids] if table is not None else self.run_embed(ids)
 
     def lookup_step(self, tokens: np.ndarray) -> np.ndarray:
         """Embeddings [rows, 1, hidden] of one token per row, for a decode step (ids come from the logits)."""

@@ -1,9 +1,12 @@
 """What the export's parity gate recorded about a variant, read back when a variant is loaded. Torch-free.
 
-The export measures every variant against PyTorch and records the budgets ``--quantize auto``
-chose with (``parity.max_accuracy_drop``, ``parity.min_token_agreement``). A variant outside them
-still loads when asked for by name, but with one warning naming what was recorded; ``auto``
-never loads it.
+The export measures every variant against PyTorch and records its verdict per variant
+(``parity.gate.verdicts``: passed, the metric that decided, the reasons), which decides here: a
+variant the teacher-forced gate passed loads even where its free-running agreement is low (a small
+LM's long answers diverge after the first near-tie). Directories written before verdicts were
+recorded are judged on the budgets they recorded (``parity.max_accuracy_drop``,
+``parity.min_token_agreement``). A failed variant still loads when asked for by name, but with one
+warning naming what was recorded; ``auto`` never loads it.
 """
 
 from __future__ import annotations
@@ -26,6 +29,15 @@ def gate_failure(manifest: Manifest, component: str, precision: str) -> str | No
     measured = variants.get(f"{component}:{precision}") if isinstance(variants, dict) else None
     if not isinstance(measured, dict):
         return None
+    gate = parity.get("gate") if isinstance(parity.get("gate"), dict) else {}
+    verdicts = gate.get("verdicts") if isinstance(gate.get("verdicts"), dict) else {}
+    verdict = verdicts.get(f"{component}:{precision}")
+    if isinstance(verdict, dict) and isinstance(verdict.get("passed"), bool):
+        if verdict["passed"]:
+            return None
+        reasons = [str(r) for r in verdict.get("reasons", []) if isinstance(r, str)] or ["no reason recorded"]
+        return (f"{component} {precision} failed the export's parity gate ({verdict.get('decided_by', 'gate')}): "
+                + " and ".join(reasons))
     problems = []
     generation = measured.get("generation") if isinstance(measured.get("generation"), dict) else {}
     agreement = _number(generation.get("token_agreement"))

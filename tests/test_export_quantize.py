@@ -145,11 +145,11 @@ def test_available_precisions_and_refusals(tiny, tmp_path):
     paths, _ = tiny
     assert q.AVAILABLE == {
         "vision_encoder": ("fp32", "fp16", "int8"),
-        "embed_tokens": ("fp32", "fp16"),
+        "embed_tokens": ("fp32", "fp16", "int8"),
         "decoder_model_merged": ("fp32", "fp16", "int8", "q4"),
     }
-    with pytest.raises(QuantizationError, match="embed_tokens.*sensitive"):
-        q.quantize_component("embed_tokens", "int8", paths["embed_tokens"], tmp_path / "e.onnx")
+    with pytest.raises(QuantizationError, match="embed_tokens.*drifted"):
+        q.quantize_component("embed_tokens", "q4", paths["embed_tokens"], tmp_path / "e.onnx")
     with pytest.raises(QuantizationError, match="convolutions"):
         q.quantize_component("vision_encoder", "q4", paths["vision_encoder"], tmp_path / "v.onnx")
     with pytest.raises(QuantizationError, match="unknown component"):
@@ -171,6 +171,22 @@ def test_fp32_passthrough_is_validated_copy(tiny, tmp_path):
     paths, _ = tiny
     out = q.quantize_component("embed_tokens", "fp32", paths["embed_tokens"], tmp_path / "embed_tokens.onnx")
     assert out.read_bytes() == paths["embed_tokens"].read_bytes()
+
+
+def test_embed_int8_is_an_8bit_table(tiny, tmp_path):
+    paths, config = tiny
+    target = tmp_path / "embed_tokens_int8.onnx"
+    if config.language.hidden % 32:
+        with pytest.raises(QuantizationError, match="multiple of 32"):
+            q.quantize_component("embed_tokens", "int8", paths["embed_tokens"], target)
+        return
+    out = q.quantize_component("embed_tokens", "int8", paths["embed_tokens"], target)
+    assert _ops(out) == ["GatherBlockQuantized"]
+    ids = np.arange(min(40, config.language.vocab_size), dtype=np.int64).reshape(2, -1)
+    want = _session(paths["embed_tokens"]).run(None, {"input_ids": ids})[0]
+    got = _session(out).run(None, {"input_ids": ids})[0]
+    assert got.shape == want.shape and np.abs(got - want).max() <= np.abs(want).max() / 127 + 1e-6
+    assert out.stat().st_size < paths["embed_tokens"].stat().st_size / 2
 
 
 def test_reduce_range_follows_vnni(tmp_path):

@@ -161,3 +161,30 @@ def test_int8_weight_only_options_are_validated():
     for bad in (dict(int8_weights="static"), dict(int8_block_size=24), dict(int8_symmetric=1)):
         with pytest.raises(QuantizationError, match=next(iter(bad))):
             QuantizeOptions(**bad)
+
+
+def test_llama_q4_is_minmax_with_block_offsets_and_tracks_fp32(decoders, tmp_path):
+    from vledge.export.fusion import decoder_probe
+    from vledge.export.quantize import QuantizeOptions, quantize_component
+    from vledge.families import language_family
+
+    family, _, pretrained, _, fused = decoders
+    assert language_family(family).q4_scheme == "minmax"
+    options = QuantizeOptions(keep_bits=language_family(family).q4_head_bits)
+    out = quantize_component("decoder_model_merged", "q4", fused, tmp_path / "q4.onnx", options=options,
+                             language_kind=family)
+    model = onnx.load(str(out))
+    attrs = {n.name: {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}
+             for n in model.graph.node if n.op_type == "MatMulNBits"}
+    hidden, inner, layers = pretrained.config.hidden, pretrained.config.intermediate, pretrained.config.layers
+    # rows in whole blocks of 32 (q/k/v, o, gate/up) carry their block offsets as K/32 extra rows; the down
+    # projection's 112 rows are not whole blocks and fall back to ONNX Runtime's packer; the head is 8-bit
+    assert sum(a["K"] == hidden + hidden // 32 and a["bits"] == 4 for a in attrs.values()) == 3 * layers
+    assert inner % 32 and sum(a["K"] == inner and a["bits"] == 4 for a in attrs.values()) == layers
+    head = next(n for n in model.graph.node if "logits" in n.output)
+    assert head.op_type == "MatMulNBits" and attrs[head.name]["bits"] == 8
+    assert _ops(out)["Concat"] >= _ops(fused)["Concat"] + 3 * layers
+    want, got = decoder_probe(_session(fused)), decoder_probe(_session(out))
+    for a, b in zip(want, got):
+        x, y = a[0].ravel(), b[0].ravel()
+        assert float(x @ y / (np.linalg.norm(x) * np.linalg.norm(y))) > 0.99

@@ -378,6 +378,20 @@ def test_token_table_matches_the_embed_graph(fp32):
         fp32.graphs.lookup_ids(np.array([[fp32.graphs.vocab_size]]))
 
 
+def test_an_8bit_token_table_loads_and_is_checked_like_the_float_one(tiny_model_dir, fp32):
+    from vledge.manifest import read_manifest
+
+    assert "int8" in read_manifest(tiny_model_dir).variants["embed_tokens"]
+    quantized = _load(tiny_model_dir, precision={"embed_tokens": "int8"})
+    assert quantized.precisions["embed_tokens"] == "int8"
+    quantized.graphs.use_embed_table = False  # the graph each step, as for a table too big to read into memory
+    ids = np.array([[0, 5, 17, fp32.tokenizer.eos_id], [3, 3, 2, 1]], dtype=np.int64)
+    want, got = fp32.graphs.embed_ids(ids), quantized.graphs.lookup_ids(ids)
+    assert np.abs(got - want).max() <= np.abs(want).max() / 127 + 1e-6 and not np.array_equal(got, 0 * got)
+    with pytest.raises(ConfigError, match="token ids"):  # GatherBlockQuantized itself would return zeros
+        quantized.graphs.lookup_ids(np.array([[quantized.graphs.vocab_size]]))
+
+
 # --------------------------------------------------------------------------- precisions and placement
 
 

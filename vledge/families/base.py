@@ -34,6 +34,9 @@ class LanguageFamily:
     q4_refusal: ClassVar[str | None] = None
     # q4 stores the LM head with this many bits instead of float (None: float).
     q4_head_bits: ClassVar[int | None] = None
+    # How q4 packs 4-bit weights: "onnxruntime" (its MatMulNBitsQuantizer, asymmetric, block 16) or "minmax"
+    # (vledge.export.nbits: min/max blocks of 32 with their exact offset; vledge.export.quantize.Q4_SCHEMES).
+    q4_scheme: ClassVar[str] = "onnxruntime"
     # How the int8 decoder stores its weights: "dynamic" (MatMulInteger, activations quantized per call) or
     # "matmulnbits" (8-bit weight-only MatMulNBits, float activations; chosen by measurement, docs/results.md).
     int8_weights: ClassVar[str] = "dynamic"
