@@ -270,7 +270,9 @@ def _export_into(root: Path, checkpoint, origin: dict, options: ExportOptions, s
             chosen[component] = precision
             parity[label] = _measure(root, chosen, samples, reference, options, on_questions, label)
 
-    selected = _select(parity, variants, options)
+    sizes = {c: {p: (root / f).stat().st_size for p, f in v.items() if (root / f).is_file()}
+             for c, v in variants.items()}
+    selected = _select(parity, variants, options, sizes)
     verdicts = {label: judge(p, options).to_dict() for label, p in parity.items()
                 if label not in ("fp32", "selected:cpu") and not label.endswith(":fp16")}
     if any(p != "fp32" for p in selected["cpu"].values()):
@@ -315,13 +317,22 @@ def _measure(root: Path, precisions: dict[str, str], samples: ParitySamples, ref
     return result
 
 
-def _select(parity: dict[str, VariantParity], variants: dict[str, dict[str, str]],
-            options: ExportOptions) -> dict[str, dict[str, str]]:
-    """Per component, the fastest CPU variant the gate passes (``vledge.export.gate``); fp16 for CUDA."""
+# Variants whose times differ by less than this are as fast as each other (timer noise on a shared CPU); the
+# smaller file wins among them (an 8-bit token table against the float one, for instance).
+SAME_SPEED_MS, SAME_SPEED_SHARE = 0.05, 0.05
+
+
+def _select(parity: dict[str, VariantParity], variants: dict[str, dict[str, str]], options: ExportOptions,
+            sizes: dict[str, dict[str, int]] | None = None) -> dict[str, dict[str, str]]:
+    """Per component, the fastest CPU variant the gate passes (``vledge.export.gate``); fp16 for CUDA.
+
+    With ``sizes`` (bytes per component and precision), variants as fast as the fastest within
+    ``SAME_SPEED_MS`` / ``SAME_SPEED_SHARE`` count as equal and the smallest of them is chosen.
+    """
     stage_key = {"vision_encoder": "vision_ms", "embed_tokens": "embed_ms", "decoder_model_merged": "decode_step_ms"}
     cpu: dict[str, str] = {}
     for component in COMPONENTS:
-        best, best_ms = "fp32", parity["fp32"].latency_ms.get(stage_key[component], float("inf"))
+        passing = {"fp32": parity["fp32"].latency_ms.get(stage_key[component], float("inf"))}
         for precision in variants[component]:
             measured = parity.get(f"{component}:{precision}")
             if precision in ("fp32", "fp16") or measured is None:
@@ -331,9 +342,17 @@ def _select(parity: dict[str, VariantParity], variants: dict[str, dict[str, str]
                 log.info("auto passes over %s:%s (%s): %s", component, precision, verdict.decided_by,
                          "; ".join(verdict.reasons))
                 continue
-            ms = measured.latency_ms.get(stage_key[component], float("inf"))
-            if ms < best_ms:
-                best, best_ms = precision, ms
+            passing[precision] = measured.latency_ms.get(stage_key[component], float("inf"))
+        fastest = min(passing, key=passing.get)
+        best = fastest
+        if sizes is not None:
+            limit = passing[fastest] + max(SAME_SPEED_MS, SAME_SPEED_SHARE * passing[fastest])
+            equal = [p for p, ms in passing.items() if ms <= limit and p in sizes.get(component, {})]
+            if equal:
+                best = min(equal, key=lambda p: (sizes[component][p], passing[p]))
+                if best != fastest:
+                    log.info("auto takes %s:%s over %s (as fast within %.3f ms, a smaller file)", component, best,
+                             fastest, limit - passing[fastest])
         cpu[component] = best
     cuda = {component: ("fp16" if "fp16" in variants[component] else "fp32") for component in COMPONENTS}
     return {"cpu": cpu, "cuda": cuda}

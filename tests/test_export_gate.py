@@ -178,3 +178,28 @@ def test_parity_text_is_teacher_forced(tiny_run, synth_data, tmp_path):
     assert q4.positions == 100 and q4.mean_kl > 0
     assert "text text.txt" in (result.model_dir / "parity.md").read_text()
     assert (result.model_dir / MANIFEST_NAME).exists()
+
+
+def test_auto_takes_the_smaller_of_two_variants_as_fast_as_each_other():
+    """Timer noise must not keep a float token table when an 8-bit one passes the gate and runs as fast."""
+    from vledge.export import ExportOptions
+    from vledge.export.export import _select
+
+    variants = {**VARIANTS, "embed_tokens": {"fp32": "e.onnx", "int8": "e8.onnx"}}
+    parity = {"fp32": _measured(1.0, 1.0, 1.0),
+              "embed_tokens:int8": _measured(1.0, 1.0, 1.0),
+              "decoder_model_merged:int8": _measured(0.99, 0.8, 0.995, 0.002),
+              "decoder_model_merged:q4": _measured(0.99, 0.8, 0.995, 0.002)}
+    parity["fp32"].latency_ms.update(embed_ms=0.01, decode_step_ms=40.0)
+    parity["embed_tokens:int8"].latency_ms.update(embed_ms=0.03)
+    parity["decoder_model_merged:int8"].latency_ms.update(decode_step_ms=19.0)
+    parity["decoder_model_merged:q4"].latency_ms.update(decode_step_ms=19.5)
+    sizes = {"embed_tokens": {"fp32": 113_000_000, "int8": 32_000_000},
+             "decoder_model_merged": {"fp32": 539_000_000, "int8": 152_000_000, "q4": 104_000_000},
+             "vision_encoder": {"fp32": 1_000_000}}
+    chosen = _select(parity, variants, ExportOptions(), sizes)["cpu"]
+    assert chosen["embed_tokens"] == "int8" and chosen["decoder_model_merged"] == "q4"
+    without_sizes = _select(parity, variants, ExportOptions())["cpu"]  # the fastest alone
+    assert without_sizes["embed_tokens"] == "fp32" and without_sizes["decoder_model_merged"] == "int8"
+    parity["decoder_model_merged:q4"].latency_ms.update(decode_step_ms=25.0)  # clearly slower: speed decides
+    assert _select(parity, variants, ExportOptions(), sizes)["cpu"]["decoder_model_merged"] == "int8"
