@@ -33,6 +33,8 @@ from vledge.errors import QuantizationError
 from vledge.families import language_family
 from vledge.export.onnx_files import (atomic_output, copy_graph, load_graph, op_types, quiet, save_graph,
                                       source_graph, validate_graph)
+from vledge.export.calibration import (calibration_reader, calibration_within_memory, input_shape,
+                                       check_calibration)
 from vledge.export.fp16 import FP16_SAFE_LIMIT, _clamp_for_fp16, convert_fp16  # noqa: F401 (part of this module's API)
 from vledge.export.optimize import COMPONENTS
 
@@ -142,58 +144,6 @@ def resolve_reduce_range(reduce_range: bool | None) -> bool:
 # --------------------------------------------------------------------------- int8
 
 
-def _input_shape(model, name: str) -> list[int | None]:
-    for value in model.graph.input:
-        if value.name == name:
-            return [dim.dim_value if dim.HasField("dim_value") else None for dim in value.type.tensor_type.shape.dim]
-    raise QuantizationError(f"the graph has no input named {name!r}")
-
-
-def check_calibration(calibration, expected: list[int | None] | None = None) -> np.ndarray:
-    """Calibration pixels as float32 [N, 3, H, W] with N > 0, or a typed error saying what is wrong."""
-    if not isinstance(calibration, np.ndarray):
-        raise QuantizationError(f"calibration must be a numpy array [N, 3, H, W], got {type(calibration).__name__}")
-    if calibration.ndim != 4 or calibration.shape[1] != 3:
-        raise QuantizationError(f"calibration must have shape [N, 3, H, W], got {list(calibration.shape)}")
-    if calibration.shape[0] == 0:
-        raise QuantizationError("the calibration set is empty; static int8 needs representative images")
-    if not np.issubdtype(calibration.dtype, np.floating):
-        raise QuantizationError(f"calibration must hold preprocessed float pixels, got dtype {calibration.dtype}")
-    if expected is not None:
-        for axis in (2, 3):
-            if expected[axis] is not None and calibration.shape[axis] != expected[axis]:
-                raise QuantizationError(
-                    f"calibration images are {calibration.shape[2]}x{calibration.shape[3]}, "
-                    f"the vision encoder expects {expected[2]}x{expected[3]}"
-                )
-    pixels = np.ascontiguousarray(calibration, dtype=np.float32)
-    if not np.isfinite(pixels).all():
-        raise QuantizationError("calibration pixels contain NaN or infinity")
-    return pixels
-
-
-def _calibration_reader(pixels: np.ndarray, batch_size: int):
-    from onnxruntime.quantization import CalibrationDataReader
-
-    class PixelBatches(CalibrationDataReader):
-        """Feeds the calibration pixels to the encoder in batches."""
-
-        def __init__(self) -> None:
-            self.index = 0
-
-        def get_next(self):
-            if self.index >= len(pixels):
-                return None
-            batch = pixels[self.index:self.index + batch_size]
-            self.index += batch_size
-            return {"pixel_values": batch}
-
-        def rewind(self) -> None:
-            self.index = 0
-
-    return PixelBatches()
-
-
 def quantize_vision_int8(src: Path, dst: Path, calibration: np.ndarray, method: str = "minmax",
                          per_channel: bool = True, reduce_range: bool | None = None, batch_size: int = 8) -> Path:
     """Static QDQ int8 of the vision encoder (CNN + projector), calibrated on preprocessed pixels.
@@ -208,7 +158,7 @@ def quantize_vision_int8(src: Path, dst: Path, calibration: np.ndarray, method: 
                     calibration_batch_size=batch_size)  # validates the arguments
     src = source_graph(src)
     model = load_graph(src)
-    pixels = check_calibration(calibration, _input_shape(model, "pixel_values"))
+    pixels = check_calibration(calibration, input_shape(model, "pixel_values"))
     calibrate_method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
                         "percentile": CalibrationMethod.Percentile}[method]
     reduce = resolve_reduce_range(reduce_range)
@@ -220,11 +170,12 @@ def quantize_vision_int8(src: Path, dst: Path, calibration: np.ndarray, method: 
         except Exception as exc:
             log.warning("quantization pre-processing of %s failed (%s); quantizing the graph as it is", src.name, exc)
             shutil.copyfile(src, prepared)
+        pixels, batch_size = calibration_within_memory(prepared, pixels, batch_size, method)
         with atomic_output(Path(dst)) as out:
             try:
                 with quiet():
                     quantize_static(
-                        str(prepared), str(out), _calibration_reader(pixels, batch_size),
+                        str(prepared), str(out), calibration_reader(pixels, batch_size),
                         quant_format=QuantFormat.QDQ, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                         per_channel=per_channel, reduce_range=reduce, calibrate_method=calibrate_method,
                     )
@@ -390,7 +341,7 @@ def _minmax_q4(model, candidates: list, kept: list[str], keep_bits: int | None, 
     """The ``minmax`` q4: vledge's packing where the rows allow it, ONNX Runtime's for the rest."""
     from vledge.export.nbits import replace_matmuls
 
-    rank = len(_input_shape(model, "inputs_embeds")) if "inputs_embeds" in {v.name for v in model.graph.input} else 3
+    rank = len(input_shape(model, "inputs_embeds")) if "inputs_embeds" in {v.name for v in model.graph.input} else 3
     body = {node.name for node in candidates} - set(kept)
     replace_matmuls(model, "minmax4", body, accuracy_level=accuracy_level, input_rank=rank)
     if keep_bits == 8 and kept:

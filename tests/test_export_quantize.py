@@ -465,3 +465,34 @@ def test_quantization_errors_are_export_errors():
 
     assert issubclass(QuantizationError, ExportError) and issubclass(QuantizationError, VledgeError)
     assert q.QuantizationError is QuantizationError
+
+
+def test_calibration_is_sized_to_the_memory_available(tmp_path, monkeypatch):
+    """The calibrator records every activation of every image it is fed: a real-size vision tower is calibrated on
+    as many images as fit a share of the memory, instead of exhausting it."""
+    import vledge.families.size as size
+    from vledge.export import calibration
+
+    pixels = np.zeros((64, 3, 8, 8), np.float32)
+    monkeypatch.setattr(calibration, "activation_bytes_per_image", lambda path: 900_000_000)
+    monkeypatch.setattr(size, "available_memory", lambda: 16 * 10**9)  # a quarter: 4 GB, 4 images
+    kept, batch = calibration.calibration_within_memory(tmp_path / "m.onnx", pixels, 8, "minmax")
+    assert batch == 4 and len(kept) == 4
+    monkeypatch.setattr(calibration, "activation_bytes_per_image", lambda path: 1000)
+    kept, batch = calibration.calibration_within_memory(tmp_path / "m.onnx", pixels, 8, "entropy")
+    assert batch == 8 and len(kept) == 64
+
+
+def test_activation_bytes_are_counted_from_the_inferred_shapes(tmp_path):
+    from onnx import TensorProto, helper
+
+    from vledge.export.calibration import activation_bytes_per_image
+
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["h"]), helper.make_node("Relu", ["h"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["tiles", 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["tiles", 3, 8, 8])],
+        value_info=[helper.make_tensor_value_info("h", TensorProto.FLOAT, ["tiles", 3, 8, 8])])
+    path = tmp_path / "g.onnx"
+    onnx.save(helper.make_model(graph), str(path))
+    assert activation_bytes_per_image(path) == 3 * 8 * 8 * 4  # one intermediate tensor, the tile axis as 1
