@@ -7,8 +7,8 @@ query heads, and appends the new keys and values to the cache itself. The decode
 change:
 
 * the keys, values and present tensors keep their layout ([batch, key_value_heads, past, head_dim], "BNSH");
-* rotary embeddings stay where they were, applied to the queries and keys before the op (from ``position_ids``,
-  so left padding keeps its meaning);
+* rotary embeddings are ONNX Runtime's ``com.microsoft.RotaryEmbedding`` on the queries and keys before the op,
+  from ``position_ids`` (so left padding keeps its meaning) and cos/sin tables of ``max_positions`` rows;
 * ``attention_mask``'s padding becomes the op's ``attention_bias`` (the last query of a row sees every key, so
   that row of the causal mask is the padding bias), every row's ``seqlens_k`` is the total length minus one, and
   the op applies the causal part itself.
@@ -74,18 +74,47 @@ class _GroupQueryAttention(torch.autograd.Function):
         return out, present_key, present_value
 
 
-def _attention_forward(self, x: torch.Tensor, mask: torch.Tensor, rotary, past):
-    """``vledge.models.llama.Attention.forward`` for the export: projections and rotary as before, then the op."""
-    from vledge.models.llama import rotate_half
+class _RotaryEmbedding(torch.autograd.Function):
+    """Reference arithmetic while tracing; one ``com.microsoft.RotaryEmbedding`` node in the exported graph.
 
+    ``x`` [batch, seq, heads * head_dim] is rotated by the angles of ``position_ids`` [batch, seq], looked up in
+    ``cos_cache`` / ``sin_cache`` [positions, head_dim / 2] (the halves layout, as ``rotate_half``).
+    """
+
+    @staticmethod
+    def forward(ctx, x, position_ids, cos_cache, sin_cache, heads: int):
+        batch, seq, width = x.shape
+        dim = width // heads
+        cos = torch.cat([cos_cache[position_ids]] * 2, dim=-1)[:, :, None]  # [B, S, 1, D]
+        sin = torch.cat([sin_cache[position_ids]] * 2, dim=-1)[:, :, None]
+        x = x.view(batch, seq, heads, dim)
+        first, second = x[..., : dim // 2], x[..., dim // 2:]
+        return (x * cos + torch.cat([-second, first], dim=-1) * sin).reshape(batch, seq, width)
+
+    @staticmethod
+    def symbolic(g, x, position_ids, cos_cache, sin_cache, heads):
+        out = g.op("com.microsoft::RotaryEmbedding", x, position_ids, cos_cache, sin_cache, interleaved_i=0,
+                   num_heads_i=heads)
+        out.setType(x.type().with_sizes([None] * 3))
+        return out
+
+
+def rotary_caches(rotary: nn.Module, positions: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin [positions, head_dim / 2] with the same float32 products as ``RotaryEmbedding.forward``."""
+    angles = torch.arange(positions, dtype=torch.float32)[:, None] * rotary.inv_freq.float()[None, :]
+    return angles.cos(), angles.sin()
+
+
+def _attention_forward(self, x: torch.Tensor, mask: torch.Tensor, rotary, past):
+    """``vledge.models.llama.Attention.forward`` for the export: the projections, then RotaryEmbedding on the queries
+    and keys (``rotary`` is the position ids here) and GroupQueryAttention."""
     batch, seq, _ = x.shape
-    heads, kv_heads, dim = self.heads, self.kv_heads, self.head_dim
-    q = self.q_proj(x).view(batch, seq, heads, dim).transpose(1, 2)
-    k = self.k_proj(x).view(batch, seq, kv_heads, dim).transpose(1, 2)
+    heads, kv_heads = self.heads, self.kv_heads
+    position_ids = rotary[0]
+    cos_cache, sin_cache = self.rotary_caches
+    q = _RotaryEmbedding.apply(self.q_proj(x), position_ids, cos_cache, sin_cache, heads)
+    k = _RotaryEmbedding.apply(self.k_proj(x), position_ids, cos_cache, sin_cache, kv_heads)
     v = self.v_proj(x)
-    cos, sin = rotary
-    q = (q * cos + rotate_half(q) * sin).transpose(1, 2).reshape(batch, seq, heads * dim)
-    k = (k * cos + rotate_half(k) * sin).transpose(1, 2).reshape(batch, seq, kv_heads * dim)
     total_len = mask.shape[-1]
     padding = mask[:, :, -1:, :].expand(batch, 1, seq, total_len)  # the last query's row: padding only
     seqlens = mask[:, 0, -1, :].new_ones(mask.shape[0], total_len).sum(-1).to(torch.int32) - 1
@@ -97,17 +126,25 @@ def _attention_forward(self, x: torch.Tensor, mask: torch.Tensor, rotary, past):
 
 @contextlib.contextmanager
 def grouped_query_attention(model: nn.Module):
-    """Within the block, every Llama-family attention module of ``model`` exports as GroupQueryAttention."""
-    from vledge.models.llama import Attention
+    """Within the block, every Llama-family decoder in ``model`` exports its attention as RotaryEmbedding +
+    GroupQueryAttention: each LM's rotary module hands the position ids on, and its attention modules read them."""
+    from vledge.models.llama import LlamaLM
 
-    modules = [m for m in model.modules() if isinstance(m, Attention)]
-    for module in modules:
-        module.forward = _attention_forward.__get__(module)
+    patched: list[nn.Module] = []
+    for lm in (m for m in model.modules() if isinstance(m, LlamaLM)):
+        caches = rotary_caches(lm.rotary, lm.config.max_positions)
+        lm.rotary.forward = lambda position_ids, dtype: (position_ids, None)
+        patched.append(lm.rotary)
+        for layer in lm.layers:
+            layer.self_attn.forward = _attention_forward.__get__(layer.self_attn)
+            layer.self_attn.rotary_caches = caches
+            patched.append(layer.self_attn)
     try:
-        yield len(modules)
+        yield len(patched)
     finally:
-        for module in modules:
+        for module in patched:
             del module.forward  # back to the class's method
+            module.__dict__.pop("rotary_caches", None)
 
 
 def _splice_optional_inputs(path: Path) -> int:

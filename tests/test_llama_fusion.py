@@ -58,6 +58,9 @@ def test_norms_fuse_and_projections_pack(decoders):
     # attention is one GroupQueryAttention a layer (no attention products left), in both graphs
     assert before["GroupQueryAttention"] == after["GroupQueryAttention"] == layers
     assert before["Softmax"] == after["Softmax"] == 0
+    # rotary embeddings are one RotaryEmbedding for the queries and one for the keys, a layer
+    assert before["RotaryEmbedding"] == after["RotaryEmbedding"] == 2 * layers
+    assert after["Neg"] == 0  # no rotate_half left
     # per layer: q/k/v -> 1 and gate/up -> 1 MatMul; o/down/head are left
     assert before["MatMul"] == 7 * layers + 1 and after["MatMul"] == 4 * layers + 1, (before, after)
     assert after["Split"] == before["Split"] + 2 * layers
