@@ -165,14 +165,7 @@ def replace_matmuls(model, scheme: str, names: set[str], block: int = 32, accura
         model.graph.initializer.extend(new)
         dropped.add(weight.name)
         replaced += 1
-    still_used = {name for node in nodes for name in node.input}
-    kept = [tensor for tensor in model.graph.initializer if tensor.name not in dropped or tensor.name in still_used]
-    del model.graph.initializer[:]
-    model.graph.initializer.extend(kept)
-    del model.graph.node[:]
-    model.graph.node.extend(nodes)
-    if replaced and not any(op.domain == "com.microsoft" for op in model.opset_import):
-        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    _install(model, nodes, dropped, replaced)
     return replaced
 
 
@@ -220,6 +213,15 @@ def replace_gather(model, bits: int, block: int = 32) -> int:
                                       quantize_axis=1))
         dropped.add(table.name)
         replaced += 1
+    _install(model, nodes, dropped, replaced)
+    return replaced
+
+
+def _install(model, nodes: list, dropped: set[str], replaced: int) -> None:
+    """Make ``nodes`` the graph's, drop the initializers ``dropped`` names that no node reads any more, and
+    import the com.microsoft domain if a node of it was made."""
+    from onnx import helper
+
     still_used = {name for node in nodes for name in node.input}
     kept = [tensor for tensor in model.graph.initializer if tensor.name not in dropped or tensor.name in still_used]
     del model.graph.initializer[:]
@@ -228,4 +230,3 @@ def replace_gather(model, bits: int, block: int = 32) -> int:
     model.graph.node.extend(nodes)
     if replaced and not any(op.domain == "com.microsoft" for op in model.opset_import):
         model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
-    return replaced
