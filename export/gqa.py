@@ -115,13 +115,21 @@ def _attention_forward(self, x: torch.Tensor, mask: torch.Tensor, rotary, past):
     q = _RotaryEmbedding.apply(self.q_proj(x), position_ids, cos_cache, sin_cache, heads)
     k = _RotaryEmbedding.apply(self.k_proj(x), position_ids, cos_cache, sin_cache, kv_heads)
     v = self.v_proj(x)
-    total_len = mask.shape[-1]
-    padding = mask[:, :, -1:, :].expand(batch, 1, seq, total_len)  # the last query's row: padding only
-    seqlens = mask[:, 0, -1, :].new_ones(mask.shape[0], total_len).sum(-1).to(torch.int32) - 1
-    total = seqlens.max() + 1
+    seqlens, total, padding = _attention_inputs(self.step_inputs, mask, batch, seq)
     y, present_k, present_v = _GroupQueryAttention.apply(q, k, v, past[0], past[1], seqlens, total, padding,
                                                          heads, kv_heads)
     return self.o_proj(y), (present_k, present_v)
+
+
+def _attention_inputs(shared: dict, mask: torch.Tensor, batch: int, seq: int):
+    """(seqlens_k, total_sequence_length, attention_bias) of one forward, made by its first layer and reused by the
+    others (every layer gets the same ``mask`` object), so the graph computes them once a step, not once a layer."""
+    if shared.get("mask") is not mask:
+        total_len = mask.shape[-1]
+        padding = mask[:, :, -1:, :].expand(batch, 1, seq, total_len)  # the last query's row: padding only
+        seqlens = mask[:, 0, -1, :].new_ones(mask.shape[0], total_len).sum(-1).to(torch.int32) - 1
+        shared.update(mask=mask, inputs=(seqlens, seqlens.max() + 1, padding))
+    return shared["inputs"]
 
 
 @contextlib.contextmanager
@@ -135,9 +143,11 @@ def grouped_query_attention(model: nn.Module):
         caches = rotary_caches(lm.rotary, lm.config.max_positions)
         lm.rotary.forward = lambda position_ids, dtype: (position_ids, None)
         patched.append(lm.rotary)
+        shared: dict = {}  # the step's GroupQueryAttention inputs, one set for all of this LM's layers
         for layer in lm.layers:
             layer.self_attn.forward = _attention_forward.__get__(layer.self_attn)
             layer.self_attn.rotary_caches = caches
+            layer.self_attn.step_inputs = shared
             patched.append(layer.self_attn)
     try:
         yield len(patched)
@@ -145,6 +155,7 @@ def grouped_query_attention(model: nn.Module):
         for module in patched:
             del module.forward  # back to the class's method
             module.__dict__.pop("rotary_caches", None)
+            module.__dict__.pop("step_inputs", None)
 
 
 def _splice_optional_inputs(path: Path) -> int:
