@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -140,29 +139,11 @@ def main() -> None:
                         "mean_kl": float(kl.mean()), "perplexity": round(float(np.exp(nll.mean())), 3),
                         "mb": round(path.stat().st_size / 1e6, 1)}
         print(name, report[name], file=sys.stderr)
-    from weight_only_choice import _empty_past, _feeds
+    from weight_only_choice import time_decode_steps, write_report
 
-    rng = np.random.default_rng(0)
     sessions = {name: session(path) for name, path in paths.items()}
-    for past_len in (64, 512):
-        feeds = _feeds(config, rng.standard_normal((1, 1, config.hidden)).astype(np.float32) * 0.05,
-                       _empty_past(config, past_len, rng), past_len + 1)
-        times: dict[str, list[float]] = {name: [] for name in sessions}
-        for sess in sessions.values():
-            sess.run(None, feeds)
-        for _ in range(args.steps):
-            for name, sess in sessions.items():
-                tick = time.perf_counter()
-                sess.run(None, feeds)
-                times[name].append((time.perf_counter() - tick) * 1e3)
-        for name in sessions:
-            report[name][f"ms_past{past_len}"] = round(float(np.median(times[name])), 2)
-    report["_meta"] = {"folder": str(args.folder), "tokens": len(ids), "steps": args.steps,
-                       "load": os.getloadavg(), "threads": 1}
-    text = json.dumps(report, indent=1)
-    print(text)
-    if args.json:
-        args.json.write_text(text)
+    time_decode_steps(sessions, config, args.steps, report, "ms_past{past}")
+    write_report(report, args, len(ids))
 
 
 if __name__ == "__main__":

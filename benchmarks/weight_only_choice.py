@@ -142,6 +142,12 @@ def main() -> None:
         kl = (np.exp(reference) * (reference - ours)).sum(-1)
         report[name] = {"top1": float((ours.argmax(-1) == reference.argmax(-1)).mean()), "mean_kl": float(kl.mean()),
                         "mb": round(paths[name].stat().st_size / 1e6, 1)}
+    time_decode_steps(sessions, config, args.steps, report, "decode_ms_past{past}")
+    write_report(report, args, len(ids))
+
+
+def time_decode_steps(sessions: dict, config, steps: int, report: dict, key: str) -> None:
+    """Median ms of one decode step per session at past 64 and 512 (sessions interleaved), into ``report``."""
     rng = np.random.default_rng(0)
     for past_len in (64, 512):
         feeds = _feeds(config, rng.standard_normal((1, 1, config.hidden)).astype(np.float32) * 0.05,
@@ -149,14 +155,18 @@ def main() -> None:
         times: dict[str, list[float]] = {name: [] for name in sessions}
         for sess in sessions.values():
             sess.run(None, feeds)
-        for _ in range(args.steps):  # interleaved rounds
+        for _ in range(steps):  # interleaved rounds
             for name, sess in sessions.items():
                 tick = time.perf_counter()
                 sess.run(None, feeds)
                 times[name].append((time.perf_counter() - tick) * 1e3)
         for name in sessions:
-            report[name][f"decode_ms_past{past_len}"] = round(float(np.median(times[name])), 2)
-    report["_meta"] = {"folder": str(args.folder), "tokens": len(ids), "steps": args.steps,
+            report[name][key.format(past=past_len)] = round(float(np.median(times[name])), 2)
+
+
+def write_report(report: dict, args, tokens: int) -> None:
+    """The report with the run's facts, printed and (with ``--json``) written."""
+    report["_meta"] = {"folder": str(args.folder), "tokens": tokens, "steps": args.steps,
                        "load": os.getloadavg(), "threads": 1}
     text = json.dumps(report, indent=1)
     print(text)
