@@ -205,6 +205,7 @@ def _export_into(root: Path, checkpoint, origin: dict, options: ExportOptions, s
             batch_tiles(sources[component], root / variant_filename(component, "fp32"))
         variants[component]["fp32"] = variant_filename(component, "fp32")
     tokenizer.save(root / TOKENIZER_NAME)
+    limits = _decoder_limits(root / variant_filename("decoder_model_merged", "fp32"))  # read once, not per manifest
 
     say("loading held-out data for calibration and parity")
     calibration, samples = _held_out_data(options, model, tokenizer, work)
@@ -219,7 +220,7 @@ def _export_into(root: Path, checkpoint, origin: dict, options: ExportOptions, s
     finally:
         torch.set_num_threads(threads_before)
 
-    manifest = _manifest(checkpoint, origin, tokenizer, model, variants, root)
+    manifest = _manifest(checkpoint, origin, tokenizer, model, variants, root, limits)
     _write_manifest(root, manifest)
 
     say("parity gate: fp32 graphs against PyTorch")
@@ -257,7 +258,7 @@ def _export_into(root: Path, checkpoint, origin: dict, options: ExportOptions, s
                 target.unlink(missing_ok=True)
                 continue
             variants[component][precision] = variant_filename(component, precision)
-            manifest = _manifest(checkpoint, origin, tokenizer, model, variants, root)
+            manifest = _manifest(checkpoint, origin, tokenizer, model, variants, root, limits)
             _write_manifest(root, manifest)
             budget = options.min_top1_agreement if options.gate == "teacher-forced" else options.min_token_agreement
             why = reason_not_to_measure(root, component, precision, samples, reference, budget, options.threads, cuda)
@@ -281,7 +282,7 @@ def _export_into(root: Path, checkpoint, origin: dict, options: ExportOptions, s
                                           "selected:cpu")
 
     shutil.rmtree(work, ignore_errors=True)
-    manifest = _manifest(checkpoint, origin, tokenizer, model, variants, root)
+    manifest = _manifest(checkpoint, origin, tokenizer, model, variants, root, limits)
     manifest.selected = selected
     manifest.parity = {
         "reference": {"engine": "pytorch", "accuracy": reference.accuracy, "questions": len(samples)},
@@ -440,7 +441,7 @@ def _decoder_limits(decoder: Path) -> dict:
     return {"cache_extend_rows": CACHE_EXTEND_ROWS} if any(n.op_type == OP for n in graph.node) else {}
 
 
-def _manifest(checkpoint, origin: dict, tokenizer, model, variants, root: Path) -> Manifest:
+def _manifest(checkpoint, origin: dict, tokenizer, model, variants, root: Path, limits: dict) -> Manifest:
     import onnx
     import onnxruntime
     import torch
@@ -460,7 +461,7 @@ def _manifest(checkpoint, origin: dict, tokenizer, model, variants, root: Path) 
         generation={"max_new_tokens": 32, "caption_prompt": CAPTION_PROMPT, "temperature": 0.0,
                     "eos_token_id": tokenizer.eos_id, "pad_token_id": tokenizer.pad_id,
                     "stop_token_ids": model_stop_ids(config.language.source, tokenizer.eos_id),
-                    **_decoder_limits(root / variant_filename("decoder_model_merged", "fp32"))},
+                    **limits},
         provenance={
             **origin,
             "checkpoint_metrics": _plain(checkpoint.metrics),
